@@ -1,0 +1,15 @@
+# The two set-up commands of the README: `make run` (main job) and `make test` (test suite).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: run test
+
+$(VENV)/.installed: setup.py scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $@
+
+run: $(VENV)/.installed
+	$(PYTHON) -m benchmarks.architecture
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest tests

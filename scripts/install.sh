@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create (or update) a virtual environment with everything the toolkit, its tests and benchmarks need.
+# torch is pinned explicitly: an open `torch` requirement would pull a multi-GB CUDA build. torch 2.14.1 is the
+# release that torchvision 0.29.1 (needed by pyiqa, the metrics backend) imports beside; for inference alone
+# `pip install torch==2.13.0 && pip install -e .` is enough.
+set -euo pipefail
+venv="${1:-.venv}"
+cd "$(dirname "$0")/.."
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip="$venv/bin/python -m pip"
+$pip install -q --upgrade pip
+$pip install -q torch==2.14.1 torchvision==0.29.1
+$pip install -q -e ".[dev,training,metrics]"

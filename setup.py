@@ -1,0 +1,37 @@
+"""TinySR toolkit: diffusers-native one-step 4x super-resolution with depth-pruned SD3 transformers."""
+
+from setuptools import find_packages, setup
+
+
+extras = {
+    "dev": ["pytest>=8", "scikit-image>=0.22"],
+    "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7"],
+    "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7"],
+}
+extras["all"] = sorted({requirement for group in extras.values() for requirement in group})
+
+setup(
+    name="tinysr-diffusers",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*"]),
+    # torch is pinned by the install script (scripts/install.sh): an open torch requirement pulls a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.42.1,<0.43",
+        "transformers>=4.46",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "huggingface_hub>=0.34",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "Pillow>=10",
+        "tqdm>=4.66",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": []},
+)

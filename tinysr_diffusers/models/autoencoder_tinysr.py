@@ -1,0 +1,272 @@
+"""TinySR autoencoder: TAESD topology with a choice of standard or depthwise-separable convolutions per side.
+
+The paper makes the encoder depthwise-separable (its input is a 4x bicubic upscale, so the encoder runs at output
+resolution and dominates the tiny VAE's cost) and keeps a standard decoder; the public release uses separable
+convolutions on both sides. Module names follow diffusers' `AutoencoderTiny` (`encoder.layers.*`,
+`decoder.layers.*`) and the release's separable layers (`depthwise`, `pointwise`), so both kinds of weights load 1:1.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.activations import get_activation
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from ..tiling import tiled_map
+
+
+CONV_TYPES = ("standard", "separable")
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise kxk convolution without bias followed by a pointwise 1x1 convolution (with `bias`)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, bias: bool = True
+    ):
+        super().__init__()
+        self.depthwise = nn.Conv2d(
+            in_channels, in_channels, kernel_size, stride=stride, padding=padding, groups=in_channels, bias=False
+        )
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+def make_conv(
+    conv_type: str, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True
+) -> nn.Module:
+    """A 'same'-padded convolution of the given type."""
+    padding = kernel_size // 2
+    if conv_type == "separable":
+        return SeparableConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+
+
+class TinySRAutoencoderBlock(nn.Module):
+    """TAESD residual block: three 3x3 convolutions with activations, a skip, and a ReLU fuse."""
+
+    def __init__(self, in_channels: int, out_channels: int, act_fn: str, conv_type: str):
+        super().__init__()
+        self.conv = nn.Sequential(
+            make_conv(conv_type, in_channels, out_channels),
+            get_activation(act_fn),
+            make_conv(conv_type, out_channels, out_channels),
+            get_activation(act_fn),
+            make_conv(conv_type, out_channels, out_channels),
+        )
+        self.skip = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class TinySREncoder(nn.Module):
+    """Images in [-1, 1] -> latents at 1/2^(len(num_blocks)-1) resolution."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_blocks: Sequence[int],
+        block_out_channels: Sequence[int],
+        act_fn: str,
+        conv_type: str,
+    ):
+        super().__init__()
+        layers = []
+        for i, num_block in enumerate(num_blocks):
+            channels = block_out_channels[i]
+            if i == 0:
+                layers.append(make_conv(conv_type, in_channels, channels))
+            else:
+                layers.append(make_conv(conv_type, block_out_channels[i - 1], channels, stride=2, bias=False))
+            layers.extend(TinySRAutoencoderBlock(channels, channels, act_fn, conv_type) for _ in range(num_block))
+        layers.append(make_conv(conv_type, block_out_channels[-1], out_channels))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.add(1).div(2))  # TAESD works on [0, 1]
+
+
+class TinySRDecoder(nn.Module):
+    """Latents -> images in [-1, 1], with TAESD's soft clamp of the input latents."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_blocks: Sequence[int],
+        block_out_channels: Sequence[int],
+        upsampling_scaling_factor: int,
+        act_fn: str,
+        upsample_fn: str,
+        conv_type: str,
+    ):
+        super().__init__()
+        layers = [make_conv(conv_type, in_channels, block_out_channels[0]), get_activation(act_fn)]
+        for i, num_block in enumerate(num_blocks):
+            is_final_block = i == len(num_blocks) - 1
+            channels = block_out_channels[i]
+            layers.extend(TinySRAutoencoderBlock(channels, channels, act_fn, conv_type) for _ in range(num_block))
+            if not is_final_block:
+                layers.append(nn.Upsample(scale_factor=upsampling_scaling_factor, mode=upsample_fn))
+                conv_out = block_out_channels[i + 1]
+            else:
+                conv_out = out_channels
+            layers.append(make_conv(conv_type, channels, conv_out, bias=is_final_block))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(x / 3) * 3
+        return self.layers(x).mul(2).sub(1)
+
+
+class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
+    r"""
+    The TinySR tiny VAE: TAESD topology for the SD3 latent space, images in [-1, 1].
+
+    `encode(x).latents` gives unscaled latents (multiply by `config.scaling_factor` as for SD3's VAE) and
+    `decode(z).sample` takes them back. `enable_tiling()` processes large images in overlapping tiles with
+    blended seams; memory is then bounded by the tile size.
+
+    Parameters:
+        in_channels / out_channels (`int`, defaults to `3`): Image channels.
+        encoder_block_out_channels / decoder_block_out_channels (`tuple[int]`): Channels per resolution.
+        act_fn (`str`, defaults to `"relu"`): Activation.
+        upsample_fn (`str`, defaults to `"nearest"`): Decoder upsampling mode.
+        latent_channels (`int`, defaults to `16`): Latent channels (SD3: 16).
+        upsampling_scaling_factor (`int`, defaults to `2`): Decoder upsampling per stage.
+        num_encoder_blocks / num_decoder_blocks (`tuple[int]`): Residual blocks per resolution.
+        scaling_factor (`float`, defaults to `1.5305`): Latent scale of the SD3 latent space.
+        shift_factor (`float`, defaults to `0.0`): Latent shift (the TinySR/TSD-SR release uses none).
+        encoder_conv / decoder_conv (`str`): `"standard"` or `"separable"` per side (paper: separable encoder,
+            standard decoder; release: separable both).
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        encoder_block_out_channels: Sequence[int] = (64, 64, 64, 64),
+        decoder_block_out_channels: Sequence[int] = (64, 64, 64, 64),
+        act_fn: str = "relu",
+        upsample_fn: str = "nearest",
+        latent_channels: int = 16,
+        upsampling_scaling_factor: int = 2,
+        num_encoder_blocks: Sequence[int] = (1, 3, 3, 3),
+        num_decoder_blocks: Sequence[int] = (3, 3, 3, 1),
+        scaling_factor: float = 1.5305,
+        shift_factor: float = 0.0,
+        encoder_conv: str = "separable",
+        decoder_conv: str = "standard",
+    ):
+        super().__init__()
+        for name, value in (("encoder_conv", encoder_conv), ("decoder_conv", decoder_conv)):
+            if value not in CONV_TYPES:
+                raise ValueError(f"`{name}` must be one of {CONV_TYPES}, got {value!r}.")
+        for blocks, channels, side in (
+            (num_encoder_blocks, encoder_block_out_channels, "encoder"),
+            (num_decoder_blocks, decoder_block_out_channels, "decoder"),
+        ):
+            if len(blocks) != len(channels) or not blocks:
+                raise ValueError(
+                    f"num_{side}_blocks ({list(blocks)}) and {side}_block_out_channels ({list(channels)}) must be "
+                    "non-empty and of the same length."
+                )
+        if len(num_encoder_blocks) != len(num_decoder_blocks):
+            raise ValueError("Encoder and decoder must have the same number of resolutions.")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("latent_channels", latent_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+        self.encoder = TinySREncoder(
+            in_channels, latent_channels, num_encoder_blocks, encoder_block_out_channels, act_fn, encoder_conv
+        )
+        self.decoder = TinySRDecoder(
+            latent_channels,
+            out_channels,
+            num_decoder_blocks,
+            decoder_block_out_channels,
+            upsampling_scaling_factor,
+            act_fn,
+            upsample_fn,
+            decoder_conv,
+        )
+        self.spatial_scale_factor = upsampling_scaling_factor ** (len(num_encoder_blocks) - 1)
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_sample_size = 512
+        self.tile_sample_overlap = 64
+
+    def enable_tiling(self, tile_sample_size: Optional[int] = None, tile_sample_overlap: Optional[int] = None) -> None:
+        """Encode and decode in overlapping tiles of `tile_sample_size` image pixels blended over `tile_sample_overlap`.
+
+        Both must be multiples of the spatial scale factor (8), the overlap smaller than the tile.
+        """
+        size = tile_sample_size if tile_sample_size is not None else self.tile_sample_size
+        overlap = tile_sample_overlap if tile_sample_overlap is not None else self.tile_sample_overlap
+        factor = self.spatial_scale_factor
+        if size % factor or overlap % factor or not 0 <= overlap < size:
+            raise ValueError(
+                f"Tile size ({size}) and overlap ({overlap}) must be multiples of {factor} with 0 <= overlap < size."
+            )
+        self.tile_sample_size, self.tile_sample_overlap = size, overlap
+        super().enable_tiling()
+
+    def _map_batch(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([fn(sample) for sample in x.split(1)])
+        return fn(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_tiling:
+            return self.encoder(x)
+        factor = self.spatial_scale_factor
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"Tiled encoding needs image sides that are multiples of {factor}, got {tuple(x.shape[-2:])}.")
+        return tiled_map(
+            self.encoder, x, self.tile_sample_size, self.tile_sample_overlap, scale=1 / factor, align=factor
+        )
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.use_tiling:
+            return self.decoder(z)
+        factor = self.spatial_scale_factor
+        return tiled_map(
+            self.decoder, z, self.tile_sample_size // factor, self.tile_sample_overlap // factor, scale=factor
+        )
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Union[AutoencoderTinyOutput, tuple[torch.Tensor]]:
+        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, latent_channels, H/8, W/8)."""
+        latents = self._map_batch(self._encode, x)
+        if not return_dict:
+            return (latents,)
+        return AutoencoderTinyOutput(latents=latents)
+
+    def decode(
+        self, x: torch.Tensor, generator: Optional[torch.Generator] = None, return_dict: bool = True
+    ) -> Union[DecoderOutput, tuple[torch.Tensor]]:
+        """Unscaled latents -> images in [-1, 1] (not clamped). `generator` is accepted for diffusers parity."""
+        sample = self._map_batch(self._decode, x)
+        if not return_dict:
+            return (sample,)
+        return DecoderOutput(sample=sample)
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, tuple[torch.Tensor]]:
+        """Reconstruct `sample` (encode then decode)."""
+        return self.decode(self.encode(sample).latents, return_dict=return_dict)
