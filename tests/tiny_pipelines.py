@@ -6,7 +6,13 @@ import skimage.data
 import torch
 
 from diffusers import AutoencoderKL, AutoencoderTiny, SD3Transformer2DModel
-from tinysr_diffusers import PromptEmbeddings, TinySRAutoencoder, TinySRPipeline, TinySRTransformer2DModel, TSDSRPipeline
+from tinysr_diffusers import (
+    PromptEmbeddings,
+    TinySRAutoencoder,
+    TinySRPipeline,
+    TinySRTransformer2DModel,
+    TSDSRPipeline,
+)
 
 
 LATENT_CHANNELS = 16

@@ -47,7 +47,9 @@ def _resolve_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def _collect_jobs(inputs: Sequence[str], out_dir: Path, extension: str, recursive: bool) -> tuple[list[Job], list[str]]:
+def _collect_jobs(
+    inputs: Sequence[str], out_dir: Path, extension: str, recursive: bool
+) -> tuple[list[Job], list[str]]:
     """Map every input file to its output path; returns (jobs, errors for inputs that cannot be processed)."""
     jobs, errors = [], []
     for name in inputs:

@@ -74,7 +74,9 @@ def write_shims(save_directory: str | os.PathLike, pipeline_class_name: str) -> 
 def expected_shims(model_index: dict) -> set[str]:
     """The shim paths a folder with this `model_index.json` may hold."""
     components = {
-        name for name, value in model_index.items() if isinstance(value, list) and len(value) == 2 and value[0] == PACKAGE
+        name
+        for name, value in model_index.items()
+        if isinstance(value, list) and len(value) == 2 and value[0] == PACKAGE
     }
     return {PIPELINE_SHIM} | {f"{name}/{COMPONENT_SHIM}" for name in components}
 

@@ -82,4 +82,3 @@ class PromptEmbeddings(ModelMixin, ConfigMixin):
             self.prompt_embeds.expand(batch_size, -1, -1),
             self.pooled_prompt_embeds.expand(batch_size, -1),
         )
-

@@ -91,9 +91,7 @@ class OneStepSRPipeline(DiffusionPipeline):
             # AutoencoderTiny's own tiled encoder hard-codes 4 latent channels (SD3 has 16): tile its encode here.
             tile, overlap = vae_tile
             factor = self.vae_scale_factor
-            latents = tiled_map(
-                lambda x: vae.encode(x).latents, pixels, tile, overlap, scale=1 / factor, align=factor
-            )
+            latents = tiled_map(lambda x: vae.encode(x).latents, pixels, tile, overlap, scale=1 / factor, align=factor)
         else:
             latents = vae.encode(pixels).latents
         return (latents - self._latent_shift()) * vae.config.scaling_factor
@@ -141,7 +139,12 @@ class OneStepSRPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------------- __call__
     def _check_call_arguments(
-        self, output_type: str, color_fix: Optional[str], tile_size: Optional[int], tile_overlap: int, tile_batch_size: int
+        self,
+        output_type: str,
+        color_fix: Optional[str],
+        tile_size: Optional[int],
+        tile_overlap: int,
+        tile_batch_size: int,
     ) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")

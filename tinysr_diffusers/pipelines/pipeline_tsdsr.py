@@ -59,6 +59,7 @@ class TSDSRPipeline(OneStepSRPipeline):
         self.register_modules(
             transformer=transformer,
             vae=vae,
+            prompt_embeddings=prompt_embeddings,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             text_encoder_2=text_encoder_2,
@@ -74,6 +75,7 @@ class TSDSRPipeline(OneStepSRPipeline):
                 )
             prompt_embeddings = self._embed(DEFAULT_SR_PROMPT)
         self._check_prompt_embeddings(prompt_embeddings)
+        # register again (not setattr): diffusers keeps a component registered as None at None in the config
         self.register_modules(prompt_embeddings=prompt_embeddings)
 
     def _check_prompt_embeddings(self, prompt_embeddings: PromptEmbeddings) -> None:
