@@ -1,17 +1,16 @@
-"""Peak memory and time of one TinySR pipeline call, tiled vs untiled, as the image grows.
+"""Peak memory of one TinySR pipeline call, tiled vs untiled, as the image grows.
 
 Run: `python -m benchmarks.tiling_memory` (CPU; each measurement in a fresh process). The model has the paper's
 tiny-VAE configuration (64 channels, separable encoder) and a 2-layer, 2x64-wide transformer with random weights:
-memory and time depend on the architecture, not on the weights. Peak memory is the process's peak resident set
+memory depends on the architecture, not on the weights. Peak memory is the process's peak resident set
 size during the call (Linux `VmHWM`, reset just before it) minus the resident size before it, so it counts every
-activation.
+activation. No timings: on a shared CPU they say more about the neighbours than about tiling.
 """
 
 import argparse
 import json
 import subprocess
 import sys
-import time
 
 
 LOW_RES_SIDES = (128, 256, 384)  # outputs 512, 1024, 1536 pixels square
@@ -47,16 +46,13 @@ def measure(side: int, tiled: bool) -> dict:
 
     _reset_peak()
     before = _status_mib("VmRSS")
-    start = time.perf_counter()
     output = pipe(image, tile_size=tile_size, tile_overlap=TILE_OVERLAP, output_type="np").images
-    seconds = time.perf_counter() - start
     peak = _status_mib("VmHWM")
     return {
         "output": f"{output.shape[2]}x{output.shape[1]}",
         "tiled": tiled,
         "peak_extra_mib": round(peak - before),
         "output_mib": round(output.nbytes / 2**20),
-        "seconds": round(seconds, 1),
     }
 
 
@@ -68,15 +64,14 @@ def main() -> None:
         print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1")))
         return
 
-    print("| output | tiling | peak extra memory (MiB) | output array (MiB) | seconds |\n|---|---|---:|---:|---:|")
+    print("| output | tiling | peak extra memory (MiB) | output array (MiB) |\n|---|---|---:|---:|")
     for side in LOW_RES_SIDES:
         for tiled in (False, True):
             command = [sys.executable, "-m", "benchmarks.tiling_memory", "--worker", str(side), str(int(tiled))]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             tiling = f"latent {TILE_SIZE}/{TILE_OVERLAP} + VAE" if tiled else "none"
             print(
-                f"| {result['output']} | {tiling} | {result['peak_extra_mib']} | {result['output_mib']} "
-                f"| {result['seconds']} |",
+                f"| {result['output']} | {tiling} | {result['peak_extra_mib']} | {result['output_mib']} |",
                 flush=True,
             )
 

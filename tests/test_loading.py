@@ -36,7 +36,9 @@ PIPELINES = {"student": (tiny_student, TinySRPipeline), "teacher": (tiny_teacher
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()
+    }
 
 
 def _images(pipe) -> np.ndarray:
@@ -211,7 +213,9 @@ def test_push_to_hub_uploads_the_saved_layout(saved, hub, tmp_path, how):
         url = saved.pipe.push_to_hub("user/tiny-sr", commit_message="first")
         assert url == "https://hub.invalid/user/tiny-sr/commit/1"
     else:
-        saved.pipe.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="user/tiny-sr", commit_message="first")
+        saved.pipe.save_pretrained(
+            tmp_path / "pushed", push_to_hub=True, repo_id="user/tiny-sr", commit_message="first"
+        )
 
     (upload,) = hub.uploads
     assert upload["repo_id"] == "user/tiny-sr" and upload["message"] == "first"

@@ -135,7 +135,10 @@ def test_teacher_is_one_sd3_step_at_t1000(use_shift_factor):
     prompt_embeds = teacher.prompt_embeddings.prompt_embeds[None]
     pooled = teacher.prompt_embeddings.pooled_prompt_embeds[None]
     velocity = teacher.transformer(
-        hidden_states=z_l, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=torch.tensor([1000.0])
+        hidden_states=z_l,
+        encoder_hidden_states=prompt_embeds,
+        pooled_projections=pooled,
+        timestep=torch.tensor([1000.0]),
     ).sample
     z_h = z_l - velocity  # sigma(t=1000) = 1
 
@@ -329,9 +332,7 @@ def _tiny_text_encoders():
         )
         components["text_encoder" + suffix] = CLIPTextModelWithProjection(config).eval()
         components["tokenizer" + suffix] = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    t5_config = T5Config(
-        vocab_size=len(t5_vocab), d_model=JOINT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2
-    )
+    t5_config = T5Config(vocab_size=len(t5_vocab), d_model=JOINT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     components["text_encoder_3"] = T5EncoderModel(t5_config).eval()
     components["tokenizer_3"] = T5Tokenizer(vocab=t5_vocab, extra_ids=0)
     return components

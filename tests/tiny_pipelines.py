@@ -21,57 +21,53 @@ POOLED_DIM = 24
 TEXT_TOKENS = 7
 
 
+# Image-stream geometry shared by the student and the SD3 teacher (inner width 16).
+TINY_DIT = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": LATENT_CHANNELS,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "pos_embed_max_size": 48,
+}
+
+
 def tiny_student_transformer(seed: int = 0, num_layers: int = 2) -> TinySRTransformer2DModel:
     torch.manual_seed(seed)
-    return TinySRTransformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=LATENT_CHANNELS,
-        num_layers=num_layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        pos_embed_max_size=48,
-    ).eval()
+    return TinySRTransformer2DModel(**TINY_DIT, num_layers=num_layers).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0, num_layers: int = 4) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=LATENT_CHANNELS,
+        **TINY_DIT,
         num_layers=num_layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
         joint_attention_dim=JOINT_DIM,
         caption_projection_dim=16,
         pooled_projection_dim=POOLED_DIM,
         out_channels=LATENT_CHANNELS,
-        pos_embed_max_size=48,
     ).eval()
+
+
+# TAESD topology at 8 channels and one block per resolution, for both tiny-VAE classes.
+TINY_TAESD = {
+    "encoder_block_out_channels": (8, 8, 8, 8),
+    "decoder_block_out_channels": (8, 8, 8, 8),
+    "num_encoder_blocks": (1, 1, 1, 1),
+    "num_decoder_blocks": (1, 1, 1, 1),
+    "latent_channels": LATENT_CHANNELS,
+}
 
 
 def tiny_tinysr_vae(seed: int = 0) -> TinySRAutoencoder:
     torch.manual_seed(seed)
-    return TinySRAutoencoder(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-        latent_channels=LATENT_CHANNELS,
-    ).eval()
+    return TinySRAutoencoder(**TINY_TAESD).eval()
 
 
 def tiny_autoencoder_tiny(seed: int = 0) -> AutoencoderTiny:
+    """diffusers' TAESD class in the SD3 latent space (TAESD3-like: 16 channels, SD3's scaling factor)."""
     torch.manual_seed(seed)
-    return AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-        latent_channels=LATENT_CHANNELS,
-        scaling_factor=1.5305,
-    ).eval()
+    return AutoencoderTiny(**TINY_TAESD, scaling_factor=1.5305).eval()
 
 
 def tiny_autoencoder_kl(seed: int = 0) -> AutoencoderKL:

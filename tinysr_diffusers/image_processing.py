@@ -99,7 +99,8 @@ def to_tensors(image: PipelineImageInput) -> list[torch.Tensor]:
             tensors.extend(_torch_to_tensors(item))
         else:
             raise TypeError(
-                f"Images must be PIL images, numpy arrays or torch tensors (or a list of them), got {type(item).__name__}."
+                "Images must be PIL images, numpy arrays or torch tensors (or a list of them), "
+                f"got {type(item).__name__}."
             )
     for tensor in tensors:
         if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
@@ -154,7 +155,7 @@ def to_pil(image: torch.Tensor) -> PIL.Image.Image:
 
 
 def postprocess(images: list[torch.Tensor], output_type: str):
-    """List of (C, H, W) tensors -> `output_type`: PIL list, numpy (B, H, W, C) float32, torch (B, C, H, W), or latents.
+    """(C, H, W) tensors -> `output_type`: PIL list, numpy (B, H, W, C) float32, torch (B, C, H, W), or latents.
 
     numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list.
     """

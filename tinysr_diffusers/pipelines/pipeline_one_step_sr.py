@@ -16,7 +16,6 @@ from huggingface_hub import create_repo
 
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils import logging
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
 from ..color_fix import apply_color_fix, check_color_fix
@@ -33,9 +32,6 @@ from ..image_processing import (
 )
 from ..models import TinySRAutoencoder
 from ..tiling import tiled_map
-
-
-logger = logging.get_logger(__name__)
 
 SUPPORTED_VAES = (TinySRAutoencoder, AutoencoderTiny, AutoencoderKL)
 
@@ -87,7 +83,7 @@ class OneStepSRPipeline(DiffusionPipeline):
         vae = self.vae
         if isinstance(vae, AutoencoderKL):
             latents = vae.encode(pixels).latent_dist.sample(generator)
-        elif isinstance(vae, AutoencoderTiny) and vae_tile is not None:
+        elif self._tiles_tiny_vae(vae_tile):
             # AutoencoderTiny's own tiled encoder hard-codes 4 latent channels (SD3 has 16): tile its encode here.
             tile, overlap = vae_tile
             factor = self.vae_scale_factor
@@ -100,11 +96,14 @@ class OneStepSRPipeline(DiffusionPipeline):
         """Scaled latents z_H -> images in [-1, 1] (not clamped)."""
         vae = self.vae
         latents = latents / vae.config.scaling_factor + self._latent_shift()
-        if isinstance(vae, AutoencoderTiny) and vae_tile is not None:
+        if self._tiles_tiny_vae(vae_tile):
             tile, overlap = vae_tile
             factor = self.vae_scale_factor
             return tiled_map(lambda z: vae.decode(z).sample, latents, tile // factor, overlap // factor, scale=factor)
         return vae.decode(latents).sample
+
+    def _tiles_tiny_vae(self, vae_tile: Optional[tuple[int, int]]) -> bool:
+        return isinstance(self.vae, AutoencoderTiny) and vae_tile is not None and not self.vae.use_tiling
 
     @contextmanager
     def _vae_tiling(self, vae_tile: Optional[tuple[int, int]]) -> Iterator[None]:
