@@ -236,33 +236,33 @@ def test_latent_tiling_is_exact_for_a_position_wise_model_and_batches_tiles():
 
 # PSNR (dB) of tiled vs untiled output measured with the seeds below; the test requires 3 dB less.
 TILED_PSNR_MEASURED = {
-    ("tinysr", True): 50.4,
-    ("autoencoder_tiny", True): 48.9,
-    ("autoencoder_kl", True): 19.8,
-    ("tinysr", False): 24.3,
-    ("autoencoder_tiny", False): 26.1,
-    ("autoencoder_kl", False): 19.6,
+    ("tinysr", True): 40.9,
+    ("autoencoder_tiny", True): 39.5,
+    ("autoencoder_kl", True): 17.1,
+    ("tinysr", False): 25.6,
+    ("autoencoder_tiny", False): 26.8,
+    ("autoencoder_kl", False): 17.0,
 }
 
 
 @pytest.mark.parametrize("position_wise", [True, False], ids=["position-wise", "full-attention"])
 @pytest.mark.parametrize("vae", sorted(VAES))
 def test_tiled_matches_untiled_on_a_photo(vae, position_wise):
-    """Latent tiles plus VAE tiles (32 latent = 256 px, overlap 8 = 64 px) on a real photo, 384x384 output.
+    """Latent tiles plus VAE tiles (16 latent = 128 px, overlap 4 = 32 px; 3x3 tiles) on a real photo, 256x256 out.
 
     Position-wise transformer: what is left is the VAE seeing only its tile. The tiny VAEs' convolutions reach
-    little beyond the blended overlap (about 49-50 dB); diffusers' own AutoencoderKL tiling normalises every tile
-    with that tile's GroupNorm statistics and runs the mid-block attention per tile, which for a random VAE shifts
-    whole tiles (about 20 dB). With the full random transformer, attention is global and near-uniform, so each
-    latent tile sees another context (24-26 dB): a property of tiling a global-attention model, not of blending.
+    little beyond the blended overlap (about 40 dB); diffusers' own AutoencoderKL tiling normalises every tile with
+    that tile's GroupNorm statistics and runs the mid-block attention per tile, which for a random VAE shifts whole
+    tiles (about 17 dB). With the full random transformer, attention is global and near-uniform, so each latent
+    tile sees another context (about 26 dB): a property of tiling a global-attention model, not of the blending.
     Either way the tiled image gains no edges (no seams): its mean gradient stays within 15% of the untiled one.
     """
-    image = photo("astronaut", (96, 96))
+    image = photo("astronaut", (64, 64))
     pipe = tiny_student(vae=VAES[vae]())
     if position_wise:
         _make_position_wise(pipe)
     untiled = pipe(image, output_type="np", tile_size=None, generator=_seed()).images[0]
-    tiled = pipe(image, output_type="np", tile_size=32, tile_overlap=8, generator=_seed()).images[0]
+    tiled = pipe(image, output_type="np", tile_size=16, tile_overlap=4, generator=_seed()).images[0]
     assert not pipe.vae.use_tiling  # the pipeline's own VAE tiling is switched off again
     assert _psnr(tiled, untiled) > TILED_PSNR_MEASURED[vae, position_wise] - 3
     gradient = lambda x: np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()  # noqa: E731
