@@ -16,6 +16,7 @@ from diffusers.models.activations import get_activation
 from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
 from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..tiling import tiled_map
 
@@ -251,6 +252,7 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             self.decoder, z, self.tile_sample_size // factor, self.tile_sample_overlap // factor, scale=factor
         )
 
+    @apply_forward_hook  # model CPU offload moves the VAE on encode/decode, not only on forward
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Union[AutoencoderTinyOutput, tuple[torch.Tensor]]:
         """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, latent_channels, H/8, W/8)."""
         latents = self._map_batch(self._encode, x)
@@ -258,6 +260,7 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             return (latents,)
         return AutoencoderTinyOutput(latents=latents)
 
+    @apply_forward_hook
     def decode(
         self, x: torch.Tensor, generator: Optional[torch.Generator] = None, return_dict: bool = True
     ) -> Union[DecoderOutput, tuple[torch.Tensor]]:

@@ -1,0 +1,233 @@
+"""The `tinysr` command line.
+
+    tinysr upscale INPUT... --model PATH_OR_REPO -o OUT_DIR
+
+Subcommands register themselves in `main` through an `add_<name>_parser(subparsers)` function.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from tqdm.auto import tqdm
+
+
+OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Job:
+    """One input file and where its output goes."""
+
+    source: Path
+    target: Path
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _collect_jobs(
+    inputs: Sequence[str], out_dir: Path, extension: str, recursive: bool
+) -> tuple[list[Job], list[str]]:
+    """Map every input file to its output path; returns (jobs, errors for inputs that cannot be processed)."""
+    jobs, errors = [], []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files = sorted(path.rglob("*") if recursive else path.iterdir())
+            for file in files:
+                relative = file.relative_to(path)
+                if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+                    jobs.append(Job(file, out_dir / relative.with_suffix(extension)))
+        elif path.is_file():
+            jobs.append(Job(path, out_dir / (path.stem + extension)))
+        else:
+            errors.append(f"{name}: no such file or folder")
+
+    sources = {job.source.resolve() for job in jobs}
+    claimed: dict[Path, Path] = {}
+    kept = []
+    for job in jobs:
+        target = job.target.resolve()
+        if target in sources:
+            errors.append(f"{job.source}: its output {job.target} would overwrite an input; choose another -o")
+        elif target in claimed:
+            errors.append(f"{job.source}: its output {job.target} is also the output of {claimed[target]}")
+        else:
+            claimed[target] = job.source
+            kept.append(job)
+    return kept, errors
+
+
+def _read_image(path: Path) -> PIL.Image.Image:
+    """Open and fully decode an image (so truncated files fail here), applying its EXIF orientation."""
+    with PIL.Image.open(path) as image:
+        image.load()
+        return PIL.ImageOps.exif_transpose(image)
+
+
+def _write_atomically(image: PIL.Image.Image, target: Path, image_format: str, icc_profile: Optional[bytes]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            if image_format == "JPEG" and image.mode in ("RGBA", "LA"):
+                image = image.convert("RGB")
+            image.save(file, format=image_format, **({"icc_profile": icc_profile} if icc_profile else {}))
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {message}"
+
+
+def upscale(args: argparse.Namespace) -> int:
+    """Run `tinysr upscale`; returns the exit code (1 if any input failed)."""
+    from .pipelines import OneStepSRPipeline
+
+    extension = "." + args.format
+    out_dir = Path(args.output_dir)
+    jobs, errors = _collect_jobs(args.inputs, out_dir, extension, args.recursive)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not jobs:
+        print("error: no input files", file=sys.stderr)
+        return 1
+
+    device = args.device or _default_device()
+    dtype = _resolve_dtype(args.dtype, device)
+    try:
+        pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        pipe = pipe.to(device)
+    except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
+        print(f"error: cannot load --model {args.model}: {_one_line(error)}", file=sys.stderr)
+        return 2
+    pipe.set_progress_bar_config(disable=True)
+    call_kwargs = {
+        "color_fix": None if args.color_fix == "none" else args.color_fix,
+        "tile_size": args.tile_size if args.tile_size > 0 else None,
+        "tile_overlap": args.tile_overlap,
+        "generator": torch.Generator(device="cpu").manual_seed(args.seed),
+    }
+
+    failed = len(errors)
+    written = 0
+    progress = tqdm(total=len(jobs), desc="Upscaling", unit="image")
+
+    def report(job: Job, error: BaseException) -> None:
+        nonlocal failed
+        failed += 1
+        progress.write(f"error: {job.source}: {_one_line(error)}", file=sys.stderr)
+
+    def run(batch: list[tuple[Job, PIL.Image.Image]]) -> None:
+        nonlocal written
+        try:
+            outputs = pipe([image for _, image in batch], **call_kwargs).images
+        except Exception as error:  # noqa: BLE001 - isolate the failing image, keep going
+            if len(batch) > 1:
+                for item in batch:
+                    run([item])
+                return
+            report(batch[0][0], error)
+            progress.update(1)
+            return
+        for (job, image), output in zip(batch, outputs):
+            try:
+                _write_atomically(output, job.target, OUTPUT_FORMATS[args.format], image.info.get("icc_profile"))
+                written += 1
+            except Exception as error:  # noqa: BLE001
+                report(job, error)
+            progress.update(1)
+
+    batch: list[tuple[Job, PIL.Image.Image]] = []
+    for job in jobs:
+        try:
+            batch.append((job, _read_image(job.source)))
+        except Exception as error:  # noqa: BLE001 - unreadable, truncated, empty, not an image
+            report(job, error)
+            progress.update(1)
+            continue
+        if len(batch) == args.batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    progress.close()
+
+    total = len(jobs) + len(errors)
+    print(f"Upscaled {written} of {total} input(s) into {out_dir}; {failed} failed.")
+    return 1 if failed else 0
+
+
+def add_upscale_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "upscale",
+        help="4x super-resolve images with a TinySR or TSD-SR pipeline.",
+        description="4x super-resolve image files and folders with a TinySR or TSD-SR pipeline folder or Hub repo. "
+        "Outputs go to OUT_DIR under the input's name; inputs are never overwritten; each output is written "
+        "atomically. Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files and folders of images.")
+    parser.add_argument("--model", required=True, help="Pipeline folder or Hub repo id (saved by save_pretrained).")
+    parser.add_argument("-o", "--output-dir", required=True, help="Folder for the upscaled images (created).")
+    parser.add_argument(
+        "--tile-size", type=int, default=64, help="Latent tile size (64 = 512 output pixels); 0 disables tiling."
+    )
+    parser.add_argument("--tile-overlap", type=int, default=8, help="Latent tile overlap in latent pixels.")
+    parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16/float16 on CUDA, else float32."
+    )
+    parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
+    parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
+    parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default="png", help="Output file format.")
+    parser.add_argument("--recursive", action="store_true", help="Descend into sub-folders (layout kept).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the VAE posterior sample (AutoencoderKL).")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow a model folder whose code is not TinySR's own shims (only for code you have read).",
+    )
+    parser.set_defaults(func=upscale)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinysr", description="TinySR: one-step 4x image super-resolution.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_upscale_parser(subparsers)
+    args = parser.parse_args(argv)
+    if args.command == "upscale":
+        if args.batch_size < 1:
+            parser.error("--batch-size must be at least 1")
+        if args.tile_size < 0 or args.tile_overlap < 0 or (args.tile_size and args.tile_overlap >= args.tile_size):
+            parser.error("need --tile-size >= 0 (0: no tiling) and 0 <= --tile-overlap < --tile-size")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Image conversion for the super-resolution pipelines: inputs of any kind to tensors, tensors to outputs.
+
+Inputs are PIL images, numpy arrays or torch tensors (or a list of them), greyscale, RGB or RGBA, of any size. The
+model sees RGB in [0, 1]; the output keeps the input's channel layout (greyscale stays greyscale, the alpha channel of
+RGBA is upscaled bicubically and re-attached), so a caller gets back the kind of image it gave.
+"""
+
+from typing import Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+
+PipelineImageInput = Union[
+    PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
+]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_CHANNELS = (1, 3, 4)
+# ITU-R 601-2 luma, as PIL's RGB -> L conversion.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale
+        array = np.asarray(image, dtype=np.float32) / 65535.0
+    else:
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        if has_alpha:
+            image = image.convert("RGBA")
+        elif image.mode in ("1", "L", "F"):
+            image = image.convert("L")
+        else:
+            image = image.convert("RGB")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    return _hwc_to_tensor(np.clip(array, 0.0, 1.0))
+
+
+def _hwc_to_tensor(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+
+
+def _numpy_to_tensors(array: np.ndarray) -> list[torch.Tensor]:
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        array = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.floating):
+        _check_unit_range(float(array.min()), float(array.max()), "numpy")
+        array = array.astype(np.float32)
+    else:
+        raise ValueError(f"numpy images must be uint8, uint16 or float in [0, 1], got dtype {array.dtype}.")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in _CHANNELS):
+        return [_hwc_to_tensor(array)]
+    if array.ndim == 4 and array.shape[-1] in _CHANNELS:
+        return [_hwc_to_tensor(item) for item in array]
+    raise ValueError(
+        f"numpy images must be (H, W), (H, W, C) or (B, H, W, C) with C in {_CHANNELS}, got shape {array.shape}."
+    )
+
+
+def _torch_to_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    elif tensor.is_floating_point():
+        tensor = tensor.detach().float()
+        _check_unit_range(tensor.min().item(), tensor.max().item(), "torch")
+    else:
+        raise ValueError(f"torch images must be uint8 or float in [0, 1], got dtype {tensor.dtype}.")
+    if tensor.ndim == 3 and tensor.shape[0] in _CHANNELS:
+        return [tensor.cpu()]
+    if tensor.ndim == 4 and tensor.shape[1] in _CHANNELS:
+        return [item.cpu() for item in tensor]
+    raise ValueError(
+        f"torch images must be (C, H, W) or (B, C, H, W) with C in {_CHANNELS}, got shape {tuple(tensor.shape)}."
+    )
+
+
+def _check_unit_range(low: float, high: float, kind: str) -> None:
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"Floating-point {kind} images must be in [0, 1], got values in [{low:.3g}, {high:.3g}].")
+
+
+def to_tensors(image: PipelineImageInput) -> list[torch.Tensor]:
+    """Any supported input (or list of them) -> list of (C, H, W) float32 tensors in [0, 1], C in {1, 3, 4}, on CPU."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError("No image given.")
+    tensors = []
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            tensors.append(_pil_to_tensor(item))
+        elif isinstance(item, np.ndarray):
+            tensors.extend(_numpy_to_tensors(item))
+        elif isinstance(item, torch.Tensor):
+            tensors.extend(_torch_to_tensors(item))
+        else:
+            raise TypeError(
+                "Images must be PIL images, numpy arrays or torch tensors (or a list of them), "
+                f"got {type(item).__name__}."
+            )
+    for tensor in tensors:
+        if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
+            raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
+    return [tensor.clamp(0, 1) for tensor in tensors]
+
+
+def split_alpha(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(C, H, W) -> (RGB (3, H, W), alpha (1, H, W) or None); greyscale is replicated to three channels."""
+    if image.shape[0] == 4:
+        return image[:3], image[3:]
+    if image.shape[0] == 1:
+        return image.expand(3, -1, -1), None
+    return image, None
+
+
+def merge_channels(rgb: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """Inverse of `split_alpha` on an output: back to `channels` (1: luma, 3: RGB, 4: RGB + `alpha`)."""
+    if channels == 1:
+        luma = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device)
+        return (rgb * luma[:, None, None]).sum(0, keepdim=True)
+    if channels == 4:
+        return torch.cat([rgb, alpha.to(rgb)])
+    return rgb
+
+
+def bicubic_upscale(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic x`scale` of (B, C, H, W) in [0, 1] (torch, as the TinySR/TSD-SR releases), clamped to [0, 1]."""
+    return F.interpolate(image, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def reflect_pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (B, C, H, W) at the bottom and right by reflection so both sides are multiples of `multiple`.
+
+    Reflection pads at most `size - 1` at a time, so tiny images are reflected repeatedly until they are large enough.
+    """
+    height, width = image.shape[-2:]
+    target_h, target_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    while image.shape[-2] < target_h or image.shape[-1] < target_w:
+        pad_h = min(target_h - image.shape[-2], image.shape[-2] - 1)
+        pad_w = min(target_w - image.shape[-1], image.shape[-1] - 1)
+        if pad_h == 0 and pad_w == 0:  # a 1-pixel side cannot reflect: repeat it instead
+            return F.pad(image, (0, target_w - image.shape[-1], 0, target_h - image.shape[-2]), mode="replicate")
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
+    return image
+
+
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """(C, H, W) in [0, 1] -> PIL image of mode L, RGB or RGBA."""
+    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 255).round().astype(np.uint8)
+    return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def postprocess(images: list[torch.Tensor], output_type: str):
+    """(C, H, W) tensors -> `output_type`: PIL list, numpy (B, H, W, C) float32, torch (B, C, H, W), or latents.
+
+    numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list.
+    """
+    if output_type == "pil":
+        return [to_pil(image) for image in images]
+    same_shape = all(image.shape == images[0].shape for image in images)
+    if output_type == "np":
+        arrays = [image.permute(1, 2, 0).cpu().float().numpy() for image in images]
+        return np.stack(arrays) if same_shape else arrays
+    if output_type in ("pt", "latent"):
+        return torch.stack(images) if same_shape else images
+    raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")

@@ -1,0 +1,389 @@
+"""What the TinySR student and the TSD-SR teacher pipelines share: the one-step 4x SR recipe and the folder layout.
+
+The recipe (DESIGN section 2): LR image in [0, 1] -> bicubic x4 in torch -> reflect-pad to what the VAE and the patch
+size need -> [-1, 1] -> `z_L = encode(x) * scaling_factor` -> `z_H = z_L - sigma * v` with sigma(t=1000) = 1 ->
+`decode(z_H / scaling_factor)` -> crop back to exactly 4x -> clamp -> colour fix against the LR image. Subclasses only
+say how the velocity `v` is predicted.
+"""
+
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
+
+import torch
+from huggingface_hub import create_repo
+
+from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+from ..color_fix import apply_color_fix, check_color_fix
+from ..hub_utils import MODEL_INDEX, fetch_code_files, verify_shims, write_shims
+from ..image_processing import (
+    OUTPUT_TYPES,
+    PipelineImageInput,
+    bicubic_upscale,
+    merge_channels,
+    postprocess,
+    reflect_pad_to_multiple,
+    split_alpha,
+    to_tensors,
+)
+from ..models import TinySRAutoencoder
+from ..tiling import tiled_map
+
+SUPPORTED_VAES = (TinySRAutoencoder, AutoencoderTiny, AutoencoderKL)
+
+
+class OneStepSRPipeline(DiffusionPipeline):
+    r"""
+    Base class of the one-step 4x super-resolution pipelines ([`TinySRPipeline`], [`TSDSRPipeline`]).
+
+    It runs the shared recipe in `__call__` (any image size, batches, latent tiling with Gaussian blending plus VAE
+    tiling, colour fix) and saves folders that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
+    this class's own `from_pretrained` (no flag needed) and `AutoModel` load with the installed classes. Subclasses
+    implement `_predict_velocity`.
+    """
+
+    upscale_factor = 4
+    timestep = 1000.0  # the one timestep of the one-step model
+    sigma = 1.0  # flow-matching sigma at t = 1000: z_H = z_L - sigma * v
+
+    # --------------------------------------------------------------------------------------------------- components
+    def _check_vae(self, vae) -> None:
+        if not isinstance(vae, SUPPORTED_VAES):
+            names = ", ".join(cls.__name__ for cls in SUPPORTED_VAES)
+            raise TypeError(f"`vae` must be one of {names}, got {type(vae).__name__}.")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel of the VAE (8 for all supported VAEs with their default configs)."""
+        if isinstance(self.vae, AutoencoderKL):
+            return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        return self.transformer.config.patch_size
+
+    def _latent_shift(self) -> float:
+        # The TSD-SR/TinySR releases use no shift factor even with SD3's VAE (whose config has 0.0609).
+        return (self.vae.config.shift_factor or 0.0) if self.config.use_shift_factor else 0.0
+
+    def _predict_velocity(self, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's velocity `v` for scaled latents `z_L` (batch of images or of latent tiles)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------------- VAE calls
+    def _encode(
+        self, pixels: torch.Tensor, generator: Optional[torch.Generator], vae_tile: Optional[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents z_L (sampled from the posterior for AutoencoderKL)."""
+        vae = self.vae
+        if isinstance(vae, AutoencoderKL):
+            latents = vae.encode(pixels).latent_dist.sample(generator)
+        elif self._tiles_tiny_vae(vae_tile):
+            # AutoencoderTiny's own tiled encoder hard-codes 4 latent channels (SD3 has 16): tile its encode here.
+            tile, overlap = vae_tile
+            factor = self.vae_scale_factor
+            latents = tiled_map(lambda x: vae.encode(x).latents, pixels, tile, overlap, scale=1 / factor, align=factor)
+        else:
+            latents = vae.encode(pixels).latents
+        return (latents - self._latent_shift()) * vae.config.scaling_factor
+
+    def _decode(self, latents: torch.Tensor, vae_tile: Optional[tuple[int, int]]) -> torch.Tensor:
+        """Scaled latents z_H -> images in [-1, 1] (not clamped)."""
+        vae = self.vae
+        latents = latents / vae.config.scaling_factor + self._latent_shift()
+        if self._tiles_tiny_vae(vae_tile):
+            tile, overlap = vae_tile
+            factor = self.vae_scale_factor
+            return tiled_map(lambda z: vae.decode(z).sample, latents, tile // factor, overlap // factor, scale=factor)
+        return vae.decode(latents).sample
+
+    def _tiles_tiny_vae(self, vae_tile: Optional[tuple[int, int]]) -> bool:
+        return isinstance(self.vae, AutoencoderTiny) and vae_tile is not None and not self.vae.use_tiling
+
+    @contextmanager
+    def _vae_tiling(self, vae_tile: Optional[tuple[int, int]]) -> Iterator[None]:
+        """Tile the VAE with `vae_tile` = (tile, overlap) image pixels for one call, then restore its settings.
+
+        `TinySRAutoencoder` and `AutoencoderKL` use their own tiling; `AutoencoderTiny` is tiled in `_encode` and
+        `_decode`. A VAE on which the user already enabled tiling keeps the user's settings.
+        """
+        vae = self.vae
+        if vae_tile is None or vae.use_tiling or isinstance(vae, AutoencoderTiny):
+            yield
+            return
+        tile, overlap = vae_tile
+        if isinstance(vae, TinySRAutoencoder):
+            saved = {"tile_sample_size": vae.tile_sample_size, "tile_sample_overlap": vae.tile_sample_overlap}
+            vae.enable_tiling(tile, overlap)
+        else:  # AutoencoderKL
+            saved = {
+                name: getattr(vae, name)
+                for name in ("tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
+            }
+            vae.tile_sample_min_size = tile
+            vae.tile_latent_min_size = tile // self.vae_scale_factor
+            vae.tile_overlap_factor = overlap / tile
+            vae.enable_tiling()
+        try:
+            yield
+        finally:
+            vae.disable_tiling()
+            for name, value in saved.items():
+                setattr(vae, name, value)
+
+    # ------------------------------------------------------------------------------------------------------- __call__
+    def _check_call_arguments(
+        self,
+        output_type: str,
+        color_fix: Optional[str],
+        tile_size: Optional[int],
+        tile_overlap: int,
+        tile_batch_size: int,
+    ) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        check_color_fix(color_fix)
+        if tile_size is not None:
+            if not isinstance(tile_size, int) or tile_size <= 0 or tile_size % self.patch_size:
+                raise ValueError(
+                    f"`tile_size` (latent pixels) must be a positive multiple of the patch size {self.patch_size}, "
+                    f"or None to disable tiling; got {tile_size!r}."
+                )
+            if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+                raise ValueError(f"`tile_overlap` must be an integer in [0, tile_size), got {tile_overlap!r}.")
+        if not isinstance(tile_batch_size, int) or tile_batch_size < 1:
+            raise ValueError(f"`tile_batch_size` must be a positive integer, got {tile_batch_size!r}.")
+
+    def _upscale(
+        self,
+        low_res: torch.Tensor,
+        output_type: str,
+        color_fix: Optional[str],
+        tile_size: Optional[int],
+        tile_overlap: int,
+        tile_batch_size: int,
+        generator: Optional[torch.Generator],
+    ) -> torch.Tensor:
+        """(B, 3, h, w) RGB in [0, 1], all one size -> (B, 3, 4h, 4w) in [0, 1], or the latents z_H."""
+        upscaled = bicubic_upscale(low_res, self.upscale_factor)
+        height, width = upscaled.shape[-2:]
+        pixels = reflect_pad_to_multiple(upscaled, self.vae_scale_factor * self.patch_size) * 2 - 1
+        vae_tile = None
+        if tile_size is not None:
+            vae_tile = (tile_size * self.vae_scale_factor, tile_overlap * self.vae_scale_factor)
+
+        with self._vae_tiling(vae_tile):
+            latents = self._encode(pixels.to(self.vae.dtype), generator, vae_tile)
+            latents = latents.to(self.transformer.dtype)
+            if tile_size is None:
+                velocity = self._predict_velocity(latents)
+            else:
+                velocity = tiled_map(
+                    self._predict_velocity,
+                    latents,
+                    tile_size,
+                    tile_overlap,
+                    align=self.patch_size,
+                    tiles_per_batch=tile_batch_size,
+                    blend="gaussian",
+                    progress=self.progress_bar,
+                )
+            latents = latents - self.sigma * velocity
+            if output_type == "latent":
+                return latents
+            decoded = self._decode(latents.to(self.vae.dtype), vae_tile)
+
+        image = (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2
+        return apply_color_fix(image, low_res, upscaled, color_fix)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PipelineImageInput,
+        *,
+        output_type: str = "pil",
+        color_fix: Optional[str] = "adain",
+        tile_size: Optional[int] = 64,
+        tile_overlap: int = 8,
+        tile_batch_size: int = 4,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ) -> Union[ImagePipelineOutput, tuple]:
+        r"""
+        Super-resolve `image` 4x in one step.
+
+        Args:
+            image: A PIL image, numpy array (uint8, uint16 or float in [0, 1]; HW, HWC or BHWC), torch tensor (uint8
+                or float in [0, 1]; CHW or BCHW), or a list of them. Greyscale, RGB or RGBA; any size. Images of
+                different sizes in one list are processed in same-size groups.
+            output_type: `"pil"`, `"np"` (float32 BHWC in [0, 1]), `"pt"` (float32 BCHW in [0, 1]) or `"latent"`
+                (z_H of the padded image). Outputs keep the input's channels: greyscale stays greyscale, RGBA keeps a
+                bicubically upscaled alpha. numpy/torch outputs of different shapes come back as a list.
+            color_fix: `"adain"` (match the LR image's channel statistics), `"wavelet"` (take the low frequencies of
+                the bicubic upscale) or `None`.
+            tile_size: Latent tile side in latent pixels (64 = 512 output pixels, as the releases); larger latents are
+                processed in overlapping tiles blended with Gaussian weights, and the VAE is tiled with the same
+                geometry, so peak memory depends on the tile size, not the image size. `None` disables tiling.
+            tile_overlap: Minimum overlap of neighbouring latent tiles, in latent pixels.
+            tile_batch_size: Latent tiles run through the transformer together.
+            generator: Random generator for the posterior sample of an `AutoencoderKL` (unused by the tiny VAEs).
+            return_dict: Return an [`~pipelines.ImagePipelineOutput`] rather than a tuple.
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] with the images, exactly 4x the input size (or a tuple).
+        """
+        self._check_call_arguments(output_type, color_fix, tile_size, tile_overlap, tile_batch_size)
+        images = to_tensors(image)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, tensor in enumerate(images):
+            groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
+
+        device = self._execution_device
+        outputs: list[Optional[torch.Tensor]] = [None] * len(images)
+        for indices in groups.values():
+            rgb, alpha = zip(*(split_alpha(images[index]) for index in indices))
+            result = self._upscale(
+                torch.stack(rgb).to(device),
+                output_type,
+                color_fix,
+                tile_size,
+                tile_overlap,
+                tile_batch_size,
+                generator,
+            )
+            for position, index in enumerate(indices):
+                if output_type == "latent":
+                    outputs[index] = result[position]
+                    continue
+                upscaled_alpha = None
+                if alpha[position] is not None:
+                    upscaled_alpha = bicubic_upscale(alpha[position][None].to(device), self.upscale_factor)[0]
+                outputs[index] = merge_channels(result[position], upscaled_alpha, images[index].shape[0])
+
+        self.maybe_free_model_hooks()
+        output = postprocess(outputs, output_type)
+        if not return_dict:
+            return (output,)
+        return ImagePipelineOutput(images=output)
+
+    # ---------------------------------------------------------------------------------------------- saving, loading
+    def save_pretrained(
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save like diffusers, plus the shims that let `DiffusionPipeline.from_pretrained` load the installed classes.
+
+        With `push_to_hub=True` the folder (shims and model card included) is uploaded afterwards; `repo_id`,
+        `token`, `private`, `commit_message` and `create_pr` are taken from `kwargs` as in diffusers.
+        """
+        hub_kwargs = {name: kwargs.pop(name, None) for name in ("repo_id", "token", "private", "commit_message")}
+        create_pr = kwargs.pop("create_pr", False)
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=False,
+            **kwargs,
+        )
+        write_shims(save_directory, type(self).__name__)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            self._push_folder(save_directory, repo_id, create_pr=create_pr, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+    ):
+        """Upload the pipeline in the layout `save_pretrained` writes (shims and model card included)."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._push_folder(
+                folder, repo_id, token=token, private=private, commit_message=commit_message, create_pr=create_pr
+            )
+
+    def _push_folder(
+        self,
+        folder: str,
+        repo_id: str,
+        token: Optional[str] = None,
+        private: Optional[bool] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+    ):
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        self.write_model_card(folder, repo_id, token=token)
+        return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+
+    def write_model_card(self, folder: str, repo_id: str, token: Optional[str] = None) -> None:
+        """Write `README.md` into `folder` before it is pushed to `repo_id`: the one place where cards are made.
+
+        For now this keeps the repo's existing card or creates diffusers' default pipeline card; TinySR's card
+        templates (`model_cards/`) replace it.
+        """
+        card = load_or_create_model_card(repo_id, token=token, is_pipeline=True)
+        card = populate_model_card(card, tags=["super-resolution", "tinysr"])
+        card.save(f"{folder}/README.md")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs):
+        r"""
+        Load a pipeline folder or Hub repo saved by `save_pretrained`, with the installed classes.
+
+        Without `trust_remote_code`, the folder is trusted only if every `.py` file in it is one of the shims that
+        `save_pretrained` writes, byte for byte (they only import the installed `tinysr_diffusers`); anything else
+        raises [`~hub_utils.UntrustedFolderError`]. For a Hub repo only its code files are fetched first, checked,
+        and the load is pinned to that commit. Other arguments are those of `DiffusionPipeline.from_pretrained`
+        (`torch_dtype`, `revision`, `variant`, ...).
+        """
+        if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            folder = path
+        else:
+            hub_kwargs = {
+                name: kwargs[name]
+                for name in ("cache_dir", "token", "local_files_only", "force_download", "proxies")
+                if name in kwargs
+            }
+            folder, kwargs["revision"] = fetch_code_files(path, revision=kwargs.get("revision"), **hub_kwargs)
+        index = verify_shims(folder)
+        cls._check_pipeline_class(index, folder)
+        kwargs["trust_remote_code"] = True  # the only code in the folder imports the installed package
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _check_pipeline_class(cls, index: dict, folder: str) -> None:
+        class_name = index.get("_class_name")
+        class_name = class_name[1] if isinstance(class_name, list) else class_name
+        pipelines = {sub.__name__ for sub in _subclasses(OneStepSRPipeline)}
+        if cls is OneStepSRPipeline:
+            if class_name not in pipelines:
+                raise ValueError(f"{folder}/{MODEL_INDEX} names {class_name!r}, not one of {sorted(pipelines)}.")
+        elif class_name != cls.__name__:
+            raise ValueError(
+                f"{folder} holds a {class_name}, not a {cls.__name__}: load it with {class_name}.from_pretrained "
+                "or DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."
+            )
+
+
+def _subclasses(cls: type) -> set[type]:
+    direct = set(cls.__subclasses__())
+    return direct.union(*(_subclasses(sub) for sub in direct))

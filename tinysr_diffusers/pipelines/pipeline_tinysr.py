@@ -1,0 +1,76 @@
+"""TinySR: one-step 4x super-resolution with a depth-pruned, timestep- and text-free SD3 transformer."""
+
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import torch
+
+from diffusers import AutoencoderKL, AutoencoderTiny
+
+from ..models import TinySRAutoencoder, TinySRTransformer2DModel
+from .pipeline_one_step_sr import OneStepSRPipeline
+
+
+if TYPE_CHECKING:
+    from .pipeline_tsdsr import TSDSRPipeline
+
+
+class TinySRPipeline(OneStepSRPipeline):
+    r"""
+    The TinySR student: `z_H = z_L - transformer(z_L)`, no timestep, no text.
+
+    Parameters:
+        transformer ([`TinySRTransformer2DModel`]): The pruned student transformer.
+        vae ([`TinySRAutoencoder`], [`~diffusers.AutoencoderTiny`] or [`~diffusers.AutoencoderKL`]): The autoencoder
+            of the SD3 latent space (the paper's tiny VAE, TAESD3, or SD3's own VAE).
+        use_shift_factor (`bool`, defaults to `False`): Subtract the VAE's `shift_factor` from latents; the TinySR and
+            TSD-SR releases do not.
+
+    Example:
+        ```py
+        >>> from diffusers import DiffusionPipeline
+        >>> pipe = DiffusionPipeline.from_pretrained("path/or/repo", trust_remote_code=True)
+        >>> image = pipe(low_res_image).images[0]  # 4x the input size
+        ```
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(
+        self,
+        transformer: TinySRTransformer2DModel,
+        vae: Union[TinySRAutoencoder, AutoencoderTiny, AutoencoderKL],
+        use_shift_factor: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(transformer, TinySRTransformer2DModel):
+            raise TypeError(f"`transformer` must be a TinySRTransformer2DModel, got {type(transformer).__name__}.")
+        self._check_vae(vae)
+        self.register_modules(transformer=transformer, vae=vae)
+        self.register_to_config(use_shift_factor=use_shift_factor)
+
+    def _predict_velocity(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.transformer(latents).sample
+
+    @classmethod
+    def from_teacher(
+        cls,
+        teacher: "TSDSRPipeline",
+        keep_layers: Optional[Sequence[int]],
+        vae: Optional[Union[TinySRAutoencoder, AutoencoderTiny, AutoencoderKL]] = None,
+    ) -> "TinySRPipeline":
+        """A student from a teacher pipeline: its transformer pruned to `keep_layers`, text and timestep cached.
+
+        The modulation is cached at t=1000 with the teacher's stored pooled prompt embedding
+        ([`TinySRTransformer2DModel.from_sd3`]); `vae` defaults to the teacher's (shared, not copied).
+        """
+        transformer = TinySRTransformer2DModel.from_sd3(
+            teacher.transformer,
+            keep_layers,
+            timestep=teacher.timestep,
+            pooled_projections=teacher.prompt_embeddings.pooled_prompt_embeds,
+        )
+        return cls(
+            transformer=transformer,
+            vae=vae if vae is not None else teacher.vae,
+            use_shift_factor=teacher.config.use_shift_factor,
+        )
