@@ -1,10 +1,10 @@
 """Image quality of super-resolved images with the paper's metrics, through pyiqa.
 
-    python -m benchmarks.quality --sr SR_DIR --hr HR_DIR     # full-reference, distribution and no-reference metrics
-    python -m benchmarks.quality --sr SR_DIR                 # no-reference metrics only
-    python -m benchmarks.quality --model PIPELINE --lr LR_DIR [--hr HR_DIR]   # upscale LR images first, then score
-    python -m benchmarks.quality --model PIPELINE --hr HR_DIR [--seed 0]      # make the LR images from the HR ones
-                                                                              # (Real-ESRGAN degradation), upscale, score
+    python -m benchmarks.quality --sr SR_DIR --hr HR_DIR           # all metrics
+    python -m benchmarks.quality --sr SR_DIR                       # no-reference metrics only
+    python -m benchmarks.quality --model PIPELINE --lr LR_DIR [--hr HR_DIR]   # upscale LR images, then score
+    python -m benchmarks.quality --model PIPELINE --hr HR_DIR [--seed 0]      # make LR images from the HR ones
+                                                                              # (Real-ESRGAN degradation), then as above
 
 Metrics (`--metrics`, default all): PSNR and SSIM on the Y channel, LPIPS, DISTS, FID (SR folder vs HR folder), NIQE,
 MUSIQ, MANIQA, CLIPIQA, TOPIQ, Q-Align. SR and HR images are paired by file name without extension and must have the
@@ -19,7 +19,6 @@ the machine and the package versions. pyiqa is licensed PolyForm-Noncommercial-1
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -49,7 +48,8 @@ def list_images(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             if path.stem in images:
-                raise SystemExit(f"error: two images named {path.stem!r} in {folder}: {images[path.stem].name}, {path.name}.")
+                clash = f"{images[path.stem].name}, {path.name}"
+                raise SystemExit(f"error: {folder} has two images named {path.stem!r} ({clash}).")
             images[path.stem] = path
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
@@ -163,8 +163,9 @@ def score(
                 if status[name]["status"] != "ok":
                     continue
                 try:
+                    inputs = (sr,) if PAPER_METRICS[name].kind == "no-reference" else (sr, hr)
                     with torch.no_grad():
-                        value = metrics[name](sr) if PAPER_METRICS[name].kind == "no-reference" else metrics[name](sr, hr)
+                        value = metrics[name](*inputs)
                     row["scores"][name] = float(value)
                 except Exception as error:  # one metric failing on an image must not lose the others' results
                     status[name].update(status="error", reason=f"{row['image']}: {type(error).__name__}: {error}")
@@ -266,7 +267,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("--lr and --degradation only apply with --model.")
     if args.model is not None and args.lr is None and args.hr is None:
         parser.error("--model needs --lr (LR images) or --hr (HR images to degrade into LR images).")
-    requested = list(PAPER_METRICS) if args.metrics == "all" else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    requested = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if requested == ["all"]:
+        requested = list(PAPER_METRICS)
     unknown = [m for m in requested if m not in PAPER_METRICS]
     if unknown or not requested:
         parser.error(f"unknown metrics {unknown}; choose from {', '.join(PAPER_METRICS)}.")
@@ -332,7 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     markdown = to_markdown(report)
     atomic_write_text(str(output_dir / "quality.md"), markdown)
-    atomic_write_text(str(output_dir / "quality.json"), json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    json_text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    atomic_write_text(str(output_dir / "quality.json"), json_text)
     write_csv(str(output_dir / "quality.csv"), *csv_rows(report))
     sys.stdout.write(markdown)
     print(f"\nWrote quality.md, quality.json and quality.csv to {output_dir}", file=sys.stderr)

@@ -117,13 +117,16 @@ def test_kernel_shapes():
     assert soft.min() < 0
     # Limiting the support equals computing the small kernel and zero-padding it.
     small = generalized_gaussian_kernel(7, one(3.0), one(1.5), one(0.4), one(1.0))[0]
-    limited = limit_support(generalized_gaussian_kernel(21, one(3.0), one(1.5), one(0.4), one(1.0)), torch.tensor([7]))[0]
+    large = generalized_gaussian_kernel(21, one(3.0), one(1.5), one(0.4), one(1.0))
+    limited = limit_support(large, torch.tensor([7]))[0]
     torch.testing.assert_close(limited, F.pad(small, (7, 7, 7, 7)))
 
 
-def test_kernels_match_basicsr():
-    """Independent check against basicsr's numpy kernels (optional: basicsr-fixed)."""
+def test_kernels_and_filters_match_basicsr():
+    """Independent check against basicsr's kernels, filter2D and USMSharp (optional: basicsr-fixed)."""
     degradations = pytest.importorskip("basicsr.data.degradations")
+    from basicsr.utils.img_process_util import USMSharp, filter2D
+
     one = lambda value: torch.tensor([value], dtype=torch.float64)  # noqa: E731
     for sx, sy, theta, beta in [(1.0, 2.5, 0.7, 1.0), (2.0, 0.5, -2.0, 0.6), (0.4, 0.4, 0.0, 3.0)]:
         for size in (7, 21):
@@ -137,6 +140,12 @@ def test_kernels_match_basicsr():
         for size in (7, 13, 21):
             ours = sinc_kernel(size, one(cutoff))[0].numpy()
             np.testing.assert_allclose(ours, degradations.circular_lowpass_kernel(cutoff, size), atol=1e-6)
+    img = photos(64).contiguous()  # basicsr uses .view
+    kernels = RealESRGANDegradation().sample_kernels(2, generator=seeded(0))[0]
+    torch.testing.assert_close(filter2d(img, kernels), filter2D(img, kernels), atol=1e-6, rtol=1e-5)
+    # Float rounding of the separable blur flips a few pixels of the thresholded mask, which the soft mask spreads.
+    ours, theirs = usm_sharpen(img), USMSharp()(img)
+    assert (ours - theirs).abs().max() < 1e-3 and (ours - theirs).abs().mean() < 1e-5
 
 
 def test_filter2d_uses_each_images_kernel():

@@ -20,11 +20,11 @@ LPIPS_CALIBRATION = (0.7237, 0.2572, 0.0508, 0.0521, 0.4253)
 
 def calibration_pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(distorted, reference) images shipped with pyiqa, (1, 3, H, W) in [0, 1]."""
-    load = lambda path: torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255  # noqa: E731
-    return tuple(
-        load(installed_file("pyiqa", f"ResultsCalibra/{folder}/{name}.bmp", "pip install pyiqa==0.1.16"))
-        for folder in ("dist_dir", "ref_dir")
-    )
+    images = []
+    for folder in ("dist_dir", "ref_dir"):
+        path = installed_file("pyiqa", f"ResultsCalibra/{folder}/{name}.bmp", "pip install pyiqa==0.1.16")
+        images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255)
+    return tuple(images)
 
 
 @pytest.fixture(scope="module")

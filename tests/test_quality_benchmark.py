@@ -130,10 +130,11 @@ def test_model_on_hr_images_degrades_with_a_seed(folders, standin_pipeline, tmp_
     degrade = RealESRGANDegradation()
     for name in PHOTOS:
         # Each LR image is the seeded Real-ESRGAN degradation of its HR image (seed from the run seed and the name).
-        expected = degrade(load_image(folders["hr"] / f"{name}.png"), torch.Generator().manual_seed(image_seed(3, name)))
+        generator = torch.Generator().manual_seed(image_seed(3, name))
+        expected = degrade(load_image(folders["hr"] / f"{name}.png"), generator)
         torch.testing.assert_close(load_image(out / "lr" / f"{name}.png"), expected, atol=0, rtol=0)
-        lr = Image.open(out / "lr" / f"{name}.png")
-        assert np.array_equal(np.asarray(Image.open(out / "sr" / f"{name}.png")), np.asarray(lr.resize((192, 192), Image.BICUBIC)))
+        bicubic = Image.open(out / "lr" / f"{name}.png").resize((192, 192), Image.BICUBIC)
+        assert np.array_equal(np.asarray(Image.open(out / "sr" / f"{name}.png")), np.asarray(bicubic))
     assert len({image_seed(3, name) for name in PHOTOS} | {image_seed(4, name) for name in PHOTOS}) == 2 * len(PHOTOS)
     # The degraded inputs are much worse than plain bicubic ones (about 24-29 dB on those).
     assert all(row["scores"]["psnr"] < 28 for row in report["images"])
@@ -147,7 +148,8 @@ def test_model_on_lr_folder(folders, standin_pipeline, tmp_path):
     report = read_report(out)
     # The stand-in does what made the SR fixture folder, so the images are the same.
     for name in PHOTOS:
-        assert np.array_equal(np.asarray(Image.open(sr / f"{name}.png")), np.asarray(Image.open(folders["sr"] / f"{name}.png")))
+        written, expected = Image.open(sr / f"{name}.png"), Image.open(folders["sr"] / f"{name}.png")
+        assert np.array_equal(np.asarray(written), np.asarray(expected))
     assert report["metrics"]["psnr"]["status"] == "ok"
     with pytest.raises(SystemExit, match="already holds images"):  # never overwrite earlier results
         main(argv)
@@ -157,10 +159,11 @@ def test_bad_inputs_are_named(folders, tmp_path):
     partial = tmp_path / "partial_hr"
     partial.mkdir()
     (partial / "coffee.png").write_bytes((folders["hr"] / "coffee.png").read_bytes())
+    score_sr = ["--sr", str(folders["sr"]), "--metrics", "psnr", "--output-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match=r"no HR image for the SR images \['astronaut', 'chelsea'\]"):
-        main(["--sr", str(folders["sr"]), "--hr", str(partial), "--metrics", "psnr", "--output-dir", str(tmp_path / "a")])
+        main([*score_sr, "--hr", str(partial)])
     with pytest.raises(SystemExit, match="is 192x192 but HR"):
-        main(["--sr", str(folders["sr"]), "--hr", str(folders["lr"]), "--metrics", "psnr", "--output-dir", str(tmp_path / "b")])
+        main([*score_sr, "--hr", str(folders["lr"])])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit, match="no images"):

@@ -124,7 +124,7 @@ class DegradationConfig:
             kernel_list, kernel_prob = getattr(self, "kernel_list" + suffix), getattr(self, "kernel_prob" + suffix)
             unknown = set(kernel_list) - set(KERNEL_TYPES)
             if unknown:
-                raise ValueError(f"kernel_list{suffix} has unknown kernel types {sorted(unknown)}; known: {KERNEL_TYPES}.")
+                raise ValueError(f"kernel_list{suffix} has unknown types {sorted(unknown)}; known: {KERNEL_TYPES}.")
             if len(kernel_list) != len(kernel_prob):
                 raise ValueError(f"kernel_list{suffix} and kernel_prob{suffix} must have the same length.")
             _check_distribution("kernel_prob" + suffix, kernel_prob)
@@ -419,7 +419,9 @@ class RealESRGANDegradation:
         rng = _Sampler(generator, hr.device)
         kernel1, kernel2, final_kernel = self.sample_kernels(batch, generator, hr.device)
 
-        out = usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_kernel_size, cfg.usm_sigma) if cfg.usm_sharpen else hr
+        out = hr
+        if cfg.usm_sharpen:
+            out = usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_kernel_size, cfg.usm_sigma)
 
         # First round: blur, resize, noise, JPEG.
         out = filter2d(out, kernel1)
@@ -455,8 +457,14 @@ class RealESRGANDegradation:
         cfg = self.config
         device = torch.device(device) if device is not None else torch.device("cpu")
         rng = _Sampler(generator, device)
-        kernel1 = self._blur_kernels(batch_size, rng, "")
-        kernel2 = self._blur_kernels(batch_size, rng, "2")
+        kernel1 = self._blur_kernels(
+            batch_size, rng, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob, cfg.blur_sigma, cfg.betag_range,
+            cfg.betap_range,
+        )  # fmt: skip
+        kernel2 = self._blur_kernels(
+            batch_size, rng, cfg.kernel_list2, cfg.kernel_prob2, cfg.sinc_prob2, cfg.blur_sigma2, cfg.betag_range2,
+            cfg.betap_range2,
+        )  # fmt: skip
         identity = torch.zeros_like(kernel1)
         identity[:, identity.shape[-1] // 2, identity.shape[-1] // 2] = 1
         kernel2 = torch.where((rng.uniform(batch_size) < cfg.second_blur_prob).view(-1, 1, 1), kernel2, identity)
@@ -466,22 +474,22 @@ class RealESRGANDegradation:
         final = torch.where((rng.uniform(batch_size) < cfg.final_sinc_prob).view(-1, 1, 1), final, identity)
         return kernel1.float(), kernel2.float(), final.float()
 
-    def _blur_kernels(self, batch: int, rng: "_Sampler", suffix: str) -> torch.Tensor:
+    def _blur_kernels(
+        self, batch: int, rng: "_Sampler", kernel_list, kernel_prob, sinc_prob, blur_sigma, betag, betap
+    ) -> torch.Tensor:
         """Random kernels of one round (float64): sinc with probability sinc_prob, else a mixture of Gaussian types."""
         cfg = self.config
         size = max(cfg.kernel_range)
         sizes = rng.choice(batch, cfg.kernel_range)
-        kinds = [getattr(cfg, "kernel_list" + suffix)[i] for i in rng.categorical(batch, getattr(cfg, "kernel_prob" + suffix)).tolist()]
+        kinds = [kernel_list[i] for i in rng.categorical(batch, kernel_prob).tolist()]
         isotropic = torch.tensor([not kind.endswith("aniso") for kind in kinds], device=rng.device)
         plateau = torch.tensor([kind.startswith("plateau") for kind in kinds], device=rng.device)
         generalized = torch.tensor([kind.startswith("generalized") for kind in kinds], device=rng.device)
 
-        blur_sigma = getattr(cfg, "blur_sigma" + suffix)
         sigma_x = rng.uniform(batch, *blur_sigma, dtype=torch.float64)
         sigma_y = torch.where(isotropic, sigma_x, rng.uniform(batch, *blur_sigma, dtype=torch.float64))
         theta = torch.where(isotropic, 0.0, rng.uniform(batch, *cfg.rotation_range, dtype=torch.float64))
         # Shape parameter: below or above 1 with equal chance (Real-ESRGAN), 1 for the plain Gaussians.
-        betag, betap = getattr(cfg, "betag_range" + suffix), getattr(cfg, "betap_range" + suffix)
         below = rng.uniform(batch) < 0.5
         beta_g = torch.where(below, rng.uniform(batch, betag[0], 1.0, dtype=torch.float64),
                              rng.uniform(batch, 1.0, betag[1], dtype=torch.float64))
@@ -498,7 +506,7 @@ class RealESRGANDegradation:
         low = torch.where(sizes < 13, cfg.sinc_cutoff_range[0], cfg.sinc_cutoff_range_large[0])
         high = torch.where(sizes < 13, cfg.sinc_cutoff_range[1], cfg.sinc_cutoff_range_large[1])
         cutoff = low + (high - low) * rng.uniform(batch, dtype=torch.float64)
-        use_sinc = rng.uniform(batch) < getattr(cfg, "sinc_prob" + suffix)
+        use_sinc = rng.uniform(batch) < sinc_prob
         kernels = torch.where(use_sinc.view(-1, 1, 1), sinc_kernel(size, cutoff), kernels)
         return limit_support(kernels, sizes)
 
@@ -536,7 +544,7 @@ class RealESRGANDegradation:
             raise ValueError(f"Expected floating-point HR images in [0, 1], got dtype {hr.dtype}.")
         height, width = hr.shape[-2:]
         if height % self.config.scale or width % self.config.scale:
-            raise ValueError(f"HR size {height}x{width} is not a multiple of the scale {self.config.scale}; crop it first.")
+            raise ValueError(f"HR size {height}x{width} is not a multiple of the scale {self.config.scale}; crop it.")
         if hr.numel() and (hr.min() < -1e-3 or hr.max() > 1 + 1e-3):
             raise ValueError(f"HR values must lie in [0, 1], got [{hr.min().item():.3f}, {hr.max().item():.3f}].")
 

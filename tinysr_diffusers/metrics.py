@@ -153,7 +153,7 @@ def _offline_imagenet_backbones() -> Iterator[None]:
     def supplier(name: str, features):
         def build(*args, weights=None, pretrained=False, **kwargs):
             if args or kwargs or not (pretrained or str(weights).endswith("IMAGENET1K_V1")):
-                raise RuntimeError(f"Only torchvision.models.{name}(weights='IMAGENET1K_V1').features is available offline.")
+                raise RuntimeError(f"Only torchvision.models.{name}(weights='IMAGENET1K_V1').features is offline.")
             return _FeaturesOnly(features())
 
         return build

