@@ -10,12 +10,9 @@ import pytest
 import torch
 from skimage import color, data
 
+from tinysr_diffusers.metrics import PAPER_METRICS, MetricUnavailable, create_metric, no_network
 
-pyiqa = pytest.importorskip("pyiqa")
-
-from tinysr_diffusers.metrics import PAPER_METRICS, MetricUnavailable, create_metric, no_network  # noqa: E402
-
-from .test_perceptual import CALIBRATION_PAIRS, LPIPS_CALIBRATION, calibration_pair  # noqa: E402
+from .test_perceptual import CALIBRATION_PAIRS, LPIPS_CALIBRATION, calibration_pair
 
 
 # pyiqa's published values (ResultsCalibra/calibration_summary.csv, "(ours)" rows; DISTS I06 is 0.0683 in the

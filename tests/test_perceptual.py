@@ -60,6 +60,16 @@ def test_lpips_is_a_differentiable_loss(lpips_alex):
         )
 
 
+def test_lpips_under_autocast_stays_close_to_float32(lpips_alex):
+    distorted, reference = (x[..., :128, :128] for x in calibration_pair("I19"))
+    with torch.no_grad():
+        expected = lpips_alex(distorted, reference, normalize=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = lpips_alex(distorted, reference, normalize=True)
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed, expected, atol=0.02, rtol=0.05)
+
+
 def test_lpips_batches_pairs_independently(lpips_alex):
     pairs = [calibration_pair(name) for name in ("I04", "I08")]
     crop = lambda x: x[..., :128, :128]  # noqa: E731
@@ -71,7 +81,6 @@ def test_lpips_batches_pairs_independently(lpips_alex):
 
 def test_vgg_lpips_matches_pyiqa_implementation():
     """Our VGG16 wiring against pyiqa's LPIPS code fed the same offline weights (an independent implementation)."""
-    pytest.importorskip("pyiqa")
     from pyiqa.archs.lpips_arch import LPIPS as PyiqaLPIPS
 
     from tinysr_diffusers.metrics import _offline_imagenet_backbones

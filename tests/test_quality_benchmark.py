@@ -11,12 +11,9 @@ import torch
 from PIL import Image
 from skimage import color, data
 
-
-pytest.importorskip("pyiqa")
-
-from benchmarks.quality import image_seed, load_image, main  # noqa: E402
-from tinysr_diffusers.degradations import RealESRGANDegradation  # noqa: E402
-from tinysr_diffusers.perceptual import LPIPS  # noqa: E402
+from benchmarks.quality import image_seed, load_image, main
+from tinysr_diffusers.degradations import RealESRGANDegradation
+from tinysr_diffusers.perceptual import LPIPS
 
 
 PHOTOS = {

@@ -151,9 +151,13 @@ class LPIPS(nn.Module):
         if normalize:
             x, y = 2 * x - 1, 2 * y - 1
         features = self._taps((torch.cat([x, y]) - self.shift) / self.scale)
+        # The backbone may run in a caller's fp16/bf16 autocast; unit-normalising channel vectors may not (squared
+        # sums overflow fp16, the epsilon underflows it), so the comparison runs in float32.
         distance = 0
-        for head, feature in zip(self.heads, features):
-            feature = feature / (feature.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            fx, fy = feature.chunk(2)
-            distance = distance + head((fx - fy) ** 2).mean(dim=(2, 3))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for head, feature in zip(self.heads, features):
+                feature = feature.float()
+                feature = feature / (feature.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = feature.chunk(2)
+                distance = distance + head((fx - fy) ** 2).mean(dim=(2, 3))
         return distance.flatten()
