@@ -90,7 +90,7 @@ def test_options_and_a_clean_run(model, tmp_path, capsys):
             "-o",
             str(out),
             "--tile-size",
-            "4",
+            "8",
             "--tile-overlap",
             "2",
             "--color-fix",
