@@ -184,7 +184,8 @@ def make_tsdsr_release(root: Path, seed: int = 0) -> TSDSRRelease:
     safetensors.torch.save_file(lora_state_dict(vae, TSDSR_VAE_TARGETS, seed + 2), lora_dir / "vae.safetensors")
 
     generator = torch.Generator().manual_seed(seed + 3)
-    embeds, pooled = torch.randn(TEXT_TOKENS, JOINT_DIM, generator=generator), torch.randn(POOLED_DIM, generator=generator)
+    embeds = torch.randn(TEXT_TOKENS, JOINT_DIM, generator=generator)
+    pooled = torch.randn(POOLED_DIM, generator=generator)
     embed_dir = root / "default"
     embed_dir.mkdir()
     torch.save(embeds[None], embed_dir / "prompt_embeds.pt")

@@ -10,10 +10,11 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from diffusers import AutoencoderTiny
+from diffusers import AutoencoderTiny, DiffusionPipeline
 from tests.release_layouts import edit_config, edit_weights, make_tinysr_release, make_tsdsr_release
 from tests.tiny_pipelines import JOINT_DIM, LATENT_CHANNELS, TINY_TAESD
 from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
+from tinysr_diffusers.cli import main
 from tinysr_diffusers.conversion import ConversionError, convert_tinysr, convert_tsdsr
 
 
@@ -205,3 +206,54 @@ def test_position_embedding_that_is_not_sd3s_is_refused(tinysr_release, tmp_path
     edit_weights(folder, lambda w: {**w, "pos_embed.pos_embed": torch.randn_like(w["pos_embed.pos_embed"])})
     with pytest.raises(ConversionError, match="not the centre crop"):
         convert_tinysr(**{**tinysr_release.args(), "transformer_dir": folder})
+
+
+# -------------------------------------------------------------------------------------------------------------- CLI
+def _tinysr_argv(release, output):
+    return [
+        "convert", "tinysr", "--transformer", str(release.transformer_dir), "--vae", str(release.vae_dir),
+        "--lora", str(release.lora_path), "--pool-embeds", str(release.pool_embeds_path), "-o", str(output),
+    ]  # fmt: skip
+
+
+@torch.no_grad()
+def test_cli_convert_tinysr_writes_a_loadable_pipeline(tinysr_release, tinysr_pipe, tmp_path, capsys):
+    output = tmp_path / "tinysr-pipeline"
+    assert main(_tinysr_argv(tinysr_release, output)) == 0
+    assert "[2/2] Saving TinySRPipeline" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tinysr-pipeline"]  # no temporary folder left
+    loaded = DiffusionPipeline.from_pretrained(output, trust_remote_code=True)
+    assert isinstance(loaded, TinySRPipeline)
+    low_res = _low_res()
+    call = dict(output_type="latent", tile_size=None, color_fix=None)
+    torch.testing.assert_close(loaded(low_res, **call).images, tinysr_pipe(low_res, **call).images)
+
+
+def test_cli_convert_never_overwrites_without_the_flag(tinysr_release, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert main(_tinysr_argv(tinysr_release, output)) == 2
+    assert "already exists" in capsys.readouterr().err and (output / "keep.txt").read_text() == "mine"
+    assert main([*_tinysr_argv(tinysr_release, output), "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert not (output / "keep.txt").exists() and (output / "model_index.json").is_file()
+    weights = safetensors.torch.load_file(output / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_convert_tsdsr_and_a_bad_piece(tsdsr_release, tmp_path, capsys):
+    release = tsdsr_release
+    argv = [
+        "convert", "tsdsr", "--sd3", str(release.sd3_dir), "--transformer-lora", str(release.transformer_lora),
+        "--vae-lora", str(release.vae_lora), "--prompt-embeds", str(release.prompt_embeds),
+        "--pool-embeds", str(release.pool_embeds), "-o", str(tmp_path / "tsdsr"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert isinstance(TSDSRPipeline.from_pretrained(tmp_path / "tsdsr"), TSDSRPipeline)
+    bad = [*argv[:-1], str(tmp_path / "second")]
+    bad[bad.index("--vae-lora") + 1] = str(release.transformer_lora)  # the transformer's LoRA given for the VAE
+    assert main(bad) == 1
+    error = capsys.readouterr().err
+    assert "error: ConversionError: LoRA file" in error and "does not match AutoencoderKL" in error
+    assert not (tmp_path / "second").exists()

@@ -248,7 +248,8 @@ def _load_release_vae(folder: Path) -> TinySRAutoencoder:
     config = _read_config(folder, "VAE")
     if config.get("_class_name") not in ("AutoencoderTiny", "TinySRAutoencoder"):
         raise ConversionError(
-            f"VAE folder {folder} holds a {config.get('_class_name')!r}, not a tiny autoencoder (AutoencoderTiny config)."
+            f"VAE folder {folder} holds a {config.get('_class_name')!r}, not a tiny autoencoder "
+            "(AutoencoderTiny config)."
         )
     weights = _read_weights(folder, "VAE")
     sides = {}
