@@ -14,7 +14,8 @@ def _check_metadata(card: ModelCard, *tags: str) -> None:
     data = card.data
     assert data.library_name == "diffusers" and data.pipeline_tag == "image-to-image"
     assert data.base_model == SD3_BASE_MODEL
-    assert (data.license, data.license_name, data.license_link) == ("other", "stabilityai-ai-community", SD3_LICENSE_LINK)
+    licence = (data.license, data.license_name, data.license_link)
+    assert licence == ("other", "stabilityai-ai-community", SD3_LICENSE_LINK)
     assert {"super-resolution", "tinysr", *tags} <= set(data.tags)
     assert "Stability AI Community License" in card.text
 
@@ -44,7 +45,9 @@ def test_push_to_hub_uploads_the_layout_and_a_filled_card(hub, tmp_path, kind): 
 def test_pruned_transformer_card_reports_given_measurements_with_commands():
     student = TinySRPipeline.from_teacher(tiny_teacher(), keep_layers=[0, 2]).transformer
     measured = {"module MACs at 512x512": ("0.12 G", "python -m benchmarks.architecture")}
-    card = pruned_transformer_card(student, "user/pruned", pruning_method="learned depth pruning", measurements=measured)
+    card = pruned_transformer_card(
+        student, "user/pruned", pruning_method="learned depth pruning", measurements=measured
+    )
     _check_metadata(card, "pruned")
     assert "Kept 2 of the source transformer's blocks: [0, 2]." in card.text
     assert "Method: learned depth pruning." in card.text
