@@ -16,7 +16,15 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from tests.tiny_models import randomize_
-from tests.tiny_pipelines import JOINT_DIM, LATENT_CHANNELS, POOLED_DIM, TINY_DIT, TINY_TAESD, TEXT_TOKENS
+from tests.tiny_pipelines import (
+    JOINT_DIM,
+    LATENT_CHANNELS,
+    POOLED_DIM,
+    TEXT_TOKENS,
+    TINY_DIT,
+    TINY_TAESD,
+    tiny_autoencoder_kl,
+)
 from tinysr_diffusers import TinySRAutoencoder
 from tinysr_diffusers.conversion import (
     TINYSR_TRANSFORMER_TARGETS,
@@ -126,24 +134,6 @@ def make_tinysr_release(root: Path, seed: int = 0) -> TinySRRelease:
     return TinySRRelease(transformer_dir, vae_dir, lora_path, pool_embeds_path, sd3, vae, pooled)
 
 
-def tiny_sd3_vae(seed: int = 0) -> AutoencoderKL:
-    """An SD3-style VAE with two resnets per block (as SD3's, so the release VAE LoRA targets exist)."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=2,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-
-
 @dataclass
 class TSDSRRelease:
     sd3_dir: Path
@@ -170,7 +160,8 @@ def make_tsdsr_release(root: Path, seed: int = 0) -> TSDSRRelease:
     """An SD3 diffusers folder, `tsdsr/transformer.safetensors`, `tsdsr/vae.safetensors`, the two embeddings."""
     torch.manual_seed(seed)
     transformer = randomize_(SD3Transformer2DModel(**sd3_config(num_layers=2)), seed).eval()
-    vae = tiny_sd3_vae(seed)
+    # two resnets per block and a channel change, as SD3's VAE, so the release VAE LoRA targets exist
+    vae = tiny_autoencoder_kl(seed, block_out_channels=(8, 8, 16, 16), layers_per_block=2)
     sd3_dir = root / "stable-diffusion-3-medium-diffusers"
     transformer.save_pretrained(sd3_dir / "transformer")
     vae.save_pretrained(sd3_dir / "vae")

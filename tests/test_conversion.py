@@ -2,7 +2,6 @@
 (diffusers' SD3 model with the LoRA as an unmerged peft adapter, zero-length text context at t=1000), and bad pieces
 are refused with a clear error."""
 
-import json
 import shutil
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny, DiffusionPipeline
 from tests.release_layouts import edit_config, edit_weights, make_tinysr_release, make_tsdsr_release
 from tests.tiny_pipelines import JOINT_DIM, LATENT_CHANNELS, TINY_TAESD
-from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
+from tinysr_diffusers import TinySRPipeline, TSDSRPipeline
 from tinysr_diffusers.cli import main
 from tinysr_diffusers.conversion import ConversionError, convert_tinysr, convert_tsdsr
 
@@ -37,27 +36,26 @@ def _low_res(seed: int = 0, size: int = 16) -> torch.Tensor:
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def _release_velocity(release, latents: torch.Tensor) -> torch.Tensor:
+    """The release recipe: SD3 with the LoRA as a peft adapter, zero-length text context, pooled embedding, t=1000."""
+    batch = latents.shape[0]
+    return release.sd3(
+        latents,
+        encoder_hidden_states=torch.zeros(batch, 0, JOINT_DIM),
+        pooled_projections=release.pooled.expand(batch, -1),
+        timestep=torch.full((batch,), 1000.0),
+    ).sample
+
+
 @torch.no_grad()
 def test_tinysr_transformer_equals_sd3_with_peft_lora_at_t1000(tinysr_release, tinysr_pipe):
     release = tinysr_release
     latents = torch.randn(2, LATENT_CHANNELS, 24, 16, generator=torch.Generator().manual_seed(1))
-    expected = release.sd3(
-        latents,
-        encoder_hidden_states=torch.zeros(2, 0, JOINT_DIM),
-        pooled_projections=release.pooled.expand(2, -1),
-        timestep=torch.full((2,), 1000.0),
-    ).sample
-    actual = tinysr_pipe.transformer(latents).sample
-    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
-    # the LoRA matters: without it the output is far off
-    release.sd3.disable_adapters()
+    expected = _release_velocity(release, latents)
+    torch.testing.assert_close(tinysr_pipe.transformer(latents).sample, expected, atol=2e-5, rtol=1e-4)
+    release.sd3.disable_adapters()  # the LoRA matters: without it the output is far off
     try:
-        without_lora = release.sd3(
-            latents,
-            encoder_hidden_states=torch.zeros(2, 0, JOINT_DIM),
-            pooled_projections=release.pooled.expand(2, -1),
-            timestep=torch.full((2,), 1000.0),
-        ).sample
+        without_lora = _release_velocity(release, latents)
     finally:
         release.sd3.enable_adapters()
     assert (without_lora - expected).abs().max() > 1e-2
@@ -79,13 +77,7 @@ def test_tinysr_pipeline_equals_the_release_recipe(tinysr_release, tinysr_pipe):
     low_res = _low_res()
     pixels = F.interpolate(low_res, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
     z = release.vae.encode(pixels).latents * release.vae.config.scaling_factor
-    velocity = release.sd3(
-        z,
-        encoder_hidden_states=torch.zeros(1, 0, JOINT_DIM),
-        pooled_projections=release.pooled[None],
-        timestep=torch.tensor([1000.0]),
-    ).sample
-    expected = z - velocity
+    expected = z - _release_velocity(release, z)
     actual = tinysr_pipe(low_res, output_type="latent", tile_size=None, color_fix=None).images
     torch.testing.assert_close(actual, expected, atol=5e-5, rtol=1e-4)
 
