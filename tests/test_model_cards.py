@@ -42,7 +42,7 @@ def test_push_to_hub_uploads_the_layout_and_a_filled_card(hub, tmp_path, kind): 
         assert "`prompt_embeddings/`" in card.text and "Prompt: `a test prompt`" in card.text
 
 
-def test_pruned_transformer_card_reports_given_measurements_with_commands():
+def test_pruned_transformer_card_reports_given_measurements_with_commands(hub):  # noqa: F811 - no network
     student = TinySRPipeline.from_teacher(tiny_teacher(), keep_layers=[0, 2]).transformer
     measured = {"module MACs at 512x512": ("0.12 G", "python -m benchmarks.architecture")}
     card = pruned_transformer_card(
