@@ -70,10 +70,10 @@ def tiny_autoencoder_tiny(seed: int = 0) -> AutoencoderTiny:
     return AutoencoderTiny(**TINY_TAESD, scaling_factor=1.5305).eval()
 
 
-def tiny_autoencoder_kl(seed: int = 0) -> AutoencoderKL:
+def tiny_autoencoder_kl(seed: int = 0, **overrides) -> AutoencoderKL:
     """SD3-style VAE (16 latent channels, no quant convs, SD3's scaling and shift factors), tiny widths."""
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 8, 8),
@@ -85,7 +85,8 @@ def tiny_autoencoder_kl(seed: int = 0) -> AutoencoderKL:
         shift_factor=0.0609,
         use_quant_conv=False,
         use_post_quant_conv=False,
-    ).eval()
+    )
+    return AutoencoderKL(**{**config, **overrides}).eval()
 
 
 def tiny_prompt_embeddings(seed: int = 0) -> PromptEmbeddings:

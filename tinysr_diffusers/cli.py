@@ -1,6 +1,9 @@
 """The `tinysr` command line.
 
     tinysr upscale INPUT... --model PATH_OR_REPO -o OUT_DIR
+    tinysr convert tinysr --transformer DIR --vae DIR --lora FILE --pool-embeds FILE -o OUT
+    tinysr convert tsdsr --sd3 DIR --transformer-lora FILE --vae-lora FILE --prompt-embeds FILE --pool-embeds FILE
+        -o OUT
 
 Subcommands register themselves in `main` through an `add_<name>_parser(subparsers)` function.
 """
@@ -216,10 +219,77 @@ def add_upscale_parser(subparsers) -> None:
     parser.set_defaults(func=upscale)
 
 
+CONVERT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Run `tinysr convert tinysr|tsdsr`: build the pipeline, save it into a temporary folder beside OUT, rename."""
+    from .conversion import ConversionError, convert_tinysr, convert_tsdsr
+    from .utils import atomic_directory
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        print(f"error: {output} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    dtype = CONVERT_DTYPES[args.dtype]
+    print(f"[1/2] Converting the {args.release} release (LoRA merged) ...", file=sys.stderr)
+    try:
+        if args.release == "tinysr":
+            pipe = convert_tinysr(args.transformer, args.vae, args.lora, args.pool_embeds, torch_dtype=dtype)
+        else:
+            pipe = convert_tsdsr(
+                args.sd3, args.transformer_lora, args.vae_lora, args.prompt_embeds, args.pool_embeds, torch_dtype=dtype
+            )
+    except (ConversionError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    print(f"[2/2] Saving {type(pipe).__name__} ({args.dtype}) to {output} ...", file=sys.stderr)
+    with atomic_directory(str(output), overwrite=args.overwrite) as folder:
+        pipe.save_pretrained(folder)
+    print(
+        f"Saved {type(pipe).__name__} to {output}; load it with DiffusionPipeline.from_pretrained(..., "
+        "trust_remote_code=True) or `tinysr upscale --model`."
+    )
+    return 0
+
+
+def add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="Convert the authors' released TinySR or TSD-SR checkpoints into a pipeline folder.",
+        description="Assemble the pieces of a release into one pipeline folder (LoRAs merged). OUT is written into a "
+        "temporary folder beside it and renamed when complete; an existing OUT is kept unless --overwrite.",
+    )
+    releases = parser.add_subparsers(dest="release", required=True)
+    tinysr = releases.add_parser("tinysr", help="TinySR: pruned transformer + tiny VAE + LoRA + pooled embedding.")
+    tinysr.add_argument(
+        "--transformer", required=True, help="Pruned transformer folder (prune-12-merge-tinysr/transformer)."
+    )
+    tinysr.add_argument("--vae", required=True, help="Tiny VAE folder (vae/separable).")
+    tinysr.add_argument("--lora", required=True, help="Student LoRA file (tinysr/transformer.safetensors).")
+    tinysr.add_argument("--pool-embeds", required=True, help="Pooled prompt embedding (pool_embeds.pt).")
+    tsdsr = releases.add_parser("tsdsr", help="TSD-SR: SD3-medium folder + transformer and VAE LoRAs + embeddings.")
+    tsdsr.add_argument("--sd3", required=True, help="SD3-medium diffusers folder (transformer/ and vae/ are used).")
+    tsdsr.add_argument(
+        "--transformer-lora", required=True, help="Transformer LoRA file (tsdsr/transformer.safetensors)."
+    )
+    tsdsr.add_argument("--vae-lora", required=True, help="VAE encoder LoRA file (tsdsr/vae.safetensors).")
+    tsdsr.add_argument("--prompt-embeds", required=True, help="Prompt embeddings (prompt_embeds.pt, 333x4096).")
+    tsdsr.add_argument("--pool-embeds", required=True, help="Pooled prompt embedding (pool_embeds.pt, 2048).")
+    for release in (tinysr, tsdsr):
+        release.add_argument("-o", "--output", required=True, help="Pipeline folder to create.")
+        release.add_argument(
+            "--dtype", choices=sorted(CONVERT_DTYPES), default="float32", help="Dtype of the saved weights."
+        )
+        release.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
+        release.set_defaults(func=convert)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tinysr", description="TinySR: one-step 4x image super-resolution.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_upscale_parser(subparsers)
+    add_convert_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "upscale":
         if args.batch_size < 1:

@@ -16,7 +16,6 @@ from huggingface_hub import create_repo
 
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
 from ..color_fix import apply_color_fix, check_color_fix
 from ..hub_utils import MODEL_INDEX, fetch_code_files, verify_shims, write_shims
@@ -30,6 +29,7 @@ from ..image_processing import (
     split_alpha,
     to_tensors,
 )
+from ..model_cards import pipeline_card
 from ..models import TinySRAutoencoder
 from ..tiling import tiled_map
 
@@ -334,12 +334,11 @@ class OneStepSRPipeline(DiffusionPipeline):
     def write_model_card(self, folder: str, repo_id: str, token: Optional[str] = None) -> None:
         """Write `README.md` into `folder` before it is pushed to `repo_id`: the one place where cards are made.
 
-        For now this keeps the repo's existing card or creates diffusers' default pipeline card; TinySR's card
-        templates (`model_cards/`) replace it.
+        The card comes from the templates in `model_cards/` ([`~model_cards.pipeline_card`]): configuration, kept
+        layers and parameter counts from this pipeline, the SD3 licence notice and the Hub metadata. An existing card
+        of the repo is kept, as in diffusers.
         """
-        card = load_or_create_model_card(repo_id, token=token, is_pipeline=True)
-        card = populate_model_card(card, tags=["super-resolution", "tinysr"])
-        card.save(f"{folder}/README.md")
+        pipeline_card(self, repo_id, token=token).save(os.path.join(folder, "README.md"))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs):

@@ -1,0 +1,155 @@
+"""Hub model cards for TinySR pipelines and pruned transformers, filled from the models themselves.
+
+Templates live in the repository's `model_cards/` folder (`string.Template` fields). Configuration, kept layers and
+parameter counts are read from the model; efficiency and quality figures are printed only when measured values are
+passed in with the command that produced them, never invented.
+"""
+
+import string
+from pathlib import Path
+from typing import Mapping, Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+from torch import nn
+
+from diffusers.utils.hub_utils import populate_model_card
+
+from .profiling import count_parameters
+
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+SD3_BASE_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+SD3_LICENSE_NAME = "stabilityai-ai-community"
+SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md"
+LICENCE_NOTICE = (
+    "The weights derive from Stable Diffusion 3 and are subject to the "
+    f"[Stability AI Community License]({SD3_LICENSE_LINK}) of the base model (`{{base_model}}`); read it before use, "
+    "in particular its terms for commercial use. The TinySR toolkit code is licensed separately."
+)
+TAGS = ["super-resolution", "image-to-image", "tinysr", "sd3", "one-step"]
+NOT_MEASURED = "Not measured for this checkpoint."
+
+# A measured figure: name -> (value with its unit, the command that produced it).
+Measurements = Mapping[str, tuple[str, str]]
+
+
+def _render(template: str, **fields) -> str:
+    return string.Template((TEMPLATE_DIR / template).read_text(encoding="utf-8")).substitute(fields)
+
+
+def _measurements(measurements: Optional[Measurements]) -> str:
+    if not measurements:
+        return NOT_MEASURED
+    rows = [f"| {name} | {value} | `{command}` |" for name, (value, command) in measurements.items()]
+    return "\n".join(["| figure | value | command |", "|---|---:|---|", *rows])
+
+
+def _millions(module: nn.Module) -> str:
+    return f"{count_parameters(module) / 1e6:,.2f} M"
+
+
+def _card(
+    description: str,
+    repo_id: str,
+    base_model: str,
+    tags: list[str],
+    token: Optional[str] = None,
+) -> ModelCard:
+    """The card of `repo_id` with our metadata: its existing Hub card is kept (as in diffusers), else `description`."""
+    try:
+        card = ModelCard.load(repo_id, token=token)
+    except (EntryNotFoundError, RepositoryNotFoundError, OfflineModeIsEnabled):
+        card = ModelCard(f"---\n{ModelCardData(library_name='diffusers').to_yaml()}\n---\n\n{description}")
+    card = populate_model_card(card, tags=tags)
+    card.data.pipeline_tag = "image-to-image"
+    card.data.base_model = base_model
+    card.data.license = "other"
+    card.data.license_name = SD3_LICENSE_NAME
+    card.data.license_link = SD3_LICENSE_LINK
+    return card
+
+
+def pipeline_card(
+    pipe,
+    repo_id: str,
+    token: Optional[str] = None,
+    base_model: str = SD3_BASE_MODEL,
+    pruning_method: Optional[str] = None,
+    measurements: Optional[Measurements] = None,
+) -> ModelCard:
+    """The card of a [`TinySRPipeline`] or [`TSDSRPipeline`] pushed to `repo_id`."""
+    from .pipelines import TinySRPipeline
+
+    config = pipe.transformer.config
+    components = [("transformer", pipe.transformer), ("vae", pipe.vae)]
+    common = dict(
+        pipeline_class=type(pipe).__name__,
+        repo_id=repo_id,
+        num_layers=config.num_layers,
+        inner_dim=config.num_attention_heads * config.attention_head_dim,
+        heads=config.num_attention_heads,
+        components="\n".join(f"| `{name}` | `{type(m).__name__}` | {_millions(m)} |" for name, m in components),
+        measurements=_measurements(measurements),
+        licence=LICENCE_NOTICE.format(base_model=base_model),
+    )
+    if isinstance(pipe, TinySRPipeline):
+        vae = pipe.vae.config
+        if "encoder_conv" in vae:
+            vae_description = f"TAESD topology, {vae.encoder_conv} encoder and {vae.decoder_conv} decoder convolutions"
+        else:
+            vae_description = type(pipe.vae).__name__
+        description = _render(
+            "tinysr_pipeline.md",
+            **common,
+            kept_layers=list(config.source_layers) if config.source_layers is not None else "not recorded",
+            timestep=f"{pipe.timestep:g}",
+            folded=", folded into the weights" if config.modulation_folded else "",
+            pruning_method=pruning_method or "not recorded",
+            vae_description=vae_description,
+        )
+        tags = [*TAGS, "pruned"]
+    else:
+        embeddings = pipe.prompt_embeddings.config
+        description = _render(
+            "teacher_pipeline.md",
+            **common,
+            num_tokens=embeddings.num_tokens,
+            prompt=f"`{embeddings.prompt}`" if embeddings.prompt else "not recorded",
+        )
+        tags = [*TAGS, "tsd-sr"]
+    return _card(description, repo_id, base_model, tags=tags, token=token)
+
+
+def pruned_transformer_card(
+    transformer: nn.Module,
+    repo_id: str,
+    kept_layers: Optional[list[int]] = None,
+    pruning_method: Optional[str] = None,
+    token: Optional[str] = None,
+    base_model: str = SD3_BASE_MODEL,
+    measurements: Optional[Measurements] = None,
+) -> ModelCard:
+    """The card of a pruned transformer pushed on its own (the pruning export's hook).
+
+    `kept_layers` defaults to the model's recorded `source_layers`.
+    """
+    model_class = type(transformer).__name__
+    library = type(transformer).__module__.split(".")[0]
+    if kept_layers is None:
+        kept_layers = getattr(transformer.config, "source_layers", None)
+    description = _render(
+        "pruned_transformer.md",
+        model_class=model_class,
+        library=library,
+        install="pip install tinysr-diffusers" if library == "tinysr_diffusers" else "pip install diffusers",
+        base_model=base_model,
+        repo_id=repo_id,
+        num_layers=transformer.config.num_layers,
+        kept_layers=list(kept_layers) if kept_layers is not None else "not recorded",
+        pruning_method=pruning_method or "not recorded",
+        parameters=_millions(transformer),
+        measurements=_measurements(measurements),
+        licence=LICENCE_NOTICE.format(base_model=base_model),
+    )
+    return _card(description, repo_id, base_model, tags=[*TAGS, "pruned"], token=token)
