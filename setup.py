@@ -33,5 +33,5 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require=extras,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["tinysr = tinysr_diffusers.cli:main"]},
 )
