@@ -239,6 +239,12 @@ def count(case: Case) -> dict:
     }
 
 
+def count_all(pipelines: dict, output_size: int, device: torch.device) -> dict[tuple[str, str], dict]:
+    """Counts of every case, in fp32 eager on `device` (a temporary copy, freed on return)."""
+    placed = _place(pipelines, device, torch.float32, False)
+    return {(case.component, case.model): count(case) for case in cases(placed, output_size, device, torch.float32)}
+
+
 # --------------------------------------------------------------------------------------------------------- benchmark
 def compare(
     pipelines: dict, scale: Scale, device: torch.device, dtypes: Sequence[str], compile_dtypes: Sequence[str],
@@ -255,8 +261,7 @@ def compare(
         placed = _place(pipelines, device, dtype, compiled)
         group = cases(placed, scale.output_size, device, dtype)
         if not counts:
-            fp32 = cases(_place(pipelines, device, torch.float32, False), scale.output_size, device, torch.float32)
-            counts = {(case.component, case.model): count(case) for case in fp32}
+            counts = count_all(pipelines, scale.output_size, device)
         timings = time_interleaved(group, device, scale.warmup, scale.repeats)
         for index, case in enumerate(group):
             latencies, peak = timings[index]
@@ -335,7 +340,7 @@ def sweep(pipelines: dict, scale: Scale, device: torch.device, dtype_name: str, 
                         "latency_ms": round(statistics.median(latencies), 3),
                         "latency_ms_runs": [round(value, 3) for value in latencies],
                         "peak_extra_mib": None if peak is None else round(peak, 1),
-                        "output_mib": round(3 * size * size * 4 / 2**20, 1),
+                        "output_mib": round(3 * size * size * 4 / 2**20, 3),
                     }
                 )
     return rows
@@ -425,7 +430,7 @@ def to_markdown(results: dict) -> str:
                 [
                     [r["model"], r["output_size"], _fmt(r["megapixels"], 2), r["tile"] or "none",
                      _fmt(r["latency_ms"]), _fmt(r["peak_extra_mib"]), _fmt(r["output_mib"]),
-                     "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib'] / r['output_mib']:.1f}x"]
+                     "n/a" if not r["peak_extra_mib"] else f"{r['peak_extra_mib'] / r['output_mib']:.1f}x"]
                     for r in sweep_rows
                 ],
                 align="lrrlrrrr",
