@@ -12,22 +12,11 @@ import json
 import subprocess
 import sys
 
+from benchmarks.memory import reset_rss_peak, status_mib
+
 
 LOW_RES_SIDES = (128, 256, 384)  # outputs 512, 1024, 1536 pixels square
 TILE_SIZE, TILE_OVERLAP = 64, 8  # the release's latent tiles (512 px)
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident size
 
 
 def measure(side: int, tiled: bool) -> dict:
@@ -44,10 +33,10 @@ def measure(side: int, tiled: bool) -> dict:
     tile_size = TILE_SIZE if tiled else None
     pipe(image[:16, :16], tile_size=tile_size, output_type="np")  # warm-up: allocator and kernels
 
-    _reset_peak()
-    before = _status_mib("VmRSS")
+    reset_rss_peak()
+    before = status_mib("VmRSS")
     output = pipe(image, tile_size=tile_size, tile_overlap=TILE_OVERLAP, output_type="np").images
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     return {
         "output": f"{output.shape[2]}x{output.shape[1]}",
         "tiled": tiled,
