@@ -18,6 +18,9 @@ def atomic_path(path: str) -> Iterator[str]:
     suffix = os.path.splitext(path)[1]  # keep the extension: writers such as PIL pick the format from it
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
     try:
         yield temporary
         os.replace(temporary, path)
