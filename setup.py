@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 extras = {
     "dev": ["pytest>=8", "scikit-image>=0.22"],
     "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7"],
-    "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7"],
+    "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6"],
 }
 extras["all"] = sorted({requirement for group in extras.values() for requirement in group})
 

