@@ -107,3 +107,62 @@ def test_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path, stage):
         optimizer.step()
     # By 10%, except in the pixel stage, where LPIPS through the frozen random tiny VAE dominates and moves slowly.
     assert losses[-1] < (0.999 if stage == "pixel" else 0.9) * losses[0], losses
+
+
+def _transformer_state(folder):
+    return TinySRPipeline.from_pretrained(folder).transformer.state_dict()
+
+
+def test_resume_equals_uninterrupted_and_export_upscales(assets, tmp_path, caplog):
+    # 5 files (one corrupt) in batches of 2: 3 batches an epoch, so 4 steps cross an epoch boundary.
+    common = ["stage=latent", "max_steps=4", "checkpointing_steps=2", "hr_size=64"]
+    with caplog.at_level("WARNING"):
+        full = train(config_for(assets, "latent", tmp_path / "full", *common))
+    assert any("Skipping corrupt image" in record.message and "broken.png" in record.message
+               for record in caplog.records)
+    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint-2", "checkpoint-4", "final"]
+
+    first = train(config_for(assets, "latent", tmp_path / "split", *common, "max_steps=2"))
+    resumed = train(config_for(assets, "latent", tmp_path / "split", *common, "resume_from_checkpoint=latest"))
+    assert resumed["step"] == 4
+    assert first["losses"] + resumed["losses"] == full["losses"]
+    expected, actual = _transformer_state(full["export"]), _transformer_state(resumed["export"])
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert not any("lora" in name for name in expected)  # LoRA merged into the exported weights
+
+    pipe = DiffusionPipeline.from_pretrained(full["export"], trust_remote_code=True)
+    assert type(pipe).__name__ == "TinySRPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(photo("chelsea", (24, 16)), output_type="pil").images[0]
+    assert image.size == (96, 64)
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(assets, tmp_path):
+    teacher = tiny_teacher()
+    with torch.no_grad():
+        teacher.transformer.proj_out.weight.fill_(float("nan"))
+    teacher.save_pretrained(tmp_path / "nan_teacher")
+    config = config_for(assets, "latent", tmp_path / "out", f"teacher={tmp_path / 'nan_teacher'}", "max_steps=3",
+                        "hr_size=64")
+    with pytest.raises(NonFiniteLossError, match="Loss became nan at step 1.*checkpoint-0"):
+        train(config)
+    assert (tmp_path / "out" / "checkpoint-0").is_dir()
+    assert not (tmp_path / "out" / "checkpoint-0.tmp").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run(assets, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "training/distill.py",
+        "--config", "training/configs/latent.yaml", f"teacher={assets['teacher']}",
+        f"train_data=[{assets['images']}]", f"output_dir={tmp_path / 'ddp'}", "hr_size=64", "batch_size=1",
+        "max_steps=2", "checkpointing_steps=1", "report_to=none", "lora_rank=4", "keep_layers=[0,2]",
+        f"student_vae={assets['student_vae']}", "student=null",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MULTI_CPU, 2 process(es)" in result.stdout + result.stderr
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]
+    assert TinySRPipeline.from_pretrained(tmp_path / "ddp" / "final").transformer.config.num_layers == 2

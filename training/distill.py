@@ -258,7 +258,11 @@ def generator_loss(stage: Stage, model, lr_up, hr, generator, lpips=None, discri
 def train(config: TrainConfig) -> dict:
     """Run one stage; returns {"step", "losses" (total per step, this run), "export"}."""
     os.makedirs(config.output_dir, exist_ok=True)
+    # A multi-process launch on a machine without CUDA must say so, or accelerate starts independent single
+    # processes (DistributedType.NO) that would all write the same checkpoints; with cpu=True they form gloo DDP.
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
+        cpu=world_size > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=None if os.environ.get("ACCELERATE_MIXED_PRECISION") else config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -268,6 +272,11 @@ def train(config: TrainConfig) -> dict:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f"Launched {world_size} processes but accelerate formed a group of "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type.value}); check the launch.")
+    accelerator.print(f"Stage {config.stage} on {accelerator.device}: {accelerator.distributed_type.value}, "
+                      f"{accelerator.num_processes} process(es).")
     set_seed(config.seed)
     device = accelerator.device
 
