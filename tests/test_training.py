@@ -166,3 +166,31 @@ def test_two_process_ddp_run(assets, tmp_path):
     assert "MULTI_CPU, 2 process(es)" in result.stdout + result.stderr
     assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]
     assert TinySRPipeline.from_pretrained(tmp_path / "ddp" / "final").transformer.config.num_layers == 2
+
+
+def test_pixel_stage_full_finetune_ema_accumulation_and_tensorboard(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = config_for(assets, "pixel", tmp_path / "out", "hr_size=64", "max_steps=2", "gradient_accumulation_steps=2",
+                        "lora_rank=0", "ema_decay=0.5", "lpips_weight=1", "gan_weight=0.3", "report_to=tensorboard",
+                        "logging_steps=1", "sample_steps=1", "checkpointing_steps=5")
+    result = train(config)
+    assert result["step"] == 2 and sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "final", "logs"]
+    (run,) = list((tmp_path / "out" / "logs").iterdir())
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert {"loss", "loss/latent", "loss/lpips", "loss/gan", "loss/discriminator"} <= set(events.Tags()["scalars"])
+    assert "samples/lr_output_hr" in events.Tags()["images"]
+    assert [event.step for event in events.Scalars("loss")] == [1, 2]
+    # Full fine-tuning changed the transformer itself (no adapters), and the export holds the EMA weights.
+    exported = _transformer_state(result["export"])
+    start = TinySRPipeline.from_teacher(load_teacher(config), [0, 2]).transformer.state_dict()
+    assert any(not torch.equal(exported[name], start[name]) for name in start)
+
+
+def test_accelerate_config_examples_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((ROOT / "training/accelerate_configs").glob("*.yaml")):
+        kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
+    assert sorted(kinds.values()) == ["DistributedType.DEEPSPEED", "DistributedType.FSDP", "DistributedType.MULTI_GPU"]
