@@ -19,7 +19,15 @@ from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.perceptual import LPIPS
 from training.data import random_crop
 from training.discriminator import PatchDiscriminator
-from training.distill import STAGE_CLASSES, NonFiniteLossError, generator_loss, load_teacher, make_batch, train
+from training.distill import (
+    STAGE_CLASSES,
+    NonFiniteLossError,
+    find_checkpoint,
+    generator_loss,
+    load_teacher,
+    make_batch,
+    train,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +202,13 @@ def test_accelerate_config_examples_parse():
     for path in sorted((ROOT / "training/accelerate_configs").glob("*.yaml")):
         kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
     assert sorted(kinds.values()) == ["DistributedType.DEEPSPEED", "DistributedType.FSDP", "DistributedType.MULTI_GPU"]
+
+
+def test_latest_checkpoint_ignores_unfinished_ones(tmp_path):
+    # A kill during save_state leaves `checkpoint-N.tmp`; resuming takes the newest complete checkpoint.
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "final"):
+        (tmp_path / name).mkdir()
+    assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+    assert find_checkpoint(str(tmp_path / "empty"), "latest") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint-3"):
+        find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-3"))

@@ -129,10 +129,12 @@ class Stage:
 
 
 class VAEEncoderStage(Stage):
+    frozen_part = "decoder"
+
     def __init__(self, config, teacher):
         super().__init__(config, teacher)
         self.vae = new_student_vae(config, teacher)
-        self.vae.decoder.requires_grad_(False)
+        getattr(self.vae, self.frozen_part).requires_grad_(False)
 
     def trainable(self):
         return self.vae
@@ -147,12 +149,8 @@ class VAEEncoderStage(Stage):
 
 
 class VAEDecoderStage(VAEEncoderStage):
+    frozen_part = "encoder"
     uses_gan = True
-
-    def __init__(self, config, teacher):
-        Stage.__init__(self, config, teacher)
-        self.vae = new_student_vae(config, teacher)
-        self.vae.encoder.requires_grad_(False)
 
     def generator_outputs(self, model, lr_up, hr, generator):
         with torch.no_grad():
