@@ -5,15 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
-import skimage.data
 import torch
 
 from diffusers import DiffusionPipeline
-from tests.tiny_pipelines import photo, tiny_student, tiny_teacher, tiny_tinysr_vae
-from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline
+from tests.tiny_pipelines import photo, tiny_teacher, tiny_tinysr_vae
+from tinysr_diffusers import TinySRPipeline
 from training.config import load_config
 from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.perceptual import LPIPS
@@ -101,14 +98,17 @@ def test_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path, stage):
     model = stage_.trainable().train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert params
-    optimizer = torch.optim.Adam(params, lr=1e-2 if stage.startswith("vae") else 5e-2)  # LoRA (rank 4) needs the larger steps
-    hr = torch.stack([random_crop(photo(name), 64, torch.Generator().manual_seed(0)) for name in ("astronaut", "coffee")])
+    # LoRA (rank 4) needs larger steps than the VAEs.
+    optimizer = torch.optim.Adam(params, lr=1e-2 if stage.startswith("vae") else 5e-2)
+    crops = [random_crop(photo(name), 64, torch.Generator().manual_seed(0)) for name in ("astronaut", "coffee")]
+    hr = torch.stack(crops)
     lr_up, hr = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
     lpips = LPIPS("alex") if gan else None
     discriminator = PatchDiscriminator(channels=8, num_layers=2) if gan else None
     losses = []
     for _ in range(8):
-        loss, terms, _ = generator_loss(stage_, model, lr_up, hr, torch.Generator().manual_seed(0), lpips, discriminator)
+        generator = torch.Generator().manual_seed(0)
+        loss, terms, _ = generator_loss(stage_, model, lr_up, hr, generator, lpips, discriminator)
         losses.append(loss.item() - (config.gan_weight * terms["gan"].item() if gan else 0.0))  # GAN term excluded
         optimizer.zero_grad()
         loss.backward()
@@ -169,7 +169,7 @@ def test_two_process_ddp_run(assets, tmp_path):
         f"student_vae={assets['student_vae']}", "student=null",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU, 2 process(es)" in result.stdout + result.stderr
     assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]

@@ -50,7 +50,8 @@ class HRCropDataset(Dataset):
                  image_column: str = "image"):
         if (files is None) == (hf_dataset is None):
             raise ValueError("Give exactly one of `files` and `hf_dataset`.")
-        self.size, self.seed, self.files, self.hf_dataset, self.image_column = size, seed, files, hf_dataset, image_column
+        self.size, self.seed, self.files = size, seed, files
+        self.hf_dataset, self.image_column = hf_dataset, image_column
         self.epoch = 0
 
     def __len__(self) -> int:

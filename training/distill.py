@@ -19,7 +19,6 @@ degradations are seeded per step). A NaN/inf loss saves a checkpoint of the last
 """
 
 import logging
-import math
 import os
 import re
 import shutil
@@ -258,7 +257,7 @@ def train(config: TrainConfig) -> dict:
     os.makedirs(config.output_dir, exist_ok=True)
     # A multi-process launch on a machine without CUDA must say so, or accelerate starts independent single
     # processes (DistributedType.NO) that would all write the same checkpoints; with cpu=True they form gloo DDP.
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         cpu=world_size > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -332,20 +331,21 @@ def train(config: TrainConfig) -> dict:
     batches_per_epoch = len(loader)
     batch_index = step * config.gradient_accumulation_steps
     losses = []
-    progress = tqdm(total=config.max_steps, initial=step, desc=config.stage, disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=config.max_steps, initial=step, desc=config.stage,
+                    disable=not accelerator.is_local_main_process)
     while step < config.max_steps:
         epoch, skip = divmod(batch_index, batches_per_epoch)
         dataset.epoch = epoch
         loader.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for hr in epoch_loader:
+        for crops in epoch_loader:
             batch_index += 1
-            if hr is None:
+            if crops is None:
                 logger.warning("Batch %d had only corrupt images; skipped.", batch_index)
                 continue
             generator = torch.Generator(device).manual_seed(
                 config.seed + batch_index * accelerator.num_processes + accelerator.process_index)
-            lr_up, hr = make_batch(hr, degrade, generator)
+            lr_up, hr = make_batch(crops, degrade, generator)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss, terms, outputs = generator_loss(stage, model, lr_up, hr, generator, lpips,
