@@ -212,3 +212,19 @@ def test_latest_checkpoint_ignores_unfinished_ones(tmp_path):
     assert find_checkpoint(str(tmp_path / "empty"), "latest") is None
     with pytest.raises(FileNotFoundError, match="checkpoint-3"):
         find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-3"))
+
+
+def test_datasets_image_dataset_gives_seeded_crops_and_skips_corrupt_images(assets, caplog):
+    from training.data import build_dataset
+
+    config = config_for(assets, "latent", assets["root"] / "unused", f"dataset_name={assets['images']}", "hr_size=64")
+    dataset = build_dataset(config)
+    assert dataset.hf_dataset is not None and len(dataset) == 5
+    with caplog.at_level("WARNING"):
+        crops = [dataset[index] for index in range(len(dataset))]
+    assert sum(crop is None for crop in crops) == 1 and "Skipping corrupt image" in caplog.text
+    assert all(crop.shape == (3, 64, 64) and 0 <= crop.min() <= crop.max() <= 1 for crop in crops if crop is not None)
+    again = [dataset[index] for index in range(len(dataset))]
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(crops, again))
+    dataset.epoch = 1
+    assert not all(a is None or torch.equal(a, b) for a, b in zip(crops, (dataset[i] for i in range(len(dataset)))))

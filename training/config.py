@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accelerate launch training/distill.py",
         description="Train a TinySR stage (DESIGN section 6). Options override the --config YAML; `key=value` works "
-        "like `--key value`.",
+        "like `--key value`; values are YAML (`keep_layers=[0,2]`, `student=null`). The `prune` stage (mask learning) "
+        "is not wired yet.",
     )
     parser.add_argument("--config", help="Stage YAML, e.g. training/configs/latent.yaml.")
     for spec in fields(TrainConfig):
