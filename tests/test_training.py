@@ -1,0 +1,233 @@
+"""training/distill.py on tiny models and real photos (CPU): every stage learns, resume is exact, export loads."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers import DiffusionPipeline
+from tests.tiny_pipelines import photo, tiny_teacher, tiny_tinysr_vae
+from tinysr_diffusers import TinySRPipeline
+from training.config import load_config
+from tinysr_diffusers.degradations import RealESRGANDegradation
+from tinysr_diffusers.perceptual import LPIPS
+from training.data import random_crop
+from training.discriminator import PatchDiscriminator
+from training.distill import (
+    STAGE_CLASSES,
+    NonFiniteLossError,
+    find_checkpoint,
+    generator_loss,
+    load_teacher,
+    main,
+    make_batch,
+    train,
+)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VAE = "{encoder_block_out_channels: [8, 8, 8, 8], decoder_block_out_channels: [8, 8, 8, 8], " \
+           "num_encoder_blocks: [1, 1, 1, 1], num_decoder_blocks: [1, 1, 1, 1]}"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    teacher = root / "teacher"
+    tiny_teacher().save_pretrained(teacher)
+    images = root / "images"
+    images.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        photo(name).save(images / f"{name}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    student_vae = root / "student_vae"
+    tiny_tinysr_vae().save_pretrained(student_vae)
+    return {"root": root, "teacher": str(teacher), "images": str(images), "student_vae": str(student_vae)}
+
+
+def config_for(assets, stage, output_dir, *extra):
+    args = [
+        f"stage={stage}", f"teacher={assets['teacher']}", f"train_data=[{assets['images']}]",
+        f"output_dir={output_dir}", "hr_size=128", "batch_size=2", "report_to=none", "lpips_net=alex",
+        "sample_steps=0", "learning_rate=1e-3", "disc_learning_rate=1e-3", "lora_rank=4", "seed=3",
+        f"vae_config={TINY_VAE}", "keep_layers=[0,2]", f"student_vae={assets['student_vae']}",
+    ]
+    return load_config(args + list(extra))
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    config = load_config(["--config", str(ROOT / "training/configs/pixel.yaml"), "--max_steps", "7",
+                          "learning_rate=2e-5", "degradation.noise_range=[1, 5]"])
+    assert (config.stage, config.max_steps, config.learning_rate) == ("pixel", 7, 2e-5)
+    assert (config.latent_weight, config.lpips_weight, config.gan_weight, config.seed) == (5.0, 1.0, 0.3, 80)
+    assert config.degradation["noise_range"] == [1, 5]
+    with pytest.raises(ValueError, match="hr_size must be a positive multiple of 64.*\n.*batch_size"):
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "hr_size=100", "batch_size=0"])
+    with pytest.raises(ValueError, match="max_steps: expected int"):
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "max_steps=ten"])
+    with pytest.raises(ValueError, match="not available yet"):
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "stage=prune"])
+    with pytest.raises(ValueError, match="degradation: .*noise_range"):
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "degradation.noise_range=[5, 1]"])
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "degradation.no_such=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: latent\nlerning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown settings \\['lerning_rate'\\]"):
+        load_config(["--config", str(bad)])
+    for stage in ("vae_encoder", "vae_decoder", "latent", "pixel"):
+        assert load_config(["--config", str(ROOT / f"training/configs/{stage}.yaml")]).stage == stage
+
+
+def test_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--resume_from_checkpoint", "--lora_rank", "--gan_weight", "--degradation.noise_range", "prune"):
+        assert option in text
+
+
+@pytest.mark.parametrize("stage", ["vae_encoder", "vae_decoder", "latent", "pixel"])
+def test_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path, stage):
+    gan = stage in ("vae_decoder", "pixel")
+    config = config_for(assets, stage, tmp_path, *(["lpips_weight=1", "gan_weight=0.1"] if gan else []))
+    torch.manual_seed(0)
+    teacher = load_teacher(config)
+    stage_ = STAGE_CLASSES[stage](config, teacher)
+    model = stage_.trainable().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    # LoRA (rank 4) needs larger steps than the VAEs.
+    optimizer = torch.optim.Adam(params, lr=1e-2 if stage.startswith("vae") else 5e-2)
+    crops = [random_crop(photo(name), 64, torch.Generator().manual_seed(0)) for name in ("astronaut", "coffee")]
+    hr = torch.stack(crops)
+    lr_up, hr = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
+    lpips = LPIPS("alex") if gan else None
+    discriminator = PatchDiscriminator(channels=8, num_layers=2) if gan else None
+    losses = []
+    for _ in range(8):
+        generator = torch.Generator().manual_seed(0)
+        loss, terms, _ = generator_loss(stage_, model, lr_up, hr, generator, lpips, discriminator)
+        losses.append(loss.item() - (config.gan_weight * terms["gan"].item() if gan else 0.0))  # GAN term excluded
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # By 10%, except in the pixel stage, where LPIPS through the frozen random tiny VAE dominates and moves slowly.
+    assert losses[-1] < (0.999 if stage == "pixel" else 0.9) * losses[0], losses
+
+
+def _transformer_state(folder):
+    return TinySRPipeline.from_pretrained(folder).transformer.state_dict()
+
+
+def test_resume_equals_uninterrupted_and_export_upscales(assets, tmp_path, caplog):
+    # 5 files (one corrupt) in batches of 2: 3 batches an epoch, so 4 steps cross an epoch boundary.
+    common = ["stage=latent", "max_steps=4", "checkpointing_steps=2", "hr_size=64"]
+    with caplog.at_level("WARNING"):
+        full = train(config_for(assets, "latent", tmp_path / "full", *common))
+    assert any("Skipping corrupt image" in record.message and "broken.png" in record.message
+               for record in caplog.records)
+    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint-2", "checkpoint-4", "final"]
+
+    first = train(config_for(assets, "latent", tmp_path / "split", *common, "max_steps=2"))
+    resumed = train(config_for(assets, "latent", tmp_path / "split", *common, "resume_from_checkpoint=latest"))
+    assert resumed["step"] == 4
+    assert first["losses"] + resumed["losses"] == full["losses"]
+    expected, actual = _transformer_state(full["export"]), _transformer_state(resumed["export"])
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert not any("lora" in name for name in expected)  # LoRA merged into the exported weights
+
+    pipe = DiffusionPipeline.from_pretrained(full["export"], trust_remote_code=True)
+    assert type(pipe).__name__ == "TinySRPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(photo("chelsea", (24, 16)), output_type="pil").images[0]
+    assert image.size == (96, 64)
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(assets, tmp_path):
+    teacher = tiny_teacher()
+    with torch.no_grad():
+        teacher.transformer.proj_out.weight.fill_(float("nan"))
+    teacher.save_pretrained(tmp_path / "nan_teacher")
+    config = config_for(assets, "latent", tmp_path / "out", f"teacher={tmp_path / 'nan_teacher'}", "max_steps=3",
+                        "hr_size=64")
+    with pytest.raises(NonFiniteLossError, match="Loss became nan at step 1.*checkpoint-0"):
+        train(config)
+    assert (tmp_path / "out" / "checkpoint-0").is_dir()
+    assert not (tmp_path / "out" / "checkpoint-0.tmp").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run(assets, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "training/distill.py",
+        "--config", "training/configs/latent.yaml", f"teacher={assets['teacher']}",
+        f"train_data=[{assets['images']}]", f"output_dir={tmp_path / 'ddp'}", "hr_size=64", "batch_size=1",
+        "max_steps=2", "checkpointing_steps=1", "report_to=none", "lora_rank=4", "keep_layers=[0,2]",
+        f"student_vae={assets['student_vae']}", "student=null",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MULTI_CPU, 2 process(es)" in result.stdout + result.stderr
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]
+    assert TinySRPipeline.from_pretrained(tmp_path / "ddp" / "final").transformer.config.num_layers == 2
+
+
+def test_pixel_stage_full_finetune_ema_accumulation_and_tensorboard(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = config_for(assets, "pixel", tmp_path / "out", "hr_size=64", "max_steps=2", "gradient_accumulation_steps=2",
+                        "lora_rank=0", "ema_decay=0.5", "lpips_weight=1", "gan_weight=0.3", "report_to=tensorboard",
+                        "logging_steps=1", "sample_steps=1", "checkpointing_steps=5")
+    result = train(config)
+    assert result["step"] == 2 and sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "final", "logs"]
+    (run,) = list((tmp_path / "out" / "logs").iterdir())
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert {"loss", "loss/latent", "loss/lpips", "loss/gan", "loss/discriminator"} <= set(events.Tags()["scalars"])
+    assert "samples/lr_output_hr" in events.Tags()["images"]
+    assert [event.step for event in events.Scalars("loss")] == [1, 2]
+    # Full fine-tuning changed the transformer itself (no adapters), and the export holds the EMA weights.
+    exported = _transformer_state(result["export"])
+    start = TinySRPipeline.from_teacher(load_teacher(config), [0, 2]).transformer.state_dict()
+    assert any(not torch.equal(exported[name], start[name]) for name in start)
+
+
+def test_accelerate_config_examples_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((ROOT / "training/accelerate_configs").glob("*.yaml")):
+        kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
+    assert sorted(kinds.values()) == ["DistributedType.DEEPSPEED", "DistributedType.FSDP", "DistributedType.MULTI_GPU"]
+
+
+def test_latest_checkpoint_ignores_unfinished_ones(tmp_path):
+    # A kill during save_state leaves `checkpoint-N.tmp`; resuming takes the newest complete checkpoint.
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "final"):
+        (tmp_path / name).mkdir()
+    assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+    assert find_checkpoint(str(tmp_path / "empty"), "latest") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint-3"):
+        find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-3"))
+
+
+def test_datasets_image_dataset_gives_seeded_crops_and_skips_corrupt_images(assets, caplog):
+    from training.data import build_dataset
+
+    config = config_for(assets, "latent", assets["root"] / "unused", f"dataset_name={assets['images']}", "hr_size=64")
+    dataset = build_dataset(config)
+    assert dataset.hf_dataset is not None and len(dataset) == 5
+    with caplog.at_level("WARNING"):
+        crops = [dataset[index] for index in range(len(dataset))]
+    assert sum(crop is None for crop in crops) == 1 and "Skipping corrupt image" in caplog.text
+    assert all(crop.shape == (3, 64, 64) and 0 <= crop.min() <= crop.max() <= 1 for crop in crops if crop is not None)
+    again = [dataset[index] for index in range(len(dataset))]
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(crops, again))
+    dataset.epoch = 1
+    assert not all(a is None or torch.equal(a, b) for a, b in zip(crops, (dataset[i] for i in range(len(dataset)))))

@@ -1,0 +1,220 @@
+"""The training configuration: one dataclass, loaded from a stage's YAML, overridable from the command line.
+
+Every field is a command-line option (`--key value` or `key=value`); fields of the Real-ESRGAN degradation are
+`degradation.<field>`. Values are parsed as YAML (`keep_layers=[0,2,5]`) and coerced to the field's type, so
+`learning_rate=1e-4` is a float even though YAML 1.1 reads it as a string.
+"""
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from tinysr_diffusers.degradations import DegradationConfig
+
+
+STAGES = ("vae_encoder", "vae_decoder", "latent", "pixel")
+PENDING_STAGES = {"prune": "the pruning package's learner is not on main yet (issue 4)"}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _help(text: str, default: Any = MISSING, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """All settings of `training/distill.py`; the stage YAMLs in `training/configs/` hold the paper's values."""
+
+    stage: str = _help(f"Training stage, one of {STAGES}.", None)
+    teacher: str = _help("Folder (or Hub id) of the TSDSRPipeline teacher.", None)
+    student: Optional[str] = _help("TinySRPipeline folder to start from (the pruning export); default: prune the "
+                                   "teacher to `keep_layers` with TinySRPipeline.from_teacher.", None)
+    keep_layers: Optional[list] = _help("Teacher blocks the student keeps when `student` is not given.", None)
+    student_vae: Optional[str] = _help("TinySRAutoencoder folder for the student; default: a new one built from "
+                                       "`vae_config` (vae stages) or the student pipeline's VAE.", None)
+    vae_config: dict = _help("TinySRAutoencoder config for a new student VAE (latent channels follow the teacher).",
+                             None, )
+    output_dir: str = _help("Where checkpoints, logs and the exported model go.", "tinysr-training")
+
+    train_data: Optional[list] = _help("Local image folders (searched recursively).", None)
+    dataset_name: Optional[str] = _help("A `datasets` image dataset (name or path) instead of folders.", None)
+    dataset_config: Optional[str] = _help("Configuration name of `dataset_name`.", None)
+    dataset_split: str = _help("Split of `dataset_name`.", "train")
+    image_column: str = _help("Image column of `dataset_name`.", "image")
+    hr_size: int = _help("Side of the random HR crops (LR crops are hr_size / 4).", 512)
+    num_workers: int = _help("DataLoader worker processes.", 0)
+
+    batch_size: int = _help("Batch size per process.", 8)
+    gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", 1)
+    max_steps: int = _help("Optimizer steps to train.", 1000)
+    learning_rate: float = _help("AdamW learning rate of the student.", 1e-4)
+    disc_learning_rate: float = _help("AdamW learning rate of the discriminator (GAN stages).", 5e-6)
+    weight_decay: float = _help("AdamW weight decay.", 1e-2)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
+    mixed_precision: str = _help(f"One of {MIXED_PRECISION}; `accelerate launch --mixed_precision` overrides.", "no")
+    seed: int = _help("Seed of initialisation, crops, shuffling and degradations.", 80)
+
+    lora_rank: int = _help("LoRA rank of the student transformer (peft); 0 = full fine-tuning.", 64)
+    lora_target_modules: list = _help("Module names that get LoRA adapters.",
+                                      None)
+    ema_decay: float = _help("EMA decay of the trained weights (0 disables); the export uses the EMA weights.", 0.0)
+
+    latent_weight: float = _help("Weight of the latent MSE (distillation, or L2 for vae_decoder).", 1.0)
+    lpips_weight: float = _help("Weight of the LPIPS loss (pixel, vae_decoder).", 0.0)
+    gan_weight: float = _help("Weight of the generator's GAN loss (pixel, vae_decoder).", 0.0)
+    lpips_net: str = _help("LPIPS backbone: alex or vgg.", "vgg")
+    disc_channels: int = _help("Width of the first PatchGAN discriminator layer.", 64)
+    disc_layers: int = _help("Strided layers of the PatchGAN discriminator.", 3)
+
+    checkpointing_steps: int = _help("Save the full training state every N optimizer steps.", 1000)
+    checkpoints_total_limit: Optional[int] = _help("Keep at most this many checkpoints (None keeps all).", None)
+    resume_from_checkpoint: Optional[str] = _help("A checkpoint folder, or `latest` in output_dir.", None)
+    logging_steps: int = _help("Log losses every N steps.", 10)
+    sample_steps: int = _help("Log sample images every N steps (0 disables).", 500)
+    report_to: str = _help("accelerate tracker (tensorboard) or `none`.", "tensorboard")
+
+    degradation: dict = _help("Real-ESRGAN degradation parameters (fields of DegradationConfig).", None)
+
+    def __post_init__(self):
+        self.vae_config = dict(self.vae_config or {})
+        self.degradation = dict(self.degradation or {})
+        if self.lora_target_modules is None:
+            self.lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+    def validate(self) -> "TrainConfig":
+        """Raise a ValueError naming every problem of the configuration."""
+        problems = []
+        if self.stage in PENDING_STAGES:
+            problems.append(f"stage {self.stage!r} is not available yet: {PENDING_STAGES[self.stage]}")
+        elif self.stage not in STAGES:
+            problems.append(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if not self.teacher:
+            problems.append("teacher (a TSDSRPipeline folder) is required")
+        if not self.train_data and not self.dataset_name:
+            problems.append("give train_data (image folders) or dataset_name")
+        if self.hr_size <= 0 or self.hr_size % 64:
+            problems.append(f"hr_size must be a positive multiple of 64, got {self.hr_size}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpointing_steps",
+                     "logging_steps"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "disc_learning_rate", "lora_rank", "sample_steps", "latent_weight",
+                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.lpips_net not in ("alex", "vgg"):
+            problems.append(f"lpips_net must be alex or vgg, got {self.lpips_net!r}")
+        if self.stage in ("latent", "pixel") and not self.student and self.keep_layers is None:
+            problems.append("the student needs `student` (a TinySRPipeline folder) or `keep_layers`")
+        try:
+            DegradationConfig.from_dict(self.degradation)
+        except (TypeError, ValueError) as error:
+            problems.append(f"degradation: {error}")
+        if problems:
+            raise ValueError("Invalid training configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _field_type(cls, name: str):
+    hint = typing.get_type_hints(cls)[name]
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union else hint
+
+
+def _coerce(value: Any, kind, name: str) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(kind) or kind
+    try:
+        if origin is bool:
+            if isinstance(value, str):
+                raise ValueError
+            return bool(value)
+        if origin in (int, float, str):
+            if origin is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return origin(value)
+        if origin in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return list(value)
+        if origin is dict and not isinstance(value, dict):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch training/distill.py",
+        description="Train a TinySR stage (DESIGN section 6). Options override the --config YAML; `key=value` works "
+        "like `--key value`; values are YAML (`keep_layers=[0,2]`, `student=null`). The `prune` stage (mask learning) "
+        "is not wired yet.",
+    )
+    parser.add_argument("--config", help="Stage YAML, e.g. training/configs/latent.yaml.")
+    for spec in fields(TrainConfig):
+        if spec.name == "degradation":
+            continue
+        default = spec.default if spec.default is not MISSING else None
+        parser.add_argument(f"--{spec.name}", default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f"{spec.metadata['help']} (default: {default!r})")
+    defaults = DegradationConfig()
+    for spec in fields(DegradationConfig):
+        parser.add_argument(f"--degradation.{spec.name}", default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f"Real-ESRGAN degradation (default: {getattr(defaults, spec.name)!r})")
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """`key=value` -> `--key value`; `--key=value` stays for argparse."""
+    out = []
+    for token in argv:
+        if not token.startswith("-") and "=" in token:
+            key, value = token.split("=", 1)
+            out += [f"--{key}", value]
+        else:
+            out.append(token)
+    return out
+
+
+def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The config of a command line: the `--config` YAML, then the overrides, validated."""
+    parser = build_parser()
+    args = vars(parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv)))
+    values: dict = {}
+    path = args.pop("config", None)
+    if path:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}.")
+    known = {spec.name for spec in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; see --help.")
+    values["degradation"] = dict(values.get("degradation") or {})
+    for key, text in args.items():
+        if key.startswith("degradation."):
+            values["degradation"][key.split(".", 1)[1]] = _parse_value(text)
+        else:
+            values[key] = _parse_value(text)
+    for key in list(values):
+        if key != "degradation":
+            values[key] = _coerce(values[key], _field_type(TrainConfig, key), key)
+    return TrainConfig(**values).validate()
