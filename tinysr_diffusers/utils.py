@@ -1,26 +1,35 @@
-"""Small shared helpers."""
+"""Atomic outputs: a file or a folder appears complete under its final name, or not at all.
+
+Readers never see a half-written output, and an interrupted write leaves any previous version intact.
+"""
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator, Union
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes without error.
-
-    Readers never see a half-written file, and an interrupted write leaves any previous file intact.
-    """
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes without error."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]  # keep the extension: writers such as PIL pick the format from it
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
     try:
         yield temporary
         os.replace(temporary, path)
@@ -29,26 +38,33 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(temporary)
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
 
 
+def write_json(path: PathLike, data: Any) -> None:
+    """Write `data` as indented JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary folder beside `path`; it becomes `path` only if the block finishes without error.
 
-    An existing `path` is refused unless `overwrite`, and is then replaced only after the new folder is complete.
+    An existing `path` (other than an empty folder) is refused unless `overwrite`, and is then replaced only after the
+    new folder is complete.
     """
-    path = os.path.abspath(path)
-    if os.path.lexists(path) and not overwrite:
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not overwrite and not (os.path.isdir(path) and not os.listdir(path)):
         raise FileExistsError(f"{path} already exists; choose another output or allow overwriting it.")
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         yield temporary
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
         if os.path.lexists(path):
             retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.replace(path, os.path.join(retired, name))
