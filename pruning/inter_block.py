@@ -1,0 +1,165 @@
+"""Dynamic Inter-block Activation and the Expansion-Corrosion strategy (TinySR, paper section 3.1, DESIGN section 5).
+
+Blocks are paired (2j, 2j+1). Each pair has logits beta_j over three operators that move `delta` kept layers between
+its two blocks while conserving the pair's total: T_-1 corrodes block 2j and expands block 2j+1, T_0 leaves both,
+T_+1 expands 2j and corrodes 2j+1. A training step samples `u_j = gumbel_softmax(beta_j * scale, tau, hard=True)`.
+
+Expansion-Corrosion: for block k with sampled pattern `cur_k`, `next_k` is the pattern with the highest gate logit
+among the other patterns sharing N - delta layers with `cur_k` (detached; ties broken at random while training, by
+the lowest index at decision). The relaxed set operations of Eq. 8 are expansion `E = cur + next - cur * next` (union)
+and corrosion `C = cur * next` (intersection), so that
+
+    m_2j   = u0 * C_2j   + u1 * cur_2j   + u2 * E_2j
+    m_2j+1 = u0 * E_2j+1 + u1 * cur_2j+1 + u2 * C_2j+1
+
+keeps N - delta / N / N + delta layers per block and 2N per pair, with gradients reaching alpha (through `cur`) and
+beta (through `u`). Decision: argmax beta per pair, argmax alpha per block, the operator applied with the
+deterministic `next`. A trailing unpaired block (odd block count) keeps its local pattern.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gates import LocalGates
+from .search_space import SearchSpace
+
+
+OPERATORS = ("T-1", "T0", "T+1")
+
+
+def expansion(current: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Relaxed union of two masks (Eq. 8): exact for 0/1 values, differentiable otherwise."""
+    return current + candidate - current * candidate
+
+
+def corrosion(current: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Relaxed intersection of two masks (Eq. 8)."""
+    return current * candidate
+
+
+def neighbour_table(patterns: torch.Tensor, delta: int) -> torch.Tensor:
+    """(P, P) bool: `[p, q]` is True when pattern q differs from p and shares N - delta kept layers with it."""
+    keep = int(patterns[0].sum().item())
+    overlap = patterns @ patterns.T
+    return (overlap == keep - delta) & ~torch.eye(len(patterns), dtype=torch.bool, device=patterns.device)
+
+
+def next_patterns(
+    logits: torch.Tensor, current: torch.Tensor, neighbours: torch.Tensor, random_ties: bool
+) -> torch.Tensor:
+    """
+    Index of `next_k` for every block: the neighbour of `current[k]` with the highest logit in `logits[k]`.
+
+    Ties are broken uniformly at random (training, through the global torch generator) or by the lowest index.
+    """
+    candidates = neighbours[current]
+    masked = logits.detach().masked_fill(~candidates, float("-inf"))
+    ties = candidates & (masked == masked.max(dim=-1, keepdim=True).values)
+    if random_ties:
+        return torch.multinomial(ties.float(), 1).squeeze(-1)
+    return ties.float().argmax(dim=-1)  # the first maximum: the lowest index
+
+
+def apply_operators(current: torch.Tensor, candidate: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
+    """
+    Combine per-block masks with the pair operators.
+
+    Args:
+        current: `cur`, shape (num_blocks, ..., M).
+        candidate: `next`, same shape.
+        operators: Operator weights (u0, u1, u2) per pair, shape (num_pairs, 3): one-hot or probabilities.
+
+    Returns:
+        The masks `m` per block, shape of `current`; a trailing unpaired block keeps `current`.
+    """
+    num_pairs = operators.shape[0]
+    u = operators.reshape(num_pairs, 3, *([1] * (current.dim() - 1))).to(current.dtype)
+    corroded, expanded = corrosion(current, candidate), expansion(current, candidate)
+    even, odd = slice(0, 2 * num_pairs, 2), slice(1, 2 * num_pairs, 2)
+    mask_even = u[:, 0] * corroded[even] + u[:, 1] * current[even] + u[:, 2] * expanded[even]
+    mask_odd = u[:, 0] * expanded[odd] + u[:, 1] * current[odd] + u[:, 2] * corroded[odd]
+    paired = torch.stack((mask_even, mask_odd), dim=1).flatten(0, 1)
+    return torch.cat((paired, current[2 * num_pairs :]), dim=0)
+
+
+class InterBlockGates(nn.Module):
+    r"""
+    TinySR's gates: TinyFusion's local gates plus a pair gate over {T_-1, T_0, T_+1} for every pair of blocks.
+
+    Parameters:
+        space (`SearchSpace`): The block layout; `space.delta` layers move between the blocks of a pair.
+        ema_decay (`float`, defaults to `0.999`): Decay of the moving average of all logits used for the decision.
+    """
+
+    def __init__(self, space: SearchSpace, ema_decay: float = 0.999):
+        super().__init__()
+        space.check_inter_block()
+        self.space = space
+        self.local = LocalGates(space, ema_decay)
+        self.pair_logits = nn.Parameter(torch.zeros(space.num_pairs, len(OPERATORS)))
+        self.register_buffer("ema_pair_logits", torch.zeros(space.num_pairs, len(OPERATORS)))
+        self.register_buffer("neighbours", neighbour_table(self.local.patterns, space.delta), persistent=False)
+
+    @property
+    def patterns(self) -> torch.Tensor:
+        return self.local.patterns
+
+    def forward(self, tau: float, scale: float) -> torch.Tensor:
+        """A sampled layer mask (num_layers,): 0/1 forward, straight-through gradients to alpha and beta."""
+        chosen = self.local.sample_patterns(tau, scale)
+        current = chosen @ self.patterns
+        candidate = self.patterns[next_patterns(self.local.logits, chosen.argmax(-1), self.neighbours, True)]
+        operators = F.gumbel_softmax(self.pair_logits * scale, tau=tau, hard=True, dim=-1)
+        return apply_operators(current, candidate, operators).reshape(-1)
+
+    def _pair_logits(self, ema: bool) -> torch.Tensor:
+        return (self.ema_pair_logits if ema else self.pair_logits).detach()
+
+    def operators(self, ema: bool = True) -> torch.Tensor:
+        """Decided operator index per pair (0: T_-1, 1: T_0, 2: T_+1), the lowest index on ties."""
+        return self._pair_logits(ema).argmax(dim=-1)
+
+    def operator_probabilities(self, scale: float, ema: bool = True) -> torch.Tensor:
+        return torch.softmax(self._pair_logits(ema).float() * scale, dim=-1)
+
+    def decide(self, ema: bool = True) -> torch.Tensor:
+        """The final hard layer mask (num_layers,), deterministic."""
+        choices = self.local.choices(ema)
+        candidate = next_patterns(self.local.gate_logits(ema), choices, self.neighbours, random_ties=False)
+        operators = F.one_hot(self.operators(ema), len(OPERATORS))
+        return apply_operators(self.patterns[choices], self.patterns[candidate], operators).reshape(-1)
+
+    def keep_probabilities(self, scale: float, ema: bool = True) -> torch.Tensor:
+        """
+        Exact marginal probability that each layer is kept (num_layers,), with `next` taken deterministically.
+
+        Patterns and operators are independent across blocks and pairs, so the marginal of block k is the average over
+        its patterns p (weights softmax(alpha_k * scale)) of the operator-averaged mask of (p, next(p)).
+        """
+        logits = self.local.gate_logits(ema)
+        num_blocks, num_patterns = logits.shape
+        every = torch.arange(num_patterns, device=logits.device).expand(num_blocks, -1)
+        candidate = torch.stack(
+            [next_patterns(logits, every[:, p], self.neighbours, False) for p in range(num_patterns)], 1
+        )
+        current = self.patterns.expand(num_blocks, -1, -1)
+        expected = apply_operators(current, self.patterns[candidate], self.operator_probabilities(scale, ema))
+        return torch.einsum("kp,kpm->km", self.local.probabilities(scale, ema), expected).reshape(-1)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        self.local.update_ema()
+        self.ema_pair_logits.lerp_(
+            self.pair_logits.detach().to(self.ema_pair_logits.dtype), 1.0 - self.local.ema_decay
+        )
+
+    def decision_details(self, scale: float, ema: bool = True) -> dict:
+        """JSON-ready record: local patterns and confidences, plus the operator and its probability per pair."""
+        details = self.local.decision_details(scale, ema)
+        details.update(
+            delta=self.space.delta,
+            operators=[OPERATORS[i] for i in self.operators(ema).tolist()],
+            operator_confidence=self.operator_probabilities(scale, ema).max(dim=-1).values.tolist(),
+        )
+        return details
