@@ -1,0 +1,474 @@
+"""Mask learning (paper Eq. 2 and appendix A.3): gates trained jointly with LoRA on a copy of the teacher.
+
+The bi-level problem "which mask recovers best after fine-tuning" is solved jointly, as in TinyFusion: every step
+samples a mask from the gates, runs the LoRA-adapted student with it (skipped layers are not computed) and minimises
+the task + distillation loss against the frozen teacher, so the gates learn which layers the weights can best do
+without. Runs under accelerate (CPU, one or several GPUs; `accelerate launch -m pruning.cli learn ...`); checkpoints
+hold only the gates, the LoRA weights, the optimiser, the random states and the progress, written atomically.
+"""
+
+import copy
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from diffusers.utils import logging
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from tinysr_diffusers.utils import PathLike, atomic_write_text
+
+from .data import as_latent_batch
+from .decision import PruningDecision
+from .gates import LinearSchedule, LocalGates
+from .inter_block import InterBlockGates
+from .losses import LOSS_KINDS, PerceptualLoss, PruningLoss
+from .masked import MASKABLE_TYPES, MaskableTransformer, MaskedTransformer
+from .plots import plot_keep_probabilities
+from .search_space import SearchSpace
+
+
+logger = logging.get_logger(__name__)
+
+SEARCHES = ("tinysr", "tinyfusion")
+# The LoRA targets of the TinySR release (attention, feed-forward, adaLN and time-embedding linears).
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "proj", "linear", "linear_1", "linear_2", "net.2")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class MaskLearnerConfig:
+    r"""
+    Settings of mask learning; defaults are the paper's (appendix A.3) and TinyFusion's release where the paper is
+    silent.
+
+    Attributes:
+        keep (`int`): Layers to keep in total (the paper: 12 of 24).
+        block_size (`int`): Layers per block M (the paper: 4, keeping 2 per block).
+        search (`str`): `"tinysr"` (local gates + Dynamic Inter-block Activation + Expansion-Corrosion) or
+            `"tinyfusion"` (local gates only).
+        delta (`int`): Layers the inter-block operators move (the paper: 1).
+        max_steps (`int`): Optimiser steps (the paper: 100k at batch 8).
+        learning_rate (`float`): AdamW learning rate of the LoRA weights (the paper: 5e-5).
+        gate_learning_rate (`float`, *optional*): Learning rate of the gate logits; default 10x `learning_rate`
+            (TinyFusion's release).
+        weight_decay (`float`): AdamW weight decay (TinyFusion: 0).
+        max_grad_norm (`float`): Gradient clipping norm (TinyFusion: 1).
+        lora_rank (`int`): LoRA rank (the paper: 64). `lora_alpha` defaults to the rank.
+        lora_target_modules (`tuple[str]`): Module names LoRA adapts.
+        tau (`tuple[float, float]`): Gumbel-softmax temperature, linear from first to second (TinyFusion: 4 -> 0.1).
+        scale (`tuple[float, float]`): Logit scale, linear from first to second (TinyFusion: 100 -> 100).
+        ema_decay (`float`): Moving average of the logits that makes the decision (TinyFusion: 0.999).
+        skip_pruned_layers (`bool`): Do not compute the layers a sampled mask prunes (the paper). `False` computes
+            them too, so that the straight-through gradients also tell the gates what re-adding a layer would bring.
+        loss (`str`): `"mse"` (paper A.3) or `"l1_perceptual"` (release); see [`PruningLoss`].
+        task_weight, distill_weight, perceptual_weight (`float`): Loss weights (the paper: 1, 1).
+        seed (`int`): Random seed (the paper: 80); each process adds its index.
+        log_every (`int`): Steps between keep-probability records (and tracker logs).
+        checkpointing_steps (`int`, *optional*): Steps between checkpoints (needs an output folder).
+        checkpoints_total_limit (`int`, *optional*): Keep at most this many checkpoints.
+        report_to (`str`, *optional*): accelerate tracker (e.g. `"tensorboard"`) when the learner makes its accelerator.
+    """
+
+    keep: int
+    block_size: int = 4
+    search: str = "tinysr"
+    delta: int = 1
+    max_steps: int = 100_000
+    learning_rate: float = 5e-5
+    gate_learning_rate: Optional[float] = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 64
+    lora_alpha: Optional[int] = None
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    tau: tuple[float, float] = (4.0, 0.1)
+    scale: tuple[float, float] = (100.0, 100.0)
+    ema_decay: float = 0.999
+    skip_pruned_layers: bool = True
+    loss: str = "mse"
+    task_weight: float = 1.0
+    distill_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    seed: int = 80
+    log_every: int = 100
+    checkpointing_steps: Optional[int] = None
+    checkpoints_total_limit: Optional[int] = None
+    report_to: Optional[str] = None
+
+    def __post_init__(self):
+        if self.search not in SEARCHES:
+            raise ValueError(f"Unknown search {self.search!r}; choose one of {SEARCHES}.")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSS_KINDS}.")
+        for name in ("max_steps", "lora_rank", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
+            raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
+        self.tau, self.scale = tuple(self.tau), tuple(self.scale)
+        self.lora_target_modules = tuple(self.lora_target_modules)
+
+
+class GatedStudent(nn.Module):
+    """The LoRA-adapted copy of the teacher behind layer masks, and the gates that sample those masks."""
+
+    def __init__(self, masked: MaskedTransformer, gates: Union[LocalGates, InterBlockGates]):
+        super().__init__()
+        self.masked = masked
+        self.gates = gates
+
+    def forward(self, latents: torch.Tensor, tau: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample a mask and return (clean-latent estimate, mask)."""
+        mask = self.gates(tau, scale)
+        return self.masked.predict_clean(latents, mask), mask
+
+
+class _Progress:
+    """Step counter and keep-probability history, saved in every checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "history": json.dumps(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.history = json.loads(state["history"])
+
+
+class MaskLearner:
+    r"""
+    Learns which layers of an SD3 transformer (or a TinySR student) to keep.
+
+    Parameters:
+        teacher (`SD3Transformer2DModel` or `TinySRTransformer2DModel`): The frozen teacher; the student is a copy
+            with LoRA adapters. The teacher is moved to the accelerator's device and left otherwise unchanged.
+        config (`MaskLearnerConfig`): Settings.
+        encoder_hidden_states, pooled_projections, timestep: The fixed SD3 conditioning (see [`MaskedTransformer`]).
+        perceptual_loss (`Callable`, *optional*): `(prediction, target) -> scalar` on latents, for the
+            `"l1_perceptual"` loss (e.g. [`DecodedPerceptualLoss`] around LPIPS).
+        output_dir (`str`, *optional*): Where the log, heatmap, decision and checkpoints go; nothing is written
+            without it.
+        accelerator (`Accelerator`, *optional*): Use this one (e.g. from a training script) instead of making one.
+
+    Writes to `output_dir`: `keep_probabilities.jsonl` (one record per `log_every` steps), `keep_probabilities.png`
+    (heatmap), `pruning.json` (the decision) and `checkpoints/checkpoint-<step>/`.
+    """
+
+    def __init__(
+        self,
+        teacher: MaskableTransformer,
+        config: MaskLearnerConfig,
+        *,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        pooled_projections: Optional[torch.Tensor] = None,
+        timestep: float = 1000.0,
+        perceptual_loss: Optional[PerceptualLoss] = None,
+        output_dir: Optional[PathLike] = None,
+        accelerator: Optional[Accelerator] = None,
+    ):
+        self.config = config
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if config.checkpointing_steps and self.output_dir is None:
+            raise ValueError("`checkpointing_steps` needs an `output_dir` to write checkpoints to.")
+        self.accelerator = accelerator or Accelerator(
+            log_with=config.report_to,
+            project_dir=str(self.output_dir) if self.output_dir else None,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # skipped layers
+        )
+        set_seed(config.seed, device_specific=True)
+
+        if not isinstance(teacher, MASKABLE_TYPES):
+            raise TypeError(f"The teacher must be an SD3 or TinySR transformer, got {type(teacher).__name__}.")
+        if getattr(teacher, "peft_config", None):
+            raise ValueError("The teacher carries LoRA adapters: merge them (`fuse_lora()`) before mask learning.")
+        num_layers = len(teacher.transformer_blocks)
+        self.space = SearchSpace.from_keep(num_layers, config.keep, config.block_size, config.delta)
+        gates_type = InterBlockGates if config.search == "tinysr" else LocalGates
+        gates = gates_type(self.space, ema_decay=config.ema_decay)
+        self.tau = LinearSchedule(*config.tau, config.max_steps)
+        self.scale = LinearSchedule(*config.scale, config.max_steps)
+        self.loss = PruningLoss(
+            config.loss, config.task_weight, config.distill_weight, config.perceptual_weight, perceptual_loss
+        )
+
+        self._conditioning = {}
+        if hasattr(teacher, "context_embedder"):  # SD3: the fixed conditioning of the one-step recipe
+            self._conditioning = dict(
+                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, timestep=timestep
+            )
+        student = copy.deepcopy(teacher).requires_grad_(False)
+        student.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha or config.lora_rank,
+                init_lora_weights=True,
+                target_modules=list(config.lora_target_modules),
+            )
+        )
+        self.teacher = teacher.requires_grad_(False).eval().to(self.accelerator.device)
+        self.student = GatedStudent(
+            MaskedTransformer(student, **self._conditioning, skip_masked_layers=config.skip_pruned_layers), gates
+        ).to(self.accelerator.device)
+
+        lora_parameters = [p for p in self.student.masked.parameters() if p.requires_grad]
+        self._trainable = lora_parameters + list(gates.parameters())
+        gate_learning_rate = config.gate_learning_rate or 10 * config.learning_rate
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": lora_parameters, "lr": config.learning_rate},
+                {"params": list(gates.parameters()), "lr": gate_learning_rate},
+            ],
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )
+        self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
+        self.progress = _Progress()
+        self.accelerator.register_for_checkpointing(self.progress)
+        self.accelerator.register_save_state_pre_hook(self._save_trainable)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def gates(self) -> Union[LocalGates, InterBlockGates]:
+        return self.accelerator.unwrap_model(self.student).gates
+
+    def _save_trainable(self, models: list, weights: list, output_dir: str) -> None:
+        """accelerate hook: save only the LoRA weights and the gates, never the frozen transformer."""
+        if self.accelerator.is_main_process:
+            for model in models:
+                student = self.accelerator.unwrap_model(model)
+                save_file(
+                    get_peft_model_state_dict(student.masked.transformer), os.path.join(output_dir, "lora.safetensors")
+                )
+                save_file(
+                    {k: v.contiguous() for k, v in student.gates.state_dict().items()},
+                    os.path.join(output_dir, "gates.safetensors"),
+                )
+        weights.clear()
+
+    def _load_trainable(self, models: list, input_dir: str) -> None:
+        while models:
+            student = self.accelerator.unwrap_model(models.pop())
+            lora = load_file(os.path.join(input_dir, "lora.safetensors"))
+            result = set_peft_model_state_dict(student.masked.transformer, lora)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(
+                    f"The checkpoint's LoRA weights do not fit the student: {result.unexpected_keys[:3]}."
+                )
+            student.gates.load_state_dict(load_file(os.path.join(input_dir, "gates.safetensors")))
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/checkpoint-<step>` atomically (a hidden temporary folder renamed when complete)."""
+        accelerator = self.accelerator
+        folder = self.output_dir / "checkpoints"
+        final = folder / f"{CHECKPOINT_PREFIX}{self.progress.step}"
+        temporary = folder / f".{final.name}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            limit = self.config.checkpoints_total_limit
+            if limit:
+                for old in sorted(_checkpoints(folder), key=_checkpoint_step)[:-limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def resolve_checkpoint(self, resume_from: PathLike) -> Path:
+        """`"latest"` (the highest step under `output_dir/checkpoints`) or a checkpoint folder."""
+        if str(resume_from) == "latest":
+            if self.output_dir is None:
+                raise ValueError("Resuming from 'latest' needs an `output_dir`.")
+            found = _checkpoints(self.output_dir / "checkpoints")
+            if not found:
+                raise FileNotFoundError(f"No checkpoint to resume from in {self.output_dir / 'checkpoints'}.")
+            return max(found, key=_checkpoint_step)
+        path = Path(resume_from)
+        if not (path / "gates.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a mask-learning checkpoint (no gates.safetensors).")
+        return path
+
+    # ------------------------------------------------------------------------------------------------- training
+    def _batches(self, data: Iterable, start: int) -> Iterator[Any]:
+        """Cycle over `data` epoch after epoch, skipping the first `start` batches (whole epochs without reading)."""
+        epoch, skip = 0, start
+        if start and hasattr(data, "__len__") and len(data):
+            epoch, skip = divmod(start, len(data))
+        while True:
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(epoch)
+            count = 0
+            for item in itertools.islice(data, skip, None):
+                count += 1
+                yield item
+            if count == 0 and skip == 0:
+                raise ValueError("The data yielded no batch.")
+            epoch, skip = epoch + 1, 0
+
+    @torch.no_grad()
+    def _teacher_estimate(self, latents: torch.Tensor) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self._teacher_masked.predict_clean(latents)
+
+    def record(self, step: int, losses: dict[str, float], mask: torch.Tensor) -> dict[str, Any]:
+        """Log the keep probabilities (from the moving-average gates) at `step`."""
+        scale = self.scale(step - 1)
+        entry = {
+            "step": step,
+            "tau": self.tau(step - 1),
+            "scale": scale,
+            **losses,
+            "sampled_mask": [int(v) for v in mask.detach().round().tolist()],
+            "keep_probabilities": self.gates.keep_probabilities(scale, ema=True).tolist(),
+        }
+        self.progress.history.append(entry)
+        self.accelerator.log(
+            {**losses, **{f"keep_probability/layer_{i:02d}": p for i, p in enumerate(entry["keep_probabilities"])}},
+            step=step,
+        )
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            self._write_history()
+        return entry
+
+    def _write_history(self) -> None:
+        atomic_write_text(
+            self.output_dir / "keep_probabilities.jsonl",
+            "".join(json.dumps(entry) + "\n" for entry in self.progress.history),
+        )
+
+    def plot(self, path: Optional[PathLike] = None, keep_layers: Optional[list[int]] = None) -> Optional[Path]:
+        """Write the keep-probability heatmap (default `output_dir/keep_probabilities.png`)."""
+        history = self.progress.history
+        if not history or not self.accelerator.is_main_process:
+            return None
+        path = Path(path) if path is not None else self.output_dir / "keep_probabilities.png"
+        title = f"{self.config.search}: keep probability per layer"
+        plot_keep_probabilities(
+            [e["step"] for e in history], [e["keep_probabilities"] for e in history], path, keep_layers, title
+        )
+        return path
+
+    def decision(self) -> PruningDecision:
+        """The current decision from the moving-average gates."""
+        gates, scale = self.gates, self.scale(max(self.progress.step - 1, 0))
+        probabilities = gates.keep_probabilities(scale, ema=True).tolist()
+        details = {
+            **gates.decision_details(scale, ema=True),
+            "steps": self.progress.step,
+            "config": asdict(self.config),
+        }
+        return PruningDecision.from_mask(
+            self.config.search,
+            gates.decide(ema=True),
+            scores=probabilities,
+            probabilities=probabilities,
+            details=details,
+        )
+
+    def train(self, data: Iterable, resume_from: Optional[PathLike] = None) -> PruningDecision:
+        """
+        Learn the mask for `config.max_steps` steps (resuming from a checkpoint if asked) and return the decision.
+
+        Args:
+            data: Iterable of latent batches (see [`pruning.data`]), re-iterated epoch after epoch. A
+                `torch.utils.data.DataLoader` is sharded across processes by accelerate; for an exact resume the
+                iteration order of each epoch must be reproducible (a seeded DataLoader is).
+            resume_from: `"latest"` or a checkpoint folder.
+        """
+        accelerator, config = self.accelerator, self.config
+        if isinstance(data, DataLoader):
+            data = accelerator.prepare(data)
+        if resume_from is not None:
+            checkpoint = self.resolve_checkpoint(resume_from)
+            accelerator.load_state(str(checkpoint))
+            logger.info(f"Resumed mask learning from {checkpoint} at step {self.progress.step}.")
+        if accelerator.is_main_process and config.report_to:
+            accelerator.init_trackers("tinysr-prune", config={k: str(v) for k, v in asdict(config).items()})
+
+        self._teacher_masked = MaskedTransformer(self.teacher, **self._conditioning)
+        device = accelerator.device
+        batches = self._batches(data, self.progress.step)
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.progress.step,
+            desc=f"Mask learning ({config.search})",
+            disable=not accelerator.is_local_main_process,
+        )
+        running, count = {}, 0
+        try:
+            self.student.train()
+            while self.progress.step < config.max_steps:
+                step = self.progress.step
+                batch = as_latent_batch(next(batches)).to(device)
+                teacher = batch.teacher if batch.teacher is not None else self._teacher_estimate(batch.lr)
+                tau, scale = self.tau(step), self.scale(step)
+                prediction, mask = self.student(batch.lr, tau, scale)
+                loss, parts = self.loss(prediction.float(), batch.hr.float(), teacher.float())
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"Mask learning diverged: loss {loss.item()} at step {step}.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(self._trainable, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.gates.update_ema()
+                self.progress.step = step + 1
+
+                for key, value in {"loss": loss.item(), **parts}.items():
+                    running[key] = running.get(key, 0.0) + value
+                count += 1
+                bar.update(1)
+                if self.progress.step % config.log_every == 0 or self.progress.step == config.max_steps:
+                    means = torch.tensor([running[k] / count for k in running], device=device)
+                    means = accelerator.reduce(means, reduction="mean").tolist()
+                    entry = self.record(self.progress.step, dict(zip(running, means)), mask)
+                    bar.set_postfix(loss=f"{entry['loss']:.4g}", tau=f"{tau:.3g}")
+                    running, count = {}, 0
+                if config.checkpointing_steps and self.progress.step % config.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                    self.plot()
+        finally:
+            bar.close()
+            self._teacher_masked.remove()
+
+        decision = self.decision()
+        if self.output_dir is not None and accelerator.is_main_process:
+            decision.save(self.output_dir / "pruning.json")
+            self.plot(keep_layers=decision.keep_layers)
+        accelerator.wait_for_everyone()
+        if config.report_to:
+            accelerator.end_training()
+        return decision
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.iterdir() if path.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name)]
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])

@@ -1,0 +1,96 @@
+"""The loss of mask learning (paper appendix A.3) and the release's L1 + perceptual variant.
+
+Paper (default, `kind="mse"`):
+    l_task * MSE(student(z_L), z_HR) + l_distill * MSE(student(z_L), teacher(z_L)), both weights 1,
+where `student(z_L)` and `teacher(z_L)` are the one-step clean-latent estimates `z_L - v`.
+
+Release (`kind="l1_perceptual"`): L1 in place of MSE, plus `perceptual_weight` times a perceptual distance (LPIPS on
+decoded images in the release) for both targets. The perceptual distance is any callable
+`(predicted_latents, target_latents) -> scalar`; [`DecodedPerceptualLoss`] turns an image metric such as LPIPS into
+one by decoding the latents with a VAE first.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+LOSS_KINDS = ("mse", "l1_perceptual")
+PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PruningLoss(nn.Module):
+    r"""
+    Task + distillation loss on clean-latent estimates.
+
+    Parameters:
+        kind (`str`, defaults to `"mse"`): `"mse"` (paper A.3) or `"l1_perceptual"` (release).
+        task_weight (`float`, defaults to `1.0`): Weight of the term against the high-resolution latents.
+        distill_weight (`float`, defaults to `1.0`): Weight of the term against the teacher's estimate.
+        perceptual_weight (`float`, defaults to `1.0`): Weight of the perceptual term inside each term
+            (`"l1_perceptual"` only).
+        perceptual_loss (`Callable`, *optional*): `(prediction, target) -> scalar` on latents; required for
+            `"l1_perceptual"`.
+    """
+
+    def __init__(
+        self,
+        kind: str = "mse",
+        task_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        perceptual_weight: float = 1.0,
+        perceptual_loss: Optional[PerceptualLoss] = None,
+    ):
+        super().__init__()
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"Unknown loss {kind!r}; choose one of {LOSS_KINDS}.")
+        if kind == "l1_perceptual" and perceptual_loss is None:
+            raise ValueError(
+                "The 'l1_perceptual' loss needs a `perceptual_loss` callable (e.g. LPIPS on decoded latents)."
+            )
+        self.kind = kind
+        self.task_weight = task_weight
+        self.distill_weight = distill_weight
+        self.perceptual_weight = perceptual_weight
+        self.perceptual_loss = perceptual_loss
+
+    def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mse":
+            return F.mse_loss(prediction, target)
+        return F.l1_loss(prediction, target) + self.perceptual_weight * self.perceptual_loss(prediction, target)
+
+    def forward(
+        self, prediction: torch.Tensor, hr: torch.Tensor, teacher: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns the total loss and its two terms (as floats, for logging)."""
+        task = self.distance(prediction, hr)
+        distill = self.distance(prediction, teacher)
+        total = self.task_weight * task + self.distill_weight * distill
+        return total, {"task": task.item(), "distill": distill.item()}
+
+
+class DecodedPerceptualLoss(nn.Module):
+    """`image_loss(decode(prediction), decode(target))`: a perceptual image metric applied to decoded latents."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], image_loss: PerceptualLoss):
+        super().__init__()
+        self.decode = decode
+        self.image_loss = image_loss
+
+    @classmethod
+    def from_vae(cls, vae: nn.Module, image_loss: PerceptualLoss) -> "DecodedPerceptualLoss":
+        """Decode with a frozen diffusers-style VAE (`vae.decode(z / scaling_factor).sample`, images in [-1, 1])."""
+        vae.requires_grad_(False)
+        scaling_factor = vae.config.scaling_factor
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            return vae.decode(latents / scaling_factor).sample
+
+        return cls(decode, image_loss)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_images = self.decode(target)
+        return self.image_loss(self.decode(prediction), target_images)

@@ -1,0 +1,190 @@
+"""Mask learning: outputs, the perceptual-loss option, resume equivalence, and the planted problems."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from pruning.learner import MaskLearner, MaskLearnerConfig
+from pruning.losses import DecodedPerceptualLoss, PruningLoss
+from pruning.masked import MaskedTransformer
+from tinysr_diffusers import TinySRTransformer2DModel
+
+from .pruning_models import conditioning, latents, planted_teacher, tiny_sd3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the suite shares two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(teacher, batches=4, batch=4, with_teacher=False, **conditioning_kwargs):
+    x = latents(batch=batches * batch, seed=5)
+    with torch.no_grad(), MaskedTransformer(teacher, **conditioning_kwargs) as masked:
+        hr = masked.predict_clean(x)
+    items = [(x[i : i + batch], hr[i : i + batch]) for i in range(0, batches * batch, batch)]
+    return [item + (item[1],) for item in items] if with_teacher else items
+
+
+def _config(**overrides):
+    return MaskLearnerConfig(
+        **{**dict(keep=4, max_steps=6, lora_rank=2, log_every=2, learning_rate=1e-3), **overrides}
+    )
+
+
+def test_outputs_and_logged_probabilities(tmp_path):
+    teacher = tiny_sd3("sd3.5")
+    cond = conditioning(teacher)
+    learner = MaskLearner(teacher, _config(), output_dir=tmp_path, **cond)
+    decision = learner.train(_data(teacher, **cond))
+    assert decision.method == "tinysr" and len(decision.keep_layers) == 4
+    assert decision.details["steps"] == 6 and len(decision.details["operators"]) == 1
+    records = [json.loads(line) for line in (tmp_path / "keep_probabilities.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(len(r["keep_probabilities"]) == 8 and sum(r["sampled_mask"]) == 4 for r in records)
+    assert records[-1]["keep_probabilities"] == pytest.approx(decision.probabilities)
+    assert records[0]["tau"] == pytest.approx(4.0 - 3.9 / 5) and records[-1]["tau"] == pytest.approx(0.1)
+    with Image.open(tmp_path / "keep_probabilities.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert json.loads((tmp_path / "pruning.json").read_text())["keep_layers"] == decision.keep_layers
+    # the teacher is left as it was: no hooks, no adapters, no gradients
+    assert not getattr(teacher, "peft_config", None) and not any(p.requires_grad for p in teacher.parameters())
+    assert all(not b._diffusers_hook.hooks for b in teacher.transformer_blocks if hasattr(b, "_diffusers_hook"))
+
+
+def test_tinysr_student_as_teacher_and_cached_teacher_latents():
+    source = tiny_sd3("sd3")
+    student = TinySRTransformer2DModel.from_sd3(source, pooled_projections=conditioning(source)["pooled_projections"])
+    decision = MaskLearner(student, _config(search="tinyfusion")).train(_data(student, with_teacher=True))
+    assert decision.method == "tinyfusion" and decision.mask.reshape(2, 4).sum(-1).tolist() == [2, 2]
+
+
+def test_l1_perceptual_option_uses_the_callable():
+    calls = []
+
+    def stand_in(prediction, target):  # e.g. LPIPS on decoded latents; here a differentiable toy distance
+        calls.append(prediction.requires_grad)
+        return (prediction.mean(1) - target.mean(1)).abs().mean()
+
+    teacher = tiny_sd3("sd3")
+    learner = MaskLearner(teacher, _config(loss="l1_perceptual", perceptual_weight=0.5), perceptual_loss=stand_in)
+    learner.train(_data(teacher))
+    assert len(calls) == 12 and all(calls)  # task and distillation terms, every step, with gradients
+
+    loss = PruningLoss("l1_perceptual", perceptual_weight=0.5, perceptual_loss=stand_in)
+    prediction, hr, distilled = latents(seed=1), latents(seed=2), latents(seed=3)
+    total, parts = loss(prediction, hr, distilled)
+    expected = sum(
+        (prediction - t).abs().mean() + 0.5 * (prediction.mean(1) - t.mean(1)).abs().mean() for t in (hr, distilled)
+    )
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6) and set(parts) == {"task", "distill"}
+    with pytest.raises(ValueError, match="perceptual_loss"):
+        PruningLoss("l1_perceptual")
+
+    decode = DecodedPerceptualLoss(lambda z: z * 2, lambda a, b: (a - b).abs().mean())
+    assert decode(prediction, hr).item() == pytest.approx(2 * (prediction - hr).abs().mean().item(), rel=1e-6)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """Yields the batches of `data` epoch after epoch and dies when asked for batch `limit + 1` (a killed job)."""
+
+    def __init__(self, data, limit):
+        self.data, self.limit, self.served = data, limit, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for item in self.data:
+            if self.served == self.limit:
+                raise _Killed
+            self.served += 1
+            yield item
+
+
+@pytest.mark.parametrize("search", ["tinysr", "tinyfusion"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, search):
+    """2N steps in one go == N steps, checkpoint, kill, resume from 'latest', N more steps."""
+    teacher = tiny_sd3("sd3.5")
+    cond = conditioning(teacher)
+    data = _data(teacher, batches=3, **cond)  # N = 4 steps crosses an epoch boundary
+    config = _config(search=search, max_steps=8, checkpointing_steps=4, log_every=2)
+
+    straight = MaskLearner(teacher, config, output_dir=tmp_path / "straight", **cond)
+    expected = straight.train(data)
+
+    interrupted = MaskLearner(teacher, config, output_dir=tmp_path / "resumed", **cond)
+    with pytest.raises(_Killed):
+        interrupted.train(_DiesAfter(data, 4))
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["checkpoint-4"]
+    checkpoint = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "checkpoint-4").iterdir())
+    assert "gates.safetensors" in checkpoint and "lora.safetensors" in checkpoint and "optimizer.bin" in checkpoint
+    assert not any("model" in name for name in checkpoint)  # the frozen transformer is never saved
+
+    resumed = MaskLearner(teacher, config, output_dir=tmp_path / "resumed", **cond)
+    counted = _DiesAfter(data, limit=10**6)
+    decision = resumed.train(counted, resume_from="latest")
+    # it really went on from step 4: 4 batches trained + 1 read to skip into epoch 1 (epoch 0 is skipped unread)
+    assert counted.served == 5
+
+    assert decision.to_dict() == expected.to_dict()
+    for a, b in ((straight, resumed),):
+        ga, gb = a.gates.state_dict(), b.gates.state_dict()
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+        la, lb = (
+            {k: v for k, v in a.student.masked.transformer.state_dict().items() if "lora" in k},
+            {k: v for k, v in b.student.masked.transformer.state_dict().items() if "lora" in k},
+        )
+        assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+        sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert (tmp_path / "straight" / "keep_probabilities.jsonl").read_text() == (
+        tmp_path / "resumed" / "keep_probabilities.jsonl"
+    ).read_text()
+
+
+def test_checkpoint_limit_and_errors(tmp_path):
+    teacher = tiny_sd3("sd3")
+    learner = MaskLearner(
+        teacher, _config(max_steps=6, checkpointing_steps=2, checkpoints_total_limit=2), output_dir=tmp_path
+    )
+    learner.train(_data(teacher))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    with pytest.raises(ValueError, match="impossible with blocks of 4"):
+        MaskLearner(teacher, _config(keep=5))
+    with pytest.raises(ValueError, match="needs an `output_dir`"):
+        MaskLearner(teacher, _config(checkpointing_steps=2))
+    with pytest.raises(ValueError, match="Unknown search"):
+        _config(search="magic")
+    with pytest.raises(FileNotFoundError, match="not a mask-learning checkpoint"):
+        MaskLearner(teacher, _config()).train(_data(teacher), resume_from=tmp_path)
+
+
+PLANTED = dict(max_steps=120, lora_rank=4, learning_rate=1e-4, gate_learning_rate=1e-3, log_every=20, ema_decay=0.95)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd3", "sd3.5"])
+def test_tinysr_finds_planted_layers_only_inter_block_activation_reaches(kind):
+    """Identity layers 0, 1, 3, 6: the loss-free mask keeps 1 layer in block 0 and 3 in block 1 (T_-1)."""
+    teacher = planted_teacher(kind, identity_layers=[0, 1, 3, 6])
+    config = _config(search="tinysr", skip_pruned_layers=False, **PLANTED)
+    decision = MaskLearner(teacher, config).train(_data(teacher, batches=4, batch=8, with_teacher=True))
+    assert decision.keep_layers == [2, 4, 5, 7] and decision.details["operators"] == ["T-1"]
+
+
+@pytest.mark.slow
+def test_tinyfusion_finds_planted_layers_in_the_static_space():
+    teacher = planted_teacher("sd3.5", identity_layers=[1, 3, 4, 6])
+    config = _config(search="tinyfusion", skip_pruned_layers=False, **PLANTED)
+    decision = MaskLearner(teacher, config).train(_data(teacher, batches=4, batch=8, with_teacher=True))
+    assert decision.keep_layers == [0, 2, 5, 7]
