@@ -1,0 +1,39 @@
+"""Every depth-pruning method of the paper's Table 2 behind one interface:
+`get_method(name, **options).decide(model, calibration_data, keep) -> PruningDecision`."""
+
+from .base import PruningMethod, latent_psnr, task_loss
+from .bk_sdm import BKSDM
+from .learned import TinyFusion, TinySR
+from .metric_based import Sensitivity, SnapFusion
+from .random_min import RandomMin
+from .similarity import FluxLite, ShortGPT
+
+
+METHODS: dict[str, type[PruningMethod]] = {
+    method.name: method
+    for method in (RandomMin, FluxLite, ShortGPT, Sensitivity, SnapFusion, BKSDM, TinyFusion, TinySR)
+}
+
+
+def get_method(name: str, **options) -> PruningMethod:
+    """The method called `name` (see `METHODS`) built with `options`."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown pruning method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name](**options)
+
+
+__all__ = [
+    "BKSDM",
+    "FluxLite",
+    "METHODS",
+    "PruningMethod",
+    "RandomMin",
+    "Sensitivity",
+    "ShortGPT",
+    "SnapFusion",
+    "TinyFusion",
+    "TinySR",
+    "get_method",
+    "latent_psnr",
+    "task_loss",
+]
