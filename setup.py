@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 
 extras = {
     "dev": ["pytest>=8", "scikit-image>=0.22"],
+    "pruning": ["matplotlib>=3.7"],  # the keep-probability heatmap of mask learning
     "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7"],
     "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6"],
 }
@@ -33,5 +34,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require=extras,
-    entry_points={"console_scripts": ["tinysr = tinysr_diffusers.cli:main"]},
+    entry_points={
+        "console_scripts": ["tinysr = tinysr_diffusers.cli:main", "tinysr-prune = pruning.cli:main"],
+    },
 )
