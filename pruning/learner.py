@@ -8,7 +8,6 @@ hold only the gates, the LoRA weights, the optimiser, the random states and the 
 """
 
 import copy
-import itertools
 import json
 import math
 import os
@@ -313,20 +312,24 @@ class MaskLearner:
 
     # ------------------------------------------------------------------------------------------------- training
     def _batches(self, data: Iterable, start: int) -> Iterator[Any]:
-        """Cycle over `data` epoch after epoch, skipping the first `start` batches (whole epochs without reading)."""
+        """Cycle over `data` epoch after epoch from batch `start` on (whole epochs of sized data skipped unread)."""
         epoch, skip = 0, start
-        if start and hasattr(data, "__len__") and len(data):
-            epoch, skip = divmod(start, len(data))
+        try:
+            length = len(data)
+        except TypeError:  # a stream: skip by reading
+            length = 0
+        if start and length:
+            epoch, skip = divmod(start, length)
         while True:
             if hasattr(data, "set_epoch"):
                 data.set_epoch(epoch)
-            count = 0
-            for item in itertools.islice(data, skip, None):
-                count += 1
-                yield item
-            if count == 0 and skip == 0:
+            seen = 0
+            for seen, item in enumerate(data, 1):
+                if seen > skip:
+                    yield item
+            if seen == 0:
                 raise ValueError("The data yielded no batch.")
-            epoch, skip = epoch + 1, 0
+            epoch, skip = epoch + 1, max(0, skip - seen)
 
     @torch.no_grad()
     def _teacher_estimate(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """training/distill.py on tiny models and real photos (CPU): every stage learns, resume is exact, export loads."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +17,8 @@ from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.perceptual import LPIPS
 from training.data import random_crop
 from training.discriminator import PatchDiscriminator
-from training.distill import (
-    STAGE_CLASSES,
-    NonFiniteLossError,
-    find_checkpoint,
-    generator_loss,
-    load_teacher,
-    main,
-    make_batch,
-    train,
-)
+from training.distill import STAGE_CLASSES, NonFiniteLossError, find_checkpoint, generator_loss, load_teacher, main, train
+from training.latents import make_batch
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +61,13 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "hr_size=100", "batch_size=0"])
     with pytest.raises(ValueError, match="max_steps: expected int"):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "max_steps=ten"])
-    with pytest.raises(ValueError, match="not available yet"):
-        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "stage=prune"])
+    with pytest.raises(ValueError, match="prune_search must be one of.*\n.*gradient_accumulation_steps=1"):
+        load_config(["--config", str(ROOT / "training/configs/prune.yaml"), "prune_search=random",
+                     "gradient_accumulation_steps=2"])
+    with pytest.raises(ValueError, match="or latent_cache for the prune stage"):
+        load_config(["--config", str(ROOT / "training/configs/prune.yaml"), "train_data=null"])
+    with pytest.raises(ValueError, match="dataset_streaming needs dataset_name"):
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "dataset_streaming=true"])
     with pytest.raises(ValueError, match="degradation: .*noise_range"):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "degradation.noise_range=[5, 1]"])
     with pytest.raises(SystemExit):  # argparse: unrecognized arguments
@@ -78,7 +76,7 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     bad.write_text("stage: latent\nlerning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown settings \\['lerning_rate'\\]"):
         load_config(["--config", str(bad)])
-    for stage in ("vae_encoder", "vae_decoder", "latent", "pixel"):
+    for stage in ("vae_encoder", "vae_decoder", "prune", "latent", "pixel"):
         assert load_config(["--config", str(ROOT / f"training/configs/{stage}.yaml")]).stage == stage
 
 
@@ -105,13 +103,13 @@ def test_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path, stage):
     optimizer = torch.optim.Adam(params, lr=1e-2 if stage.startswith("vae") else 5e-2)
     crops = [random_crop(photo(name), 64, torch.Generator().manual_seed(0)) for name in ("astronaut", "coffee")]
     hr = torch.stack(crops)
-    lr_up, hr = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
+    batch = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
     lpips = LPIPS("alex") if gan else None
     discriminator = PatchDiscriminator(channels=8, num_layers=2) if gan else None
     losses = []
     for _ in range(8):
         generator = torch.Generator().manual_seed(0)
-        loss, terms, _ = generator_loss(stage_, model, lr_up, hr, generator, lpips, discriminator)
+        loss, terms, _ = generator_loss(stage_, model, batch, generator, lpips, discriminator)
         losses.append(loss.item() - (config.gan_weight * terms["gan"].item() if gan else 0.0))  # GAN term excluded
         optimizer.zero_grad()
         loss.backward()
@@ -231,3 +229,79 @@ def test_datasets_image_dataset_gives_seeded_crops_and_skips_corrupt_images(asse
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(crops, again))
     dataset.epoch = 1
     assert not all(a is None or torch.equal(a, b) for a, b in zip(crops, (dataset[i] for i in range(len(dataset)))))
+
+
+PRUNE = ["prune_keep=2", "prune_block_size=2", "gate_scale=[1,1]", "gate_tau=[1,0.5]", "logging_steps=1",
+         "checkpointing_steps=2", "weight_decay=0", "hr_size=64"]
+
+
+def test_prune_stage_learns_a_mask_resumes_and_exports_the_student(assets, tmp_path):
+    full = train(config_for(assets, "prune", tmp_path / "full", *PRUNE, "max_steps=4"))
+    decision = full["decision"]
+    assert full["step"] == 4 and len(decision.keep_layers) == 2
+    names = sorted(os.listdir(tmp_path / "full"))
+    assert names == ["checkpoints", "final", "keep_probabilities.jsonl", "keep_probabilities.png", "pruning.json"]
+    student = TinySRPipeline.from_pretrained(full["export"])
+    assert student.transformer.config.source_layers == decision.keep_layers
+    # The student's blocks are the teacher's kept blocks (the search's LoRA is not merged).
+    teacher = load_teacher(config_for(assets, "prune", tmp_path / "unused", *PRUNE)).transformer
+    layer = decision.keep_layers[-1]
+    expected = teacher.transformer_blocks[layer].attn.to_q.weight
+    assert torch.equal(student.transformer.transformer_blocks[-1].attn.to_q.weight, expected)
+
+    # A run killed after its step-2 checkpoint (the schedules span max_steps, so it is the same 4-step run).
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", tmp_path / "killed" / "checkpoints" / "checkpoint-2")
+    resumed = train(config_for(assets, "prune", tmp_path / "killed", *PRUNE, "max_steps=4",
+                               "resume_from_checkpoint=latest"))
+    assert resumed["step"] == 4 and resumed["decision"].keep_layers == decision.keep_layers
+    logged = [(tmp_path / run / "keep_probabilities.jsonl").read_text() for run in ("full", "killed")]
+    assert logged[0] == logged[1]  # same losses, masks and keep probabilities at every step
+
+
+def test_latent_cache_feeds_the_prune_and_latent_stages(assets, tmp_path):
+    from safetensors import safe_open
+    from training.cache_latents import cache_latents
+
+    cache = tmp_path / "cache"
+    config = config_for(assets, "latent", tmp_path / "unused", "hr_size=64", f"latent_cache={cache}",
+                        "cache_epochs=2", "cache_shard_size=3")
+    cache_latents(config)
+    info = (cache / "cache.json").read_text()
+    assert '"samples": 8' in info  # 4 readable photos (one file is corrupt) x 2 epochs
+    shards = sorted(cache.glob("*.safetensors"))
+    assert len(shards) >= 2 and not (tmp_path / "cache.tmp").exists()  # shards of >= 3 samples
+    with safe_open(str(shards[0]), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["hr_latents", "lr_latents", "teacher_latents"]
+        assert tuple(handle.get_tensor("lr_latents").shape[1:]) == (16, 8, 8)
+    with pytest.raises(FileExistsError, match="already exists"):
+        cache_latents(config)
+
+    # The cached teacher latents are the teacher's one-step estimate of the cached LR latents.
+    teacher = load_teacher(config)
+    with safe_open(str(shards[0]), framework="pt") as handle:
+        lr, target = handle.get_tensor("lr_latents"), handle.get_tensor("teacher_latents")
+    with torch.no_grad():
+        estimate = lr - teacher.sigma * teacher._predict_velocity(lr)
+    torch.testing.assert_close(estimate, target, rtol=1e-4, atol=1e-5)
+
+    latent = train(config_for(assets, "latent", tmp_path / "latent", f"latent_cache={cache}", "train_data=null",
+                              "max_steps=6", "checkpointing_steps=6", "learning_rate=3e-2"))
+    assert latent["step"] == 6 and sum(latent["losses"][-2:]) < sum(latent["losses"][:2])
+    pruned = train(config_for(assets, "prune", tmp_path / "prune", *PRUNE, f"latent_cache={cache}",
+                              "train_data=null", "max_steps=2"))
+    assert len(pruned["decision"].keep_layers) == 2
+    with pytest.raises(ValueError, match="needs images"):
+        train(config_for(assets, "pixel", tmp_path / "pixel", f"latent_cache={cache}", "max_steps=1"))
+
+
+def test_streamed_dataset_resumes_like_an_uninterrupted_run(assets, tmp_path, caplog):
+    common = [f"dataset_name={assets['images']}", "dataset_streaming=true", "train_data=null", "hr_size=64",
+              "checkpointing_steps=2"]
+    with caplog.at_level("WARNING"):
+        full = train(config_for(assets, "latent", tmp_path / "full", *common, "max_steps=4"))
+    assert "Skipping corrupt image" in caplog.text  # decoded by us: a corrupt file does not end the stream
+    train(config_for(assets, "latent", tmp_path / "split", *common, "max_steps=2"))
+    resumed = train(config_for(assets, "latent", tmp_path / "split", *common, "max_steps=4",
+                               "resume_from_checkpoint=latest"))
+    assert resumed["step"] == 4 and len(full["losses"]) == 4
+    assert full["losses"][2:] == resumed["losses"]

@@ -13,11 +13,13 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from pruning.learner import SEARCHES
+from pruning.losses import LOSS_KINDS
 from tinysr_diffusers.degradations import DegradationConfig
 
 
-STAGES = ("vae_encoder", "vae_decoder", "latent", "pixel")
-PENDING_STAGES = {"prune": "the pruning package's learner is not on main yet (issue 4)"}
+STAGES = ("vae_encoder", "vae_decoder", "prune", "latent", "pixel")
+LATENT_STAGES = ("prune", "latent")  # the stages that can train from a latent cache
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -45,6 +47,13 @@ class TrainConfig:
     dataset_config: Optional[str] = _help("Configuration name of `dataset_name`.", None)
     dataset_split: str = _help("Split of `dataset_name`.", "train")
     image_column: str = _help("Image column of `dataset_name`.", "image")
+    dataset_streaming: bool = _help("Stream `dataset_name` instead of downloading it first; a resume then re-reads "
+                                    "the stream up to the checkpoint.", False)
+    latent_cache: Optional[str] = _help("Folder of pre-encoded latents (`training/cache_latents.py`): the prune and "
+                                        "latent stages train from it instead of images. For cache_latents.py: the "
+                                        "folder to write.", None)
+    cache_epochs: int = _help("cache_latents.py: passes over the images (new crops and degradations each).", 1)
+    cache_shard_size: int = _help("cache_latents.py: samples per safetensors shard.", 1024)
     hr_size: int = _help("Side of the random HR crops (LR crops are hr_size / 4).", 512)
     num_workers: int = _help("DataLoader worker processes.", 0)
 
@@ -70,6 +79,22 @@ class TrainConfig:
     disc_channels: int = _help("Width of the first PatchGAN discriminator layer.", 64)
     disc_layers: int = _help("Strided layers of the PatchGAN discriminator.", 3)
 
+    prune_keep: int = _help("prune: layers to keep (the paper: 12 of 24).", 12)
+    prune_block_size: int = _help("prune: layers per block M (the paper: 4, so 2 kept per block).", 4)
+    prune_search: str = _help(f"prune: one of {SEARCHES} (local gates + inter-block activation, or local "
+                              "gates only).", "tinysr")
+    prune_delta: int = _help("prune: layers the inter-block operators move between the blocks of a pair.", 1)
+    prune_loss: str = _help(f"prune: one of {LOSS_KINDS}: MSE task + distillation (paper A.3), or the release's "
+                            "L1 on latents + LPIPS on decoded images (weight lpips_weight).", "mse")
+    task_weight: float = _help("prune: weight of the task term against the HR latents (distillation: "
+                               "latent_weight).", 1.0)
+    gate_learning_rate: Optional[float] = _help("prune: learning rate of the gate logits; default 10x "
+                                                "learning_rate.", None)
+    gate_tau: list = _help("prune: Gumbel-softmax temperature, linear from the first to the second value.",
+                           None)
+    gate_scale: list = _help("prune: gate logit scale, linear from the first to the second value.", None)
+    gate_ema_decay: float = _help("prune: moving average of the gate logits that makes the decision.", 0.999)
+
     checkpointing_steps: int = _help("Save the full training state every N optimizer steps.", 1000)
     checkpoints_total_limit: Optional[int] = _help("Keep at most this many checkpoints (None keeps all).", None)
     resume_from_checkpoint: Optional[str] = _help("A checkpoint folder, or `latest` in output_dir.", None)
@@ -82,20 +107,24 @@ class TrainConfig:
     def __post_init__(self):
         self.vae_config = dict(self.vae_config or {})
         self.degradation = dict(self.degradation or {})
+        self.gate_tau = list(self.gate_tau or [4.0, 0.1])
+        self.gate_scale = list(self.gate_scale or [100.0, 100.0])
         if self.lora_target_modules is None:
             self.lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
     def validate(self) -> "TrainConfig":
         """Raise a ValueError naming every problem of the configuration."""
         problems = []
-        if self.stage in PENDING_STAGES:
-            problems.append(f"stage {self.stage!r} is not available yet: {PENDING_STAGES[self.stage]}")
-        elif self.stage not in STAGES:
+        if self.stage not in STAGES:
             problems.append(f"stage must be one of {STAGES}, got {self.stage!r}")
         if not self.teacher:
             problems.append("teacher (a TSDSRPipeline folder) is required")
-        if not self.train_data and not self.dataset_name:
-            problems.append("give train_data (image folders) or dataset_name")
+        from_cache = bool(self.latent_cache) and self.stage in LATENT_STAGES
+        if not from_cache and not self.train_data and not self.dataset_name:
+            problems.append("give train_data (image folders) or dataset_name"
+                            + (f", or latent_cache for the {self.stage} stage" if self.stage in LATENT_STAGES else ""))
+        if self.dataset_streaming and not self.dataset_name:
+            problems.append("dataset_streaming needs dataset_name")
         if self.hr_size <= 0 or self.hr_size % 64:
             problems.append(f"hr_size must be a positive multiple of 64, got {self.hr_size}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpointing_steps",
@@ -114,6 +143,11 @@ class TrainConfig:
             problems.append(f"lpips_net must be alex or vgg, got {self.lpips_net!r}")
         if self.stage in ("latent", "pixel") and not self.student and self.keep_layers is None:
             problems.append("the student needs `student` (a TinySRPipeline folder) or `keep_layers`")
+        if self.stage == "prune":
+            problems += self._prune_problems()
+        for name in ("cache_epochs", "cache_shard_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         try:
             DegradationConfig.from_dict(self.degradation)
         except (TypeError, ValueError) as error:
@@ -121,6 +155,23 @@ class TrainConfig:
         if problems:
             raise ValueError("Invalid training configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+    def _prune_problems(self) -> list[str]:
+        problems = []
+        if self.prune_search not in SEARCHES:
+            problems.append(f"prune_search must be one of {SEARCHES}, got {self.prune_search!r}")
+        if self.prune_loss not in LOSS_KINDS:
+            problems.append(f"prune_loss must be one of {LOSS_KINDS}, got {self.prune_loss!r}")
+        if self.gradient_accumulation_steps != 1:
+            problems.append("the prune stage takes one batch per step: set gradient_accumulation_steps=1")
+        if self.ema_decay:
+            problems.append("ema_decay averages trained weights; the prune stage's gates use gate_ema_decay")
+        if not self.lora_rank:
+            problems.append("the prune stage trains LoRA adapters with the gates: lora_rank must be positive")
+        for name in ("gate_tau", "gate_scale"):
+            if len(getattr(self, name)) != 2:
+                problems.append(f"{name} must be [start, end], got {getattr(self, name)}")
+        return problems
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accelerate launch training/distill.py",
         description="Train a TinySR stage (DESIGN section 6). Options override the --config YAML; `key=value` works "
-        "like `--key value`; values are YAML (`keep_layers=[0,2]`, `student=null`). The `prune` stage (mask learning) "
-        "is not wired yet.",
+        "like `--key value`; values are YAML (`keep_layers=[0,2]`, `student=null`). Stages: vae_encoder, vae_decoder, "
+        "prune (mask learning with the pruning package), latent (stage 1), pixel (stage 2).",
     )
     parser.add_argument("--config", help="Stage YAML, e.g. training/configs/latent.yaml.")
     for spec in fields(TrainConfig):

@@ -1,9 +1,12 @@
-"""Training images: random HR crops from image folders or a `datasets` image dataset; corrupt images are skipped.
+"""Training images: random HR crops from image folders or a `datasets` image dataset (optionally streamed); corrupt
+images are logged and skipped.
 
 Crops are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees the same crops as an
-uninterrupted one. The LR side is made on the accelerator by the Real-ESRGAN degradation (see `distill.py`).
+uninterrupted one. `datasets` images are decoded here, not by `datasets`, so that one corrupt file does not end a
+stream. The LR side is made on the accelerator by the Real-ESRGAN degradation (see `distill.py`).
 """
 
+import io
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,29 @@ def find_images(folders: Sequence[str]) -> list[Path]:
     if not files:
         raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found in {list(folders)}.")
     return files
+
+
+def open_image(value) -> PIL.Image.Image:
+    """A loaded PIL image from a file path, a PIL image, or an undecoded `datasets` image (`{"bytes", "path"}`)."""
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    with PIL.Image.open(value) as image:
+        image.load()
+        return image
+
+
+def _crop_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, epoch, index)) % 2**63)
+
+
+def _crop_or_skip(source, size: int, generator: torch.Generator, name: str) -> Optional[torch.Tensor]:
+    try:
+        return random_crop(open_image(source), size, generator)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated / corrupt files
+        logger.warning("Skipping corrupt image %s: %s", name, error)
+        return None
 
 
 def random_crop(image: PIL.Image.Image, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -57,21 +83,31 @@ class HRCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.hf_dataset)
 
-    def _open(self, index: int) -> PIL.Image.Image:
-        if self.files is not None:
-            with PIL.Image.open(self.files[index]) as image:
-                image.load()
-                return image
-        return self.hf_dataset[index][self.image_column]
-
     def __getitem__(self, index: int) -> Optional[torch.Tensor]:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-        try:
-            return random_crop(self._open(index), self.size, generator)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated / corrupt files
-            name = self.files[index] if self.files is not None else f"{self.image_column}[{index}]"
-            logger.warning("Skipping corrupt image %s: %s", name, error)
-            return None
+        generator = _crop_generator(self.seed, self.epoch, index)
+        if self.files is not None:
+            return _crop_or_skip(self.files[index], self.size, generator, str(self.files[index]))
+        return _crop_or_skip(self.hf_dataset[index][self.image_column], self.size, generator,
+                             f"{self.image_column}[{index}]")
+
+
+class StreamingCropDataset(IterableDataset):
+    """HR crops of a streamed `datasets` dataset, in stream order; `epoch` reseeds the crops (and the stream's
+    shuffling, if it has any). accelerate shares the batches between processes."""
+
+    def __init__(self, hf_dataset, size: int, seed: int, image_column: str = "image"):
+        self.hf_dataset, self.size, self.seed, self.image_column = hf_dataset, size, seed, image_column
+        self.epoch = 0
+
+    def __iter__(self):
+        if hasattr(self.hf_dataset, "set_epoch"):
+            self.hf_dataset.set_epoch(self.epoch)
+        worker = get_worker_info()
+        for index, example in enumerate(self.hf_dataset):
+            if worker is not None and index % worker.num_workers != worker.id:
+                continue  # every DataLoader worker reads the stream; each crops its own share
+            generator = _crop_generator(self.seed, self.epoch, index)
+            yield _crop_or_skip(example[self.image_column], self.size, generator, f"{self.image_column}[{index}]")
 
 
 def collate_crops(items: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
@@ -80,13 +116,19 @@ def collate_crops(items: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]
     return torch.stack(items) if items else None
 
 
-def build_dataset(config) -> HRCropDataset:
-    if config.dataset_name:
-        import datasets
+def build_dataset(config):
+    """The crop dataset of a config: image folders, a `datasets` dataset, or (`dataset_streaming`) a streamed one."""
+    if not config.dataset_name:
+        return HRCropDataset(config.hr_size, config.seed, files=find_images(config.train_data))
+    import datasets
 
-        hf_dataset = datasets.load_dataset(config.dataset_name, config.dataset_config, split=config.dataset_split)
-        if config.image_column not in hf_dataset.column_names:
-            raise ValueError(f"{config.dataset_name} has no column {config.image_column!r}; it has "
-                             f"{hf_dataset.column_names}.")
-        return HRCropDataset(config.hr_size, config.seed, hf_dataset=hf_dataset, image_column=config.image_column)
-    return HRCropDataset(config.hr_size, config.seed, files=find_images(config.train_data))
+    hf_dataset = datasets.load_dataset(config.dataset_name, config.dataset_config, split=config.dataset_split,
+                                      streaming=config.dataset_streaming)
+    columns = hf_dataset.column_names or list(hf_dataset.features or [])
+    if config.image_column not in columns:
+        raise ValueError(f"{config.dataset_name} has no column {config.image_column!r}; it has {columns}.")
+    if isinstance(hf_dataset.features.get(config.image_column) if hf_dataset.features else None, datasets.Image):
+        hf_dataset = hf_dataset.cast_column(config.image_column, datasets.Image(decode=False))
+    if config.dataset_streaming:
+        return StreamingCropDataset(hf_dataset, config.hr_size, config.seed, config.image_column)
+    return HRCropDataset(config.hr_size, config.seed, hf_dataset=hf_dataset, image_column=config.image_column)

@@ -5,9 +5,13 @@
 Stages (each a `Stage` below; `--help` lists every setting):
 - `vae_encoder`: the tiny VAE's encoder learns the teacher VAE's latents of (upscaled) LR images, MSE.
 - `vae_decoder`: the tiny VAE's decoder learns to decode the teacher's latents of HR images: L2 + LPIPS + GAN.
+- `prune` (mask learning): `pruning.MaskLearner` (gates + LoRA, paper Eq. 2 / A.3) on the teacher's transformer; it
+  writes `pruning.json`, the keep-probability log and heatmap, and exports the pruned `TinySRPipeline` (teacher
+  weights, the search's LoRA discarded as in TinyFusion) for the latent stage.
 - `latent` (stage 1): the pruned student's `z_H` matches the teacher's on the same `z_L`, MSE.
 - `pixel` (stage 2): stage 1's loss + LPIPS + GAN on the decoded student images against the HR images.
-- `prune` (mask learning) runs the pruning package's learner; not wired here yet.
+
+`prune` and `latent` can train from a latent cache (`latent_cache`, written once by `training/cache_latents.py`).
 
 The GAN uses a pixel-space PatchGAN discriminator (`training/discriminator.py`). The TSD-SR release uses a projected
 discriminator on DINO features, whose weights cannot be fetched offline; `discriminator_factory` is the slot for
@@ -29,19 +33,29 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
 
 from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline  # noqa: E402
+from pruning import DecodedPerceptualLoss, MaskLearner, MaskLearnerConfig, PruningDecision  # noqa: E402
+from pruning.data import LatentPairDataset  # noqa: E402
 from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
-from tinysr_diffusers.image_processing import bicubic_upscale  # noqa: E402
 from tinysr_diffusers.perceptual import LPIPS  # noqa: E402
-from training.config import TrainConfig, load_config  # noqa: E402
+from tinysr_diffusers.utils import atomic_directory  # noqa: E402
+from training.config import LATENT_STAGES, TrainConfig, load_config  # noqa: E402
 from training.data import build_dataset, collate_crops  # noqa: E402
 from training.discriminator import PatchDiscriminator, hinge_discriminator_loss  # noqa: E402
+from training.latents import (  # noqa: E402
+    EncodedBatches,
+    batch_generator,
+    check_latent_cache,
+    epoch_batches,
+    make_batch,
+    teacher_estimate,
+)
 
 
 logger = logging.getLogger("tinysr.distill")
@@ -109,7 +123,8 @@ def merged_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------------------ stages
 class Stage:
-    """What one stage trains and how its loss is computed from a batch `(lr_up, hr)` of images in [-1, 1]."""
+    """What one stage trains and how its loss is computed from a batch: images `{"lr_up", "hr"}` in [-1, 1]
+    (`make_batch`), or for the latent stage cached latents `{"lr_latents", "hr_latents", "teacher_latents"}`."""
 
     uses_gan = False
 
@@ -119,7 +134,7 @@ class Stage:
     def trainable(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def generator_outputs(self, model, lr_up, hr, generator) -> dict:
+    def generator_outputs(self, model, batch: dict, generator) -> dict:
         """Differentiable outputs: always `loss_terms` (name -> tensor) and, for GAN stages, `fake` images."""
         raise NotImplementedError
 
@@ -138,10 +153,11 @@ class VAEEncoderStage(Stage):
     def trainable(self):
         return self.vae
 
-    def generator_outputs(self, model, lr_up, hr, generator):
+    def generator_outputs(self, model, batch, generator):
         with torch.no_grad():
-            target = self.teacher.vae.encode(lr_up).latent_dist.mode()
-        return {"loss_terms": {"latent": F.mse_loss(model.encode(lr_up).latents.float(), target.float())}}
+            target = self.teacher.vae.encode(batch["lr_up"]).latent_dist.mode()
+        prediction = model.encode(batch["lr_up"]).latents
+        return {"loss_terms": {"latent": F.mse_loss(prediction.float(), target.float())}}
 
     def export(self, model, folder):
         model.save_pretrained(folder)
@@ -151,11 +167,11 @@ class VAEDecoderStage(VAEEncoderStage):
     frozen_part = "encoder"
     uses_gan = True
 
-    def generator_outputs(self, model, lr_up, hr, generator):
+    def generator_outputs(self, model, batch, generator):
         with torch.no_grad():
-            latents = self.teacher.vae.encode(hr).latent_dist.mode()
+            latents = self.teacher.vae.encode(batch["hr"]).latent_dist.mode()
         fake = model.decode(latents).sample
-        return {"loss_terms": {"latent": F.mse_loss(fake.float(), hr.float())}, "fake": fake}
+        return {"loss_terms": {"latent": F.mse_loss(fake.float(), batch["hr"].float())}, "fake": fake}
 
 
 class LatentStage(Stage):
@@ -169,15 +185,18 @@ class LatentStage(Stage):
     def trainable(self):
         return self.student.transformer
 
-    def _latents(self, model, lr_up, generator):
-        with torch.no_grad():
-            z_low = self.teacher._encode(lr_up, generator, None)
-            z_teacher = z_low - self.teacher.sigma * self.teacher._predict_velocity(z_low)
+    def _latents(self, model, batch, generator):
+        if "lr_latents" in batch:  # from the latent cache
+            z_low, z_teacher = batch["lr_latents"], batch["teacher_latents"]
+        else:
+            with torch.no_grad():
+                z_low = self.teacher._encode(batch["lr_up"], generator, None)
+            z_teacher = teacher_estimate(self.teacher, z_low)
         z_student = z_low - self.student.sigma * model(z_low).sample
         return z_student, z_teacher
 
-    def generator_outputs(self, model, lr_up, hr, generator):
-        z_student, z_teacher = self._latents(model, lr_up, generator)
+    def generator_outputs(self, model, batch, generator):
+        z_student, z_teacher = self._latents(model, batch, generator)
         return {"loss_terms": {"latent": F.mse_loss(z_student.float(), z_teacher.float())}, "z_student": z_student}
 
     def export(self, model, folder):
@@ -188,14 +207,14 @@ class LatentStage(Stage):
 class PixelStage(LatentStage):
     uses_gan = True
 
-    def generator_outputs(self, model, lr_up, hr, generator):
-        outputs = super().generator_outputs(model, lr_up, hr, generator)
+    def generator_outputs(self, model, batch, generator):
+        outputs = super().generator_outputs(model, batch, generator)
         outputs["fake"] = self.student._decode(outputs["z_student"], None)
         return outputs
 
 
 STAGE_CLASSES = {"vae_encoder": VAEEncoderStage, "vae_decoder": VAEDecoderStage, "latent": LatentStage,
-                 "pixel": PixelStage}
+                 "pixel": PixelStage}  # `prune` runs the pruning package's learner: see `train_prune`
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
@@ -232,40 +251,32 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) ->
 
 
 # --------------------------------------------------------------------------------------------------------- training
-def make_batch(hr: torch.Tensor, degrade: RealESRGANDegradation, generator: torch.Generator):
-    """HR crops in [0, 1] -> (bicubic-upscaled degraded LR, HR), both in [-1, 1]."""
-    lr = degrade(hr, generator=generator)
-    lr_up = bicubic_upscale(lr, degrade.config.scale)
-    return lr_up * 2 - 1, hr * 2 - 1
-
-
-def generator_loss(stage: Stage, model, lr_up, hr, generator, lpips=None, discriminator=None):
+def generator_loss(stage: Stage, model, batch: dict, generator, lpips=None, discriminator=None):
     """The student's weighted loss, its terms and the stage outputs; LPIPS/GAN terms when those modules are given."""
     config = stage.config
-    outputs = stage.generator_outputs(model, lr_up, hr, generator)
+    outputs = stage.generator_outputs(model, batch, generator)
     terms = dict(outputs["loss_terms"])
     if lpips is not None:
-        terms["lpips"] = lpips(outputs["fake"].float(), hr.float()).mean()
+        terms["lpips"] = lpips(outputs["fake"].float(), batch["hr"].float()).mean()
     if discriminator is not None:
         terms["gan"] = -discriminator(outputs["fake"]).float().mean()
     weights = {"latent": config.latent_weight, "lpips": config.lpips_weight, "gan": config.gan_weight}
     return sum(weights[name] * value for name, value in terms.items()), terms, outputs
 
 
-def train(config: TrainConfig) -> dict:
-    """Run one stage; returns {"step", "losses" (total per step, this run), "export"}."""
-    os.makedirs(config.output_dir, exist_ok=True)
+def make_accelerator(config: TrainConfig, **kwargs) -> Accelerator:
+    """The run's accelerator; refuses a multi-process launch that did not form one process group."""
     # A multi-process launch on a machine without CUDA must say so, or accelerate starts independent single
     # processes (DistributedType.NO) that would all write the same checkpoints; with cpu=True they form gloo DDP.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         cpu=world_size > 1 and not torch.cuda.is_available(),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=None if os.environ.get("ACCELERATE_MIXED_PRECISION") else config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(
             config.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **kwargs,
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -274,6 +285,31 @@ def train(config: TrainConfig) -> dict:
                            f"{accelerator.num_processes} ({accelerator.distributed_type.value}); check the launch.")
     accelerator.print(f"Stage {config.stage} on {accelerator.device}: {accelerator.distributed_type.value}, "
                       f"{accelerator.num_processes} process(es).")
+    return accelerator
+
+
+def build_data(config: TrainConfig, from_cache: bool):
+    """(dataset, DataLoader): cached latent pairs, or HR crops (corrupt images dropped by `collate_crops`)."""
+    if from_cache:
+        info = check_latent_cache(config.latent_cache)
+        logger.info("Training from the latent cache %s (%d samples).", config.latent_cache, info["samples"])
+        dataset = LatentPairDataset(config.latent_cache)
+        collate = None
+    else:
+        dataset, collate = build_dataset(config), collate_crops
+    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=not streamed, num_workers=config.num_workers,
+                        collate_fn=collate, drop_last=from_cache,
+                        generator=None if streamed else torch.Generator().manual_seed(config.seed))
+    return dataset, loader
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one stage; returns {"step", "losses" (total per step, this run; prune: none), "export"}."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    if config.stage == "prune":
+        return train_prune(config)
+    accelerator = make_accelerator(config, gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
     device = accelerator.device
 
@@ -286,10 +322,10 @@ def train(config: TrainConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    dataset = build_dataset(config)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-                        collate_fn=collate_crops, drop_last=False,
-                        generator=torch.Generator().manual_seed(config.seed))
+    from_cache = bool(config.latent_cache) and config.stage in LATENT_STAGES
+    if config.latent_cache and not from_cache:
+        raise ValueError(f"The {config.stage} stage needs images, not a latent cache: unset latent_cache.")
+    dataset, loader = build_data(config, from_cache)
     uses_gan = stage.uses_gan and config.gan_weight > 0
     discriminator = None
     lpips = LPIPS(config.lpips_net).to(device) if config.lpips_weight > 0 and stage.uses_gan else None
@@ -328,78 +364,124 @@ def train(config: TrainConfig) -> dict:
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(f"tinysr-{config.stage}", config={k: str(v) for k, v in config.to_dict().items()})
 
-    batches_per_epoch = len(loader)
-    batch_index = step * config.gradient_accumulation_steps
     losses = []
     progress = tqdm(total=config.max_steps, initial=step, desc=config.stage,
                     disable=not accelerator.is_local_main_process)
-    while step < config.max_steps:
-        epoch, skip = divmod(batch_index, batches_per_epoch)
-        dataset.epoch = epoch
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for crops in epoch_loader:
-            batch_index += 1
-            if crops is None:
-                logger.warning("Batch %d had only corrupt images; skipped.", batch_index)
-                continue
-            generator = torch.Generator(device).manual_seed(
-                config.seed + batch_index * accelerator.num_processes + accelerator.process_index)
-            lr_up, hr = make_batch(crops, degrade, generator)
-            with accelerator.accumulate(model):
+    batches = epoch_batches(loader, dataset, step * config.gradient_accumulation_steps,
+                            accelerator.skip_first_batches)
+    for _, position, data in batches:
+        if step >= config.max_steps:  # resumed from the last checkpoint: nothing left to train
+            break
+        if data is None:
+            logger.warning("Batch %d had only corrupt images; skipped.", position + 1)
+            continue
+        generator = batch_generator(device, config.seed, position, accelerator.process_index)
+        batch = data if from_cache else make_batch(data, degrade, generator)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, terms, outputs = generator_loss(stage, model, batch, generator, lpips,
+                                                      discriminator if uses_gan else None)
+            total = accelerator.reduce(loss.detach().float(), "mean")
+            if not torch.isfinite(total):
+                path = save_checkpoint(accelerator, config, step)
+                raise NonFiniteLossError(
+                    f"Loss became {total.item()} at step {step + 1} ({ {k: v.item() for k, v in terms.items()} }); "
+                    f"the last good state is saved in {path}. Lower the learning rate or check the data.")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if uses_gan:
                 with accelerator.autocast():
-                    loss, terms, outputs = generator_loss(stage, model, lr_up, hr, generator, lpips,
-                                                          discriminator if uses_gan else None)
-                total = accelerator.reduce(loss.detach().float(), "mean")
-                if not torch.isfinite(total):
-                    path = save_checkpoint(accelerator, config, step)
-                    raise NonFiniteLossError(
-                        f"Loss became {total.item()} at step {step + 1} ({ {k: v.item() for k, v in terms.items()} }); "
-                        f"the last good state is saved in {path}. Lower the learning rate or check the data.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if uses_gan:
-                    with accelerator.autocast():
-                        disc_loss = hinge_discriminator_loss(discriminator(hr), discriminator(outputs["fake"].detach()))
-                    disc_optimizer.zero_grad(set_to_none=True)  # drop the grads of the generator's GAN term
-                    accelerator.backward(disc_loss)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    terms["discriminator"] = disc_loss
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            if ema is not None:
-                ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
-            losses.append(total.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4g}")
-            if step % config.logging_steps == 0 and config.report_to != "none":
-                accelerator.log({"loss": losses[-1], **{f"loss/{k}": v.item() for k, v in terms.items()}}, step=step)
-            if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs:
-                log_samples(accelerator, lr_up, outputs["fake"], hr, step)
-            if step % config.checkpointing_steps == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, config, step)
-            if step >= config.max_steps:
-                break
+                    disc_loss = hinge_discriminator_loss(discriminator(batch["hr"]),
+                                                         discriminator(outputs["fake"].detach()))
+                disc_optimizer.zero_grad(set_to_none=True)  # drop the grads of the generator's GAN term
+                accelerator.backward(disc_loss)
+                disc_optimizer.step()
+                disc_optimizer.zero_grad(set_to_none=True)
+                terms["discriminator"] = disc_loss
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+        losses.append(total.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.4g}")
+        if step % config.logging_steps == 0 and config.report_to != "none":
+            accelerator.log({"loss": losses[-1], **{f"loss/{k}": v.item() for k, v in terms.items()}}, step=step)
+        if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs:
+            log_samples(accelerator, batch["lr_up"], outputs["fake"], batch["hr"], step)
+        if step % config.checkpointing_steps == 0 or step == config.max_steps:
+            save_checkpoint(accelerator, config, step)
     progress.close()
 
-    export = os.path.join(config.output_dir, "final")
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to([p for p in unwrapped.parameters() if p.requires_grad])
-    if accelerator.is_main_process:
-        temp = export + ".tmp"
-        shutil.rmtree(temp, ignore_errors=True)
-        stage.export(unwrapped, temp)
-        shutil.rmtree(export, ignore_errors=True)
-        os.replace(temp, export)
-    accelerator.wait_for_everyone()
+    export = export_final(accelerator, config, lambda folder: stage.export(unwrapped, folder))
     accelerator.end_training()
     return {"step": step, "losses": losses, "export": export}
+
+
+def export_final(accelerator: Accelerator, config: TrainConfig, save: Callable[[str], None]) -> str:
+    """`save` into `output_dir/final` atomically (main process), then wait for every process."""
+    export = os.path.join(config.output_dir, "final")
+    if accelerator.is_main_process:
+        with atomic_directory(export, overwrite=True) as folder:
+            save(folder)
+    accelerator.wait_for_everyone()
+    return export
+
+
+def train_prune(config: TrainConfig) -> dict:
+    """The `prune` stage: mask learning on the teacher's transformer, then the pruned TinySRPipeline in `final/`."""
+    accelerator = make_accelerator(
+        config, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # skipped layers
+    teacher = load_teacher(config).to(accelerator.device)
+    prompt_embeds, pooled = teacher.prompt_embeddings(1)
+    perceptual = None
+    if config.prune_loss == "l1_perceptual":
+        lpips = LPIPS(config.lpips_net).to(accelerator.device)
+        perceptual = DecodedPerceptualLoss(lambda latents: teacher._decode(latents, None),
+                                           lambda fake, real: lpips(fake.float(), real.float()).mean())
+    learner_config = MaskLearnerConfig(
+        keep=config.prune_keep, block_size=config.prune_block_size, search=config.prune_search,
+        delta=config.prune_delta, max_steps=config.max_steps, learning_rate=config.learning_rate,
+        gate_learning_rate=config.gate_learning_rate, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, lora_rank=config.lora_rank,
+        lora_target_modules=tuple(config.lora_target_modules), tau=tuple(config.gate_tau),
+        scale=tuple(config.gate_scale), ema_decay=config.gate_ema_decay, loss=config.prune_loss,
+        task_weight=config.task_weight, distill_weight=config.latent_weight, perceptual_weight=config.lpips_weight,
+        seed=config.seed, log_every=config.logging_steps, checkpointing_steps=config.checkpointing_steps,
+        checkpoints_total_limit=config.checkpoints_total_limit,
+        report_to=None if config.report_to == "none" else config.report_to,
+    )
+    learner = MaskLearner(
+        teacher.transformer, learner_config, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+        timestep=teacher.timestep, perceptual_loss=perceptual, output_dir=config.output_dir, accelerator=accelerator,
+    )
+    dataset, loader = build_data(config, from_cache=bool(config.latent_cache))
+    if config.latent_cache:
+        data = loader  # MaskLearner shards it across processes
+    else:
+        degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
+        data = EncodedBatches(accelerator.prepare(loader), dataset, teacher, degrade, config.seed, accelerator)
+    resume = config.resume_from_checkpoint
+    if resume == "latest" and not os.path.isdir(os.path.join(config.output_dir, "checkpoints")):
+        logger.info("No checkpoint in %s: starting from scratch.", config.output_dir)
+        resume = None
+    decision: PruningDecision = learner.train(data, resume_from=resume)
+    accelerator.print(f"{config.prune_search}: keep layers {decision.keep_layers} "
+                      f"(-> {os.path.join(config.output_dir, 'pruning.json')})")
+
+    def save(folder: str) -> None:
+        student_vae = TinySRAutoencoder.from_pretrained(config.student_vae) if config.student_vae else None
+        TinySRPipeline.from_teacher(teacher, decision.keep_layers, vae=student_vae).save_pretrained(folder)
+
+    export = export_final(accelerator, config, save)
+    return {"step": learner.progress.step, "losses": [], "export": export, "decision": decision}
 
 
 def log_samples(accelerator: Accelerator, lr_up, fake, hr, step: int) -> None:

@@ -1,0 +1,205 @@
+"""Latent pairs from the teacher: what the prune and latent stages learn from, on the fly or from a cache.
+
+A crop batch becomes scaled teacher-VAE latents `lr_latents` (z_L of the degraded, upscaled image), `hr_latents`
+(z_H of the HR crop) and, for the cache, `teacher_latents` (the teacher's one-step estimate `z_L - sigma * v`).
+`training/cache_latents.py` writes them once as safetensors shards in the layout `pruning.data.LatentPairDataset`
+reads, so a cache also serves `tinysr-prune score|learn --data`.
+"""
+
+import json
+import os
+import shutil
+from typing import Iterator, Optional
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from tinysr_diffusers import TSDSRPipeline
+from tinysr_diffusers.degradations import RealESRGANDegradation
+from tinysr_diffusers.image_processing import bicubic_upscale
+from tinysr_diffusers.utils import atomic_path, write_json
+
+
+CACHE_INFO = "cache.json"
+
+
+def make_batch(hr: torch.Tensor, degrade: RealESRGANDegradation, generator: torch.Generator) -> dict:
+    """HR crops in [0, 1] -> {"lr_up": bicubic-upscaled degraded LR, "hr": HR}, both in [-1, 1]."""
+    lr = degrade(hr, generator=generator)
+    lr_up = bicubic_upscale(lr, degrade.config.scale)
+    return {"lr_up": lr_up * 2 - 1, "hr": hr * 2 - 1}
+
+
+@torch.no_grad()
+def teacher_estimate(teacher: TSDSRPipeline, lr_latents: torch.Tensor) -> torch.Tensor:
+    """The teacher's one-step estimate of the clean latents, `z_L - sigma * v`."""
+    return lr_latents - teacher.sigma * teacher._predict_velocity(lr_latents)
+
+
+@torch.no_grad()
+def encode_batch(teacher: TSDSRPipeline, batch: dict, generator: torch.Generator, with_teacher: bool) -> dict:
+    """Image batch (`make_batch`) -> latent batch with the keys of `pruning.data.LATENT_KEYS`."""
+    lr_latents = teacher._encode(batch["lr_up"], generator, None)
+    latents = {"lr_latents": lr_latents, "hr_latents": teacher._encode(batch["hr"], generator, None)}
+    if with_teacher:
+        latents["teacher_latents"] = teacher_estimate(teacher, lr_latents)
+    return latents
+
+
+def batch_generator(device: torch.device, seed: int, *key: int) -> torch.Generator:
+    """The generator of one batch, seeded by its place in the run (e.g. position and process) so a resume repeats it."""
+    return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
+
+
+def data_length(loader) -> Optional[int]:
+    """Batches per epoch, or None for a stream (a loader over an `IterableDataset`)."""
+    if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
+        return None
+    return len(loader)
+
+
+def epoch_batches(loader, dataset, start: int, skip_batches=None) -> Iterator[tuple[int, int, object]]:
+    """
+    Yield `(epoch, position, batch)` from batch `start` of the run on, epoch after epoch (each epoch reseeds crops).
+
+    A sized loader jumps to `start` with `skip_batches` (accelerate's, which does not load the skipped batches); a
+    stream has no length, so it is re-read up to `start`.
+    """
+    length, position, epoch = data_length(loader), start, 0
+    if length == 0:
+        raise ValueError("The training data gives no batch (fewer images than one batch?).")
+    if length:
+        epoch, start = divmod(start, length)
+    while True:
+        dataset.epoch = epoch
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        if length:
+            for batch in skip_batches(loader, start) if start and skip_batches else loader:
+                yield epoch, position, batch
+                position += 1
+            start = 0
+        else:
+            seen = 0
+            for seen, batch in enumerate(loader, 1):
+                if seen > start:
+                    yield epoch, position, batch
+                    position += 1
+            if seen == 0:
+                raise ValueError("The training data stream gives no batch.")
+            start = max(0, start - seen)
+        epoch += 1
+
+
+class EncodedBatches:
+    """The prune stage's on-the-fly data: crop batches degraded and encoded by the teacher, as `(z_L, z_H)` pairs.
+
+    `pruning.MaskLearner` iterates it one epoch at a time (`set_epoch`) and skips to its resume point by reading, so
+    a resume re-encodes the batches of the current epoch that came before the checkpoint.
+    """
+
+    def __init__(self, loader, dataset, teacher: TSDSRPipeline, degrade: RealESRGANDegradation, seed: int,
+                 accelerator):
+        self.loader, self.dataset, self.teacher, self.degrade = loader, dataset, teacher, degrade
+        self.seed, self.accelerator = seed, accelerator
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        length = data_length(self.loader)
+        if length is None:
+            raise TypeError("A streamed dataset has no length.")
+        return length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        accelerator = self.accelerator
+        self.dataset.epoch = self.epoch
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        for index, crops in enumerate(self.loader):
+            if crops is None:
+                continue  # only corrupt images in this batch (logged by the dataset)
+            generator = batch_generator(accelerator.device, self.seed, self.epoch, index, accelerator.process_index)
+            batch = make_batch(crops.to(accelerator.device), self.degrade, generator)
+            latents = encode_batch(self.teacher, batch, generator, with_teacher=False)
+            yield latents["lr_latents"], latents["hr_latents"]
+
+
+def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, dataset,
+                       degrade: RealESRGANDegradation) -> str:
+    """
+    Encode `config.cache_epochs` passes over the images into `config.latent_cache` (float32 safetensors shards of
+    `cache_shard_size` samples, one series per process, and `cache.json`). Written into `<folder>.tmp` and renamed
+    when every process is done, so the folder appears complete or not at all.
+    """
+    final = os.path.abspath(config.latent_cache)
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} already exists; choose another latent_cache folder or remove it.")
+    temporary = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    accelerator.wait_for_everyone()
+
+    rank, pending, shard, samples = accelerator.process_index, [], 0, 0
+
+    def flush(parts: list) -> None:
+        nonlocal shard
+        tensors = {key: torch.cat([part[key] for part in parts]).contiguous() for key in parts[0]}
+        with atomic_path(os.path.join(temporary, f"shard-{rank:03d}-{shard:06d}.safetensors")) as path:
+            save_file(tensors, path)
+        shard += 1
+
+    length = data_length(loader)
+    total = config.cache_epochs * length if length else None
+    progress = tqdm(total=total, desc="Encoding latents", disable=not accelerator.is_local_main_process)
+    buffered = 0
+    for epoch, position, crops in epoch_batches(loader, dataset, 0):
+        if epoch >= config.cache_epochs:
+            break
+        progress.update(1)
+        if crops is None:
+            continue
+        generator = batch_generator(accelerator.device, config.seed, position, rank)
+        latents = encode_batch(teacher, make_batch(crops.to(accelerator.device), degrade, generator), generator,
+                               with_teacher=True)
+        pending.append({key: value.float().cpu() for key, value in latents.items()})
+        buffered += len(crops)
+        samples += len(crops)
+        if buffered >= config.cache_shard_size:
+            flush(pending)
+            pending, buffered = [], 0
+    if pending:
+        flush(pending)
+    progress.close()
+
+    counts = accelerator.gather(torch.tensor([samples], device=accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {
+            "teacher": config.teacher,
+            "samples": sum(counts),
+            "hr_size": config.hr_size,
+            "epochs": config.cache_epochs,
+            "seed": config.seed,
+            "degradation": degrade.config.to_dict(),
+        }
+        write_json(os.path.join(temporary, CACHE_INFO), info)
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_latent_cache(folder: str) -> dict:
+    """The `cache.json` of a complete cache; a clear error for a folder that is not one."""
+    path = os.path.join(folder, CACHE_INFO)
+    if not os.path.isfile(path):
+        hint = " (an interrupted cache_latents.py run leaves a .tmp folder: rerun it)" if os.path.isdir(
+            folder + ".tmp") else ""
+        raise FileNotFoundError(f"{folder} is not a latent cache written by training/cache_latents.py: no "
+                                f"{CACHE_INFO}{hint}.")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
