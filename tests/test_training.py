@@ -57,6 +57,10 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert (config.stage, config.max_steps, config.learning_rate) == ("pixel", 7, 2e-5)
     assert (config.latent_weight, config.lpips_weight, config.gan_weight, config.seed) == (5.0, 1.0, 0.3, 80)
     assert config.degradation["noise_range"] == [1, 5]
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("stage: latent\nteacher: t\ntrain_data: [x]\nkeep_layers: [0]\nmixed_precision: no\n")
+    assert load_config(["--config", str(bare)]).mixed_precision == "no"  # not YAML 1.1's False
+    assert load_config(["--config", str(bare), "mixed_precision=no", "report_to=none"]).mixed_precision == "no"
     with pytest.raises(ValueError, match="hr_size must be a positive multiple of 64.*\n.*batch_size"):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "hr_size=100", "batch_size=0"])
     with pytest.raises(ValueError, match="max_steps: expected int"):
@@ -160,20 +164,26 @@ def test_non_finite_loss_stops_with_a_checkpoint(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run(assets, tmp_path):
+@pytest.mark.parametrize("stage", ["latent", "prune"])
+def test_two_process_ddp_run(assets, tmp_path, stage):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "training/distill.py",
-        "--config", "training/configs/latent.yaml", f"teacher={assets['teacher']}",
+        "--config", f"training/configs/{stage}.yaml", f"teacher={assets['teacher']}",
         f"train_data=[{assets['images']}]", f"output_dir={tmp_path / 'ddp'}", "hr_size=64", "batch_size=1",
-        "max_steps=2", "checkpointing_steps=1", "report_to=none", "lora_rank=4", "keep_layers=[0,2]",
-        f"student_vae={assets['student_vae']}", "student=null",
+        "max_steps=2", "checkpointing_steps=1", "report_to=none", "lora_rank=4", "mixed_precision=no",
+        *(["keep_layers=[0,2]", f"student_vae={assets['student_vae']}", "student=null"] if stage == "latent" else
+          ["prune_keep=2", "prune_block_size=2"]),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU, 2 process(es)" in result.stdout + result.stderr
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]
+    if stage == "latent":
+        assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]
+    else:
+        assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["checkpoint-1", "checkpoint-2"]
+        assert (tmp_path / "ddp" / "pruning.json").is_file()
     assert TinySRPipeline.from_pretrained(tmp_path / "ddp" / "final").transformer.config.num_layers == 2
 
 

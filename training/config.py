@@ -192,6 +192,8 @@ def _coerce(value: Any, kind, name: str) -> Any:
             if isinstance(value, str):
                 raise ValueError
             return bool(value)
+        if origin is str and isinstance(value, bool):  # YAML 1.1 reads `no` / `yes` as booleans
+            return "yes" if value else "no"
         if origin in (int, float, str):
             if origin is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -265,6 +267,8 @@ def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             values["degradation"][key.split(".", 1)[1]] = _parse_value(text)
         else:
             values[key] = _parse_value(text)
+            if isinstance(values[key], bool) and _field_type(TrainConfig, key) is str:
+                values[key] = text  # as written: `mixed_precision=no` is the string "no", not YAML 1.1's False
     for key in list(values):
         if key != "degradation":
             values[key] = _coerce(values[key], _field_type(TrainConfig, key), key)

@@ -356,6 +356,8 @@ class OneStepSRPipeline(DiffusionPipeline):
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
             folder = path
+        elif os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
+            raise FileNotFoundError(f"Pipeline folder {path!r} does not exist (and is not a Hub repo id 'org/name').")
         else:
             hub_kwargs = {
                 name: kwargs[name]
