@@ -257,3 +257,8 @@ def test_loading_from_the_hub_checks_the_code_then_pins_that_commit(saved, hub, 
     with pytest.raises(UntrustedFolderError):
         saved.cls.from_pretrained("user/tiny-sr")
     assert len(downloads) == 1  # nothing beyond the code files was fetched for the refused repo
+
+
+def test_a_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TinySRPipeline.from_pretrained(str(tmp_path / "missing"))
