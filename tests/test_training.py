@@ -128,17 +128,22 @@ def _transformer_state(folder):
 
 def test_resume_equals_uninterrupted_and_export_upscales(assets, tmp_path, caplog):
     # 5 files (one corrupt) in batches of 2: 3 batches an epoch, so 4 steps cross an epoch boundary.
-    common = ["stage=latent", "max_steps=4", "checkpointing_steps=2", "hr_size=64"]
+    common = ["stage=latent", "max_steps=4", "checkpointing_steps=2", "hr_size=64", "lr_scheduler=linear",
+              "lr_warmup_steps=1"]
     with caplog.at_level("WARNING"):
         full = train(config_for(assets, "latent", tmp_path / "full", *common))
     assert any("Skipping corrupt image" in record.message and "broken.png" in record.message
                for record in caplog.records)
     assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint-2", "checkpoint-4", "final"]
 
-    first = train(config_for(assets, "latent", tmp_path / "split", *common, "max_steps=2"))
-    resumed = train(config_for(assets, "latent", tmp_path / "split", *common, "resume_from_checkpoint=latest"))
+    # A run killed after its step-2 checkpoint resumes into the same 4-step run (schedule included).
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "killed" / "checkpoint-2")
+    resumed = train(config_for(assets, "latent", tmp_path / "killed", *common, "resume_from_checkpoint=latest"))
     assert resumed["step"] == 4
-    assert first["losses"] + resumed["losses"] == full["losses"]
+    assert resumed["losses"] == full["losses"][2:]
+    # linear decay after one warm-up step from learning_rate=1e-3, the scheduler state restored on resume
+    assert full["learning_rates"] == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3, 0.0])
+    assert resumed["learning_rates"] == full["learning_rates"][2:]
     expected, actual = _transformer_state(full["export"]), _transformer_state(resumed["export"])
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
     assert not any("lora" in name for name in expected)  # LoRA merged into the exported weights
@@ -164,7 +169,7 @@ def test_non_finite_loss_stops_with_a_checkpoint(assets, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["latent", "prune"])
+@pytest.mark.parametrize("stage", ["latent", "pixel", "prune"])
 def test_two_process_ddp_run(assets, tmp_path, stage):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -172,14 +177,14 @@ def test_two_process_ddp_run(assets, tmp_path, stage):
         "--config", f"training/configs/{stage}.yaml", f"teacher={assets['teacher']}",
         f"train_data=[{assets['images']}]", f"output_dir={tmp_path / 'ddp'}", "hr_size=64", "batch_size=1",
         "max_steps=2", "checkpointing_steps=1", "report_to=none", "lora_rank=4", "mixed_precision=no",
-        *(["keep_layers=[0,2]", f"student_vae={assets['student_vae']}", "student=null"] if stage == "latent" else
-          ["prune_keep=2", "prune_block_size=2"]),
+        *(["prune_keep=2", "prune_block_size=2"] if stage == "prune" else
+          ["keep_layers=[0,2]", f"student_vae={assets['student_vae']}", "student=null", "lpips_net=alex"]),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU, 2 process(es)" in result.stdout + result.stderr
-    if stage == "latent":
+    if stage != "prune":  # pixel: LPIPS + PatchGAN, two optimizers under DDP
         assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint-1", "checkpoint-2", "final"]
     else:
         assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["checkpoint-1", "checkpoint-2"]

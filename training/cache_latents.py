@@ -31,7 +31,8 @@ def cache_latents(config) -> str:
         raise ValueError("The latent cache is encoded from images: give train_data or dataset_name.")
     accelerator = make_accelerator(config)
     set_seed(config.seed)
-    teacher = load_teacher(config).to(accelerator.device)
+    with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
+        teacher = load_teacher(config).to(accelerator.device)
     dataset, loader = build_data(config, from_cache=False)
     degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
     with torch.no_grad():

@@ -20,6 +20,7 @@ from tinysr_diffusers.degradations import DegradationConfig
 
 STAGES = ("vae_encoder", "vae_decoder", "prune", "latent", "pixel")
 LATENT_STAGES = ("prune", "latent")  # the stages that can train from a latent cache
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -61,6 +62,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _help("Batches accumulated per optimizer step.", 1)
     max_steps: int = _help("Optimizer steps to train.", 1000)
     learning_rate: float = _help("AdamW learning rate of the student.", 1e-4)
+    lr_scheduler: str = _help(f"Learning-rate schedule of the student, one of {LR_SCHEDULERS} (diffusers' "
+                              "get_scheduler); the prune stage takes only constant.", "constant")
+    lr_warmup_steps: int = _help("Warm-up steps of lr_scheduler.", 0)
     disc_learning_rate: float = _help("AdamW learning rate of the discriminator (GAN stages).", 5e-6)
     weight_decay: float = _help("AdamW weight decay.", 1e-2)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
@@ -135,6 +139,10 @@ class TrainConfig:
                      "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.lr_warmup_steps < 0:
+            problems.append(f"lr_warmup_steps must not be negative, got {self.lr_warmup_steps}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -166,6 +174,9 @@ class TrainConfig:
             problems.append("the prune stage takes one batch per step: set gradient_accumulation_steps=1")
         if self.ema_decay:
             problems.append("ema_decay averages trained weights; the prune stage's gates use gate_ema_decay")
+        if self.lr_scheduler != "constant" or self.lr_warmup_steps:
+            problems.append("the prune stage's gates follow the tau/scale schedules: keep lr_scheduler=constant and "
+                            "lr_warmup_steps=0")
         if not self.lora_rank:
             problems.append("the prune stage trains LoRA adapters with the gates: lora_rank must be positive")
         for name in ("gate_tau", "gate_scale"):

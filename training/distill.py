@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -305,7 +306,8 @@ def build_data(config: TrainConfig, from_cache: bool):
 
 
 def train(config: TrainConfig) -> dict:
-    """Run one stage; returns {"step", "losses" (total per step, this run; prune: none), "export"}."""
+    """Run one stage; returns {"step", "losses" and "learning_rates" (per step of this run), "export"}; the prune
+    stage returns its decision instead of per-step values (they are in `keep_probabilities.jsonl`)."""
     os.makedirs(config.output_dir, exist_ok=True)
     if config.stage == "prune":
         return train_prune(config)
@@ -313,14 +315,20 @@ def train(config: TrainConfig) -> dict:
     set_seed(config.seed)
     device = accelerator.device
 
-    teacher = load_teacher(config).to(device)
-    stage = STAGE_CLASSES[config.stage](config, teacher)
+    with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
+        teacher = load_teacher(config).to(device)
+        stage = STAGE_CLASSES[config.stage](config, teacher)
     model = stage.trainable()
     if config.stage in ("latent", "pixel") and not config.lora_rank:
         model.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # accelerate steps a prepared scheduler once per process at every optimizer step, hence the scaling (as in
+    # diffusers' training scripts).
+    scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                              num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=config.max_steps * accelerator.num_processes)
 
     from_cache = bool(config.latent_cache) and config.stage in LATENT_STAGES
     if config.latent_cache and not from_cache:
@@ -333,10 +341,10 @@ def train(config: TrainConfig) -> dict:
         discriminator = discriminator_factory(config)
         disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_learning_rate,
                                            weight_decay=config.weight_decay)
-        model, optimizer, discriminator, disc_optimizer, loader = accelerator.prepare(
-            model, optimizer, discriminator, disc_optimizer, loader)
+        model, optimizer, scheduler, discriminator, disc_optimizer, loader = accelerator.prepare(
+            model, optimizer, scheduler, discriminator, disc_optimizer, loader)
     else:
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
 
     ema = None
     if config.ema_decay:
@@ -364,7 +372,7 @@ def train(config: TrainConfig) -> dict:
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(f"tinysr-{config.stage}", config={k: str(v) for k, v in config.to_dict().items()})
 
-    losses = []
+    losses, learning_rates = [], []
     progress = tqdm(total=config.max_steps, initial=step, desc=config.stage,
                     disable=not accelerator.is_local_main_process)
     batches = epoch_batches(loader, dataset, step * config.gradient_accumulation_steps,
@@ -391,6 +399,7 @@ def train(config: TrainConfig) -> dict:
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if uses_gan:
                 with accelerator.autocast():
@@ -407,10 +416,12 @@ def train(config: TrainConfig) -> dict:
         if ema is not None:
             ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
         losses.append(total.item())
+        learning_rates.append(optimizer.param_groups[0]["lr"])
         progress.update(1)
         progress.set_postfix(loss=f"{losses[-1]:.4g}")
         if step % config.logging_steps == 0 and config.report_to != "none":
-            accelerator.log({"loss": losses[-1], **{f"loss/{k}": v.item() for k, v in terms.items()}}, step=step)
+            accelerator.log({"loss": losses[-1], "lr": learning_rates[-1],
+                             **{f"loss/{k}": v.item() for k, v in terms.items()}}, step=step)
         if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs:
             log_samples(accelerator, batch["lr_up"], outputs["fake"], batch["hr"], step)
         if step % config.checkpointing_steps == 0 or step == config.max_steps:
@@ -422,7 +433,7 @@ def train(config: TrainConfig) -> dict:
         ema.copy_to([p for p in unwrapped.parameters() if p.requires_grad])
     export = export_final(accelerator, config, lambda folder: stage.export(unwrapped, folder))
     accelerator.end_training()
-    return {"step": step, "losses": losses, "export": export}
+    return {"step": step, "losses": losses, "learning_rates": learning_rates, "export": export}
 
 
 def export_final(accelerator: Accelerator, config: TrainConfig, save: Callable[[str], None]) -> str:
@@ -439,7 +450,8 @@ def train_prune(config: TrainConfig) -> dict:
     """The `prune` stage: mask learning on the teacher's transformer, then the pruned TinySRPipeline in `final/`."""
     accelerator = make_accelerator(
         config, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # skipped layers
-    teacher = load_teacher(config).to(accelerator.device)
+    with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
+        teacher = load_teacher(config).to(accelerator.device)
     prompt_embeds, pooled = teacher.prompt_embeddings(1)
     perceptual = None
     if config.prune_loss == "l1_perceptual":
@@ -476,12 +488,12 @@ def train_prune(config: TrainConfig) -> dict:
     accelerator.print(f"{config.prune_search}: keep layers {decision.keep_layers} "
                       f"(-> {os.path.join(config.output_dir, 'pruning.json')})")
 
-    def save(folder: str) -> None:
+    def save(folder: str) -> None:  # main process only
         student_vae = TinySRAutoencoder.from_pretrained(config.student_vae) if config.student_vae else None
         TinySRPipeline.from_teacher(teacher, decision.keep_layers, vae=student_vae).save_pretrained(folder)
 
     export = export_final(accelerator, config, save)
-    return {"step": learner.progress.step, "losses": [], "export": export, "decision": decision}
+    return {"step": learner.progress.step, "export": export, "decision": decision}
 
 
 def log_samples(accelerator: Accelerator, lr_up, fake, hr, step: int) -> None:
