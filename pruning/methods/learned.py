@@ -3,8 +3,9 @@
 import dataclasses
 from typing import Iterable, Optional
 
-from ..decision import PruningDecision
 from tinysr_diffusers.utils import PathLike
+
+from ..decision import PruningDecision
 from ..learner import MaskLearner, MaskLearnerConfig
 from .base import ModelLike, PruningMethod, check_keep, masked_view
 
