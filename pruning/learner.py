@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tinysr_diffusers.utils import PathLike, atomic_write_text
+from tinysr_diffusers.utils import PathLike, atomic_write_text, launched_accelerator
 
 from .data import as_latent_batch
 from .decision import PruningDecision
@@ -186,7 +186,7 @@ class MaskLearner:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         if config.checkpointing_steps and self.output_dir is None:
             raise ValueError("`checkpointing_steps` needs an `output_dir` to write checkpoints to.")
-        self.accelerator = accelerator or Accelerator(
+        self.accelerator = accelerator or launched_accelerator(
             log_with=config.report_to,
             project_dir=str(self.output_dir) if self.output_dir else None,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),

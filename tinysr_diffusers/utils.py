@@ -1,7 +1,5 @@
-"""Atomic outputs: a file or a folder appears complete under its final name, or not at all.
-
-Readers never see a half-written output, and an interrupted write leaves any previous version intact.
-"""
+"""Small shared helpers: atomic outputs (a file or a folder appears complete under its final name, or not at all;
+an interrupted write leaves any previous version intact) and the accelerator of an `accelerate launch`."""
 
 import contextlib
 import json
@@ -9,6 +7,8 @@ import os
 import shutil
 import tempfile
 from typing import Any, Iterator, Union
+
+import torch
 
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -75,3 +75,20 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             shutil.rmtree(temporary)
+
+
+def launched_accelerator(**kwargs):
+    """An `accelerate.Accelerator` that forms one process group for every process the launch started.
+
+    On a machine without CUDA, accelerate forms a gloo (MULTI_CPU) group only with `cpu=True`; otherwise each process
+    would train alone and all would write the same checkpoints. Refuses a launch whose processes did not join up.
+    """
+    from accelerate import Accelerator
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(cpu=world_size > 1 and not torch.cuda.is_available(), **kwargs)
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f"Launched {world_size} processes but accelerate formed a group of "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type.value}); check the launch.")
+    return accelerator
+

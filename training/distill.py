@@ -45,7 +45,7 @@ from pruning import DecodedPerceptualLoss, MaskLearner, MaskLearnerConfig, Pruni
 from pruning.data import LatentPairDataset  # noqa: E402
 from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
 from tinysr_diffusers.perceptual import LPIPS  # noqa: E402
-from tinysr_diffusers.utils import atomic_directory  # noqa: E402
+from tinysr_diffusers.utils import atomic_directory, launched_accelerator  # noqa: E402
 from training.config import LATENT_STAGES, TrainConfig, load_config  # noqa: E402
 from training.data import build_dataset, collate_crops  # noqa: E402
 from training.discriminator import PatchDiscriminator, hinge_discriminator_loss  # noqa: E402
@@ -266,12 +266,8 @@ def generator_loss(stage: Stage, model, batch: dict, generator, lpips=None, disc
 
 
 def make_accelerator(config: TrainConfig, **kwargs) -> Accelerator:
-    """The run's accelerator; refuses a multi-process launch that did not form one process group."""
-    # A multi-process launch on a machine without CUDA must say so, or accelerate starts independent single
-    # processes (DistributedType.NO) that would all write the same checkpoints; with cpu=True they form gloo DDP.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(
-        cpu=world_size > 1 and not torch.cuda.is_available(),
+    """The run's accelerator (one process group for every launched process, see `launched_accelerator`)."""
+    accelerator = launched_accelerator(
         mixed_precision=None if os.environ.get("ACCELERATE_MIXED_PRECISION") else config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(
@@ -281,9 +277,6 @@ def make_accelerator(config: TrainConfig, **kwargs) -> Accelerator:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if accelerator.num_processes != world_size:
-        raise RuntimeError(f"Launched {world_size} processes but accelerate formed a group of "
-                           f"{accelerator.num_processes} ({accelerator.distributed_type.value}); check the launch.")
     accelerator.print(f"Stage {config.stage} on {accelerator.device}: {accelerator.distributed_type.value}, "
                       f"{accelerator.num_processes} process(es).")
     return accelerator
