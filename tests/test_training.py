@@ -209,6 +209,17 @@ def test_pixel_stage_full_finetune_ema_accumulation_and_tensorboard(assets, tmp_
     exported = _transformer_state(result["export"])
     start = TinySRPipeline.from_teacher(load_teacher(config), [0, 2]).transformer.state_dict()
     assert any(not torch.equal(exported[name], start[name]) for name in start)
+    # The export holds the EMA shadow weights of the last checkpoint, not the raw trained weights saved beside them.
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    ema_state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    raw = load_file(checkpoint / "model.safetensors")
+    names = [name for name, _ in TinySRPipeline.from_pretrained(result["export"]).transformer.named_parameters()]
+    assert len(names) == len(ema_state["shadow_params"])  # every parameter trained (no LoRA), in parameter order
+    for name, shadow in zip(names, ema_state["shadow_params"]):
+        assert torch.equal(exported[name], shadow), name
+    assert any(not torch.equal(raw[name], exported[name]) for name in names)
 
 
 def test_accelerate_config_examples_parse():
