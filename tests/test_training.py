@@ -331,3 +331,16 @@ def test_streamed_dataset_resumes_like_an_uninterrupted_run(assets, tmp_path, ca
                                "resume_from_checkpoint=latest"))
     assert resumed["step"] == 4 and len(full["losses"]) == 4
     assert full["losses"][2:] == resumed["losses"]
+
+
+@pytest.mark.parametrize("cast", [True, False])
+def test_bf16_keeps_the_frozen_teacher_in_bf16_and_exports_float32(assets, tmp_path, monkeypatch, cast):
+    import training.distill as distill
+
+    loaded = []
+    monkeypatch.setattr(distill, "load_teacher", lambda config: loaded.append(load_teacher(config)) or loaded[-1])
+    result = train(config_for(assets, "latent", tmp_path / "out", "hr_size=64", "max_steps=1", "mixed_precision=bf16",
+                              f"cast_teacher={str(cast).lower()}"))
+    assert loaded[0].transformer.dtype == (torch.bfloat16 if cast else torch.float32)
+    assert loaded[0].vae.dtype == torch.float32  # a student may share the teacher's VAE
+    assert TinySRPipeline.from_pretrained(result["export"]).transformer.dtype == torch.float32

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.distill import build_data, load_teacher, make_accelerator  # noqa: E402
+from training.distill import build_data, cast_frozen_teacher, load_teacher, make_accelerator  # noqa: E402
 from training.latents import write_latent_cache  # noqa: E402
 
 
@@ -33,6 +33,7 @@ def cache_latents(config) -> str:
     set_seed(config.seed)
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(accelerator.device)
+    cast_frozen_teacher(accelerator, config, teacher)
     dataset, loader = build_data(config, from_cache=False)
     degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
     with torch.no_grad():

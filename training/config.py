@@ -69,6 +69,8 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay.", 1e-2)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
     mixed_precision: str = _help(f"One of {MIXED_PRECISION}; `accelerate launch --mixed_precision` overrides.", "no")
+    cast_teacher: bool = _help("Keep the frozen teacher transformer in the mixed-precision dtype (fp16/bf16) to halve "
+                               "its memory; false keeps it in float32.", True)
     seed: int = _help("Seed of initialisation, crops, shuffling and degradations.", 80)
 
     lora_rank: int = _help("LoRA rank of the student transformer (peft); 0 = full fine-tuning.", 64)

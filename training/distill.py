@@ -85,6 +85,15 @@ def load_teacher(config: TrainConfig) -> TSDSRPipeline:
     return teacher
 
 
+def cast_frozen_teacher(accelerator: Accelerator, config: TrainConfig, teacher: TSDSRPipeline) -> None:
+    """Keep the frozen teacher transformer in the mixed-precision dtype, as diffusers' training scripts keep frozen
+    models in `weight_dtype`: half its memory, and autocast computes in that dtype anyway. Call it after the student
+    has been copied from the teacher (the VAE stays float32: a student may share it)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
+    if dtype is not None and config.cast_teacher:
+        teacher.transformer.to(dtype=dtype)
+
+
 def load_student(config: TrainConfig, teacher: TSDSRPipeline) -> TinySRPipeline:
     vae = TinySRAutoencoder.from_pretrained(config.student_vae) if config.student_vae else None
     if config.student:
@@ -311,6 +320,7 @@ def train(config: TrainConfig) -> dict:
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(device)
         stage = STAGE_CLASSES[config.stage](config, teacher)
+    cast_frozen_teacher(accelerator, config, teacher)
     model = stage.trainable()
     if config.stage in ("latent", "pixel") and not config.lora_rank:
         model.requires_grad_(True)
@@ -466,7 +476,8 @@ def train_prune(config: TrainConfig) -> dict:
     learner = MaskLearner(
         teacher.transformer, learner_config, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
         timestep=teacher.timestep, perceptual_loss=perceptual, output_dir=config.output_dir, accelerator=accelerator,
-    )
+    )  # the learner's student is a float32 copy of the teacher transformer made here
+    cast_frozen_teacher(accelerator, config, teacher)
     dataset, loader = build_data(config, from_cache=bool(config.latent_cache))
     if config.latent_cache:
         data = loader  # MaskLearner shards it across processes

@@ -164,8 +164,9 @@ def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, data
         if crops is None:
             continue
         generator = batch_generator(accelerator.device, config.seed, position, rank)
-        latents = encode_batch(teacher, make_batch(crops.to(accelerator.device), degrade, generator), generator,
-                               with_teacher=True)
+        batch = make_batch(crops.to(accelerator.device), degrade, generator)
+        with accelerator.autocast():  # the teacher transformer may be in the mixed-precision dtype
+            latents = encode_batch(teacher, batch, generator, with_teacher=True)
         pending.append({key: value.float().cpu() for key, value in latents.items()})
         buffered += len(crops)
         samples += len(crops)
