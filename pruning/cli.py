@@ -6,7 +6,8 @@
     tinysr-prune export --teacher PATH --decision runs/tinysr/pruning.json --output pruned [--push-to-hub user/repo]
 
 `--teacher` is a local folder or a Hub repo id: an `SD3Transformer2DModel` (a pipeline folder's `transformer`
-subfolder is found on its own) or a `TinySRTransformer2DModel`. `--data` is a safetensors file or folder of shards with
+subfolder is found on its own, and a TSD-SR pipeline's stored prompt is used unless `--prompt-embeds` /
+`--pooled-projections` are given) or a `TinySRTransformer2DModel`. `--data` is a safetensors file or folder of shards with
 `lr_latents`, `hr_latents` and optionally `teacher_latents` (see `pruning.data`).
 """
 
@@ -23,7 +24,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
-from tinysr_diffusers import TinySRAutoencoder, TinySRTransformer2DModel
+from tinysr_diffusers import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
 
 from .data import latent_loader
 from .decision import PruningDecision
@@ -109,16 +110,32 @@ def load_tensor(path: Optional[str]) -> Optional[torch.Tensor]:
     return tensor
 
 
+def _pipeline_prompt(args: argparse.Namespace) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The stored prompt of a TSD-SR pipeline given as `--teacher` (its `prompt_embeddings/`), if it has one."""
+    path, subfolder = _model_location(args.teacher, args.subfolder)
+    if subfolder != "transformer":
+        return None
+    if Path(path).exists() and not (Path(path) / "prompt_embeddings" / "config.json").is_file():
+        return None
+    try:
+        embeddings = PromptEmbeddings.from_pretrained(path, subfolder="prompt_embeddings")
+    except OSError:  # a Hub repo without prompt embeddings
+        return None
+    print(f"Conditioning on the prompt embeddings stored in {args.teacher} (prompt_embeddings/).", file=sys.stderr)
+    with torch.no_grad():
+        return embeddings(1)
+
+
 def _conditioning(args: argparse.Namespace, teacher) -> dict[str, Any]:
+    """The fixed SD3 conditioning: `--prompt-embeds` / `--pooled-projections`, else a TSD-SR pipeline's stored prompt."""
     if isinstance(teacher, TinySRTransformer2DModel):
         if args.prompt_embeds or args.pooled_projections:
             raise ValueError("A TinySR teacher takes no prompt or pooled embeddings (they are cached in the model).")
         return {}
-    return dict(
-        encoder_hidden_states=load_tensor(args.prompt_embeds),
-        pooled_projections=load_tensor(args.pooled_projections),
-        timestep=args.timestep,
-    )
+    prompt, pooled = load_tensor(args.prompt_embeds), load_tensor(args.pooled_projections)
+    if prompt is None and pooled is None:
+        prompt, pooled = _pipeline_prompt(args) or (None, None)
+    return dict(encoder_hidden_states=prompt, pooled_projections=pooled, timestep=args.timestep)
 
 
 def _import_object(spec: str) -> Any:

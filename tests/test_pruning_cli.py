@@ -344,3 +344,27 @@ def test_perceptual_loss_through_a_vae(workspace, tmp_path):
         assert main(args[:-1] + [str(tmp_path / "other"), "--perceptual-loss", "toy_perceptual"]) == 2
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_a_tsdsr_pipeline_teacher_brings_its_stored_prompt(tmp_path, capsys):
+    from pruning.cli import _conditioning, build_parser, load_teacher
+    from tests.tiny_pipelines import tiny_teacher
+
+    pipeline = tiny_teacher()
+    pipeline.save_pretrained(tmp_path / "tsdsr")
+    args = build_parser().parse_args(
+        ["score", "--teacher", str(tmp_path / "tsdsr"), "--data", "unused", "--method", "shortgpt", "--keep", "2",
+         "--output", "unused.json"]
+    )
+    teacher = load_teacher(args)
+    conditioning = _conditioning(args, teacher)
+    prompt, pooled = pipeline.prompt_embeddings(1)
+    assert torch.equal(conditioning["encoder_hidden_states"], prompt)
+    assert torch.equal(conditioning["pooled_projections"], pooled)
+    assert "prompt embeddings stored in" in capsys.readouterr().err
+    # explicit embeddings win; a bare transformer folder has no stored prompt
+    torch.save(torch.zeros_like(pooled[0]), tmp_path / "pooled.pt")
+    args.pooled_projections = str(tmp_path / "pooled.pt")
+    assert torch.equal(_conditioning(args, teacher)["pooled_projections"], torch.zeros_like(pooled[0]))
+    args.pooled_projections, args.teacher = None, str(tmp_path / "tsdsr" / "transformer")
+    assert _conditioning(args, teacher)["encoder_hidden_states"] is None
