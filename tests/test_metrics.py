@@ -23,6 +23,12 @@ CALIBRATION = {
 }
 
 
+# NIQE rounds the float32 Y channel to integers before its statistics, so the last bit of the RGB -> Y matmul (which
+# depends on the CPU's BLAS kernels) flips a few pixels and moves the score by ~1e-4 relative: measured I03 15.6532
+# on an Intel Xeon, 15.6558 on an AMD EPYC (published 15.6538); with a float64 Y channel pyiqa itself gives 15.6701.
+RELATIVE_TOLERANCE = {"lpips": 1e-4, "dists": 1e-4, "niqe": 2.5e-4}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lpips", "dists", "niqe"])
 def test_offline_metrics_reproduce_pyiqa_calibration(name):
@@ -30,8 +36,7 @@ def test_offline_metrics_reproduce_pyiqa_calibration(name):
     for pair, expected in zip(CALIBRATION_PAIRS, CALIBRATION[name]):
         distorted, reference = calibration_pair(pair)
         value = float(metric(distorted) if name == "niqe" else metric(distorted, reference))
-        # NIQE is sensitive to float rounding (pyiqa's own float32/float64 paths differ by 1e-3 on I03).
-        assert value == pytest.approx(expected, abs=1.5e-4, rel=1e-4), pair
+        assert value == pytest.approx(expected, abs=1.5e-4, rel=RELATIVE_TOLERANCE[name]), pair
 
 
 def test_psnr_and_ssim_use_the_ycbcr_y_channel():
