@@ -33,6 +33,7 @@ from .learner import SEARCHES, MaskLearner, MaskLearnerConfig
 from .losses import LOSS_KINDS, DecodedPerceptualLoss
 from .masked import MaskedTransformer
 from .methods import METHODS, get_method
+from .methods.base import check_keep
 from .search_space import SearchSpace
 
 
@@ -73,7 +74,12 @@ def _model_class(path: str, subfolder: Optional[str]) -> type:
 def _teacher_layers(args: argparse.Namespace) -> int:
     """Number of layers, read from the config alone (errors about the keep count come before loading weights)."""
     path, subfolder = _model_location(args.teacher, args.subfolder)
-    return int(SD3Transformer2DModel.load_config(path, subfolder=subfolder)["num_layers"])
+    try:
+        config = SD3Transformer2DModel.load_config(path, subfolder=subfolder)
+    except OSError as error:  # not a local folder: the Hub could not be reached or has no such repo
+        raise FileNotFoundError(f"--teacher {args.teacher!r} is not a local folder and could not be loaded from the "
+                                f"Hub: {error}") from None
+    return int(config["num_layers"])
 
 
 def load_teacher(args: argparse.Namespace):
@@ -174,6 +180,9 @@ def run_space(args: argparse.Namespace) -> None:
 
 def run_score(args: argparse.Namespace) -> None:
     num_layers = _teacher_layers(args)
+    if args.num_batches is not None and args.num_batches < 1:
+        raise ValueError(f"--num-batches must be positive (or left out for all batches), got {args.num_batches}.")
+    check_keep(args.keep, num_layers)
     options = _parse_options(args.option)
     if args.method in ("tinysr", "tinyfusion"):
         SearchSpace.from_keep(num_layers, args.keep, options.get("block_size", 4), options.get("delta", 1))
@@ -357,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, KeyError, OSError) as error:  # OSError: missing files, existing outputs, the Hub
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROGRAM} {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -213,6 +213,7 @@ class MaskedTransformer(nn.Module):
         Returns:
             The predicted velocity, shaped like `latents`.
         """
+        latents = latents.to(self.transformer.dtype)  # e.g. float32 cached latents into a bfloat16 model
         state = self._state
         if layer_mask is None:
             state.mask, state.computed = None, None

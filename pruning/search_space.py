@@ -132,9 +132,13 @@ class SearchSpace:
 
     def summary(self) -> str:
         """A one-paragraph report of the three space sizes and the reachable fractions."""
+        try:
+            inter_block = f"{self.inter_block_size:,} ({100 * self.inter_block_fraction:.2f}%)"
+        except ValueError as error:  # e.g. every layer kept: no layer can move between blocks
+            inter_block = f"not applicable ({error})"
         return (
             f"{self.num_layers} layers, blocks of {self.block_size} keeping {self.keep_per_block} "
             f"({self.num_keep} kept): full {self.full_size:,}; static {self.static_size:,} "
             f"({100 * self.static_fraction:.2f}%); with Dynamic Inter-block Activation (delta={self.delta}) "
-            f"{self.inter_block_size:,} ({100 * self.inter_block_fraction:.2f}%)."
+            f"{inter_block}."
         )

@@ -179,6 +179,10 @@ def test_score_learn_export(workspace, capsys):
             ["score", "--method", "shortgpt", "--keep", "4", "--prompt-embeds", "missing.pt"],
             "missing.pt does not exist",
         ),
+        (["score", "--method", "shortgpt", "--keep", "9"], "Cannot keep 9 of 8 layers"),
+        (["score", "--method", "shortgpt", "--keep", "4", "--option", "steps=3"], "Invalid options ['steps']"),
+        (["score", "--method", "tinysr", "--keep", "4", "--option", "steps=3"], "Unknown tinysr options ['steps']"),
+        (["score", "--method", "shortgpt", "--keep", "4", "--num-batches", "0"], "--num-batches must be positive"),
     ],
 )
 def test_clear_errors(workspace, capsys, args, message):
@@ -213,6 +217,10 @@ def test_teacher_and_method_errors(workspace, capsys, tmp_path):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    # A relative path that does not exist reads like a Hub repo id; offline, the Hub cannot be reached: one clear line.
+    export = ["export", "--keep-layers", "0", "--output", str(tmp_path / "o")]
+    assert main(["export", "--teacher", "runs/missing", *export[1:]]) == 2
+    assert "--teacher 'runs/missing' is not a local folder and could not be loaded from the Hub" in capsys.readouterr().err
     assert main(["export", "--teacher", str(tmp_path), "--keep-layers", "0", "--output", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -368,3 +376,13 @@ def test_a_tsdsr_pipeline_teacher_brings_its_stored_prompt(tmp_path, capsys):
     assert torch.equal(_conditioning(args, teacher)["pooled_projections"], torch.zeros_like(pooled[0]))
     args.pooled_projections, args.teacher = None, str(tmp_path / "tsdsr" / "transformer")
     assert _conditioning(args, teacher)["encoder_hidden_states"] is None
+
+
+def test_score_and_learn_in_bfloat16(workspace, tmp_path):
+    """float32 cached latents feed a model loaded with --dtype bfloat16."""
+    common = ["--teacher", str(workspace / "pipeline"), "--dtype", "bfloat16", *_embeddings(workspace),
+              "--data", str(workspace / "latents.safetensors"), "--keep", "4"]
+    assert main(["score", *common, "--method", "shortgpt", "--output", str(tmp_path / "shortgpt.json")]) == 0
+    assert len(json.loads((tmp_path / "shortgpt.json").read_text())["keep_layers"]) == 4
+    assert main(["learn", *common, "--max-steps", "2", "--lora-rank", "2", "--output-dir", str(tmp_path / "run")]) == 0
+    assert len(json.loads((tmp_path / "run" / "pruning.json").read_text())["keep_layers"]) == 4

@@ -42,6 +42,8 @@ def test_sd3_export_loads_cleanly_and_equals_the_masked_model(tmp_path, kind, ke
             expected = masked(x, decision.mask)
         with MaskedTransformer(pruned, **cond) as masked:
             assert torch.allclose(masked(x), expected, atol=1e-6)
+        # Independently: diffusers' own forward of the export equals diffusers' source with the other layers skipped.
+        assert torch.allclose(pruned(x, **_sd3_inputs(cond, x)).sample, _skipping(source, decision, cond, x), atol=1e-6)
 
     record = json.loads((tmp_path / "pruned" / "pruning.json").read_text())
     assert record["keep_layers"] == keep and record["method"] == "test" and record["format"] == "sd3"
@@ -52,14 +54,30 @@ def test_sd3_export_loads_cleanly_and_equals_the_masked_model(tmp_path, kind, ke
     )
 
 
+def _sd3_inputs(cond: dict, x: torch.Tensor) -> dict:
+    batch = x.shape[0]
+    return dict(encoder_hidden_states=cond["encoder_hidden_states"].expand(batch, -1, -1),
+                pooled_projections=cond["pooled_projections"].expand(batch, -1), timestep=torch.full((batch,), 1000.0))
+
+
+def _skipping(source: SD3Transformer2DModel, decision: PruningDecision, cond: dict, x: torch.Tensor) -> torch.Tensor:
+    return source(x, **_sd3_inputs(cond, x), skip_layers=decision.pruned_layers).sample
+
+
+@torch.no_grad()
 def test_last_block_conversion_is_needed():
-    """Without moving (shift, scale) rows into the continuous norm the text stream of the last block would differ."""
+    """The last kept block's text-stream modulation must be re-ordered into the continuous norm's (scale, shift):
+    with the source rows copied as they are, the export no longer equals the source with the other layers skipped."""
     source = tiny_sd3("sd3")
-    pruned = prune_sd3(source, [0, 3])
-    converted = pruned.transformer_blocks[1].norm1_context.linear.weight
-    original = source.transformer_blocks[3].norm1_context.linear.weight
-    dim = source.inner_dim
-    assert torch.equal(converted[:dim], original[dim : 2 * dim]) and torch.equal(converted[dim:], original[:dim])
+    cond, x = conditioning(source, tokens=3), latents()
+    decision = PruningDecision("test", 8, [0, 3])
+    pruned = prune_sd3(source, decision.keep_layers)
+    expected = _skipping(source, decision, cond, x)
+    assert torch.allclose(pruned(x, **_sd3_inputs(cond, x)).sample, expected, atol=1e-6)
+    linear = pruned.transformer_blocks[1].norm1_context.linear
+    linear.weight.copy_(source.transformer_blocks[3].norm1_context.linear.weight[: 2 * source.inner_dim])
+    linear.bias.copy_(source.transformer_blocks[3].norm1_context.linear.bias[: 2 * source.inner_dim])
+    assert not torch.allclose(pruned(x, **_sd3_inputs(cond, x)).sample, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "sd3.5"])

@@ -80,7 +80,7 @@ def test_clear_errors():
         get_method("shortgpt").decide(teacher, _data(teacher), keep=9)
     with pytest.raises(ValueError, match="impossible with blocks of 4"):
         get_method("tinysr", **LEARNED_OPTIONS).decide(teacher, _data(teacher), keep=3)
-    with pytest.raises(TypeError, match="Unknown tinyfusion options"):
+    with pytest.raises(ValueError, match="Unknown tinyfusion options"):
         get_method("tinyfusion", steps=3)
     with pytest.raises(ValueError, match="calibration data is empty"):
         get_method("sensitivity").decide(teacher, [], keep=4)

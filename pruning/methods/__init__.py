@@ -19,7 +19,10 @@ def get_method(name: str, **options) -> PruningMethod:
     """The method called `name` (see `METHODS`) built with `options`."""
     if name not in METHODS:
         raise ValueError(f"Unknown pruning method {name!r}; choose one of {', '.join(METHODS)}.")
-    return METHODS[name](**options)
+    try:
+        return METHODS[name](**options)
+    except TypeError as error:  # an option the method does not take
+        raise ValueError(f"Invalid options {sorted(options)} for the {name} method: {error}") from None
 
 
 __all__ = [

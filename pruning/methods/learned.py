@@ -18,7 +18,7 @@ class _LearnedMethod(PruningMethod):
         fields = {f.name for f in dataclasses.fields(MaskLearnerConfig)} - {"keep", "search"}
         unknown = set(config) - fields
         if unknown:
-            raise TypeError(f"Unknown {self.name} options {sorted(unknown)}; choose from {sorted(fields)}.")
+            raise ValueError(f"Unknown {self.name} options {sorted(unknown)}; choose from {sorted(fields)}.")
         self.config = config
         self.output_dir = output_dir
 
