@@ -273,7 +273,6 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
                 f"{row['after']['ssim_y']:.4f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    space = SearchSpace.from_keep(args.num_layers, args.keep, args.block_size)
     recovery = f"LoRA rank {args.recovery_rank}" if args.recovery_rank else "full fine-tuning"
     return "\n".join(
         [
@@ -286,13 +285,15 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
             "",
             description,
             "",
-            f"Budget, equal for every method: keep {args.keep} of {args.num_layers} layers; calibration = the first "
-            f"{args.calibration_batches} training batches of {args.batch_size}; learned methods search "
-            f"{args.search_steps} steps (LoRA rank {args.lora_rank}, EMA {args.ema_decay}, other settings the paper's "
-            f"and TinyFusion's); random-min draws {args.random_candidates} masks; recovery: {args.recovery_steps} steps "
-            f"of {recovery}, AdamW lr {args.recovery_lr}, distillation MSE (paper A.4), identical data order and "
-            f"seed. Metrics on {args.eval_crops if args.small else 'the evaluation'} held-out samples. Search space: "
-            f"{space.summary()}",
+            f"The same for every method: the teacher, keep {args.keep} of {args.num_layers} layers, and the recovery "
+            f"({args.recovery_steps} steps of {recovery}, AdamW lr {args.recovery_lr}, distillation MSE (paper A.4), "
+            f"identical data order and seed). What each decision sees differs by kind, as in the paper: the "
+            f"score-based methods calibrate on the first {args.calibration_batches} training batches of "
+            f"{args.batch_size} (random-min draws {args.random_candidates} masks); the learned methods search "
+            f"{args.search_steps} steps over all {args.num_train_batches} training batches (LoRA rank "
+            f"{args.lora_rank}, EMA {args.ema_decay}, other settings the paper's and TinyFusion's). Metrics on "
+            f"{args.eval_crops if args.small else 'the evaluation'} held-out samples. Search space: "
+            f"{args.space.summary()}",
             "",
             *lines,
             "",
@@ -357,6 +358,11 @@ def main(argv=None) -> None:
     teacher, conditioning, train, evaluation, decode, description = (small_setup if args.small else given_setup)(args)
     args.num_layers = teacher.config.num_layers
     args.keep = args.keep or args.num_layers // 2
+    try:  # before any method runs: the learned methods need the keep count in every block
+        args.space = SearchSpace.from_keep(args.num_layers, args.keep, args.block_size)
+    except ValueError as error:
+        raise SystemExit(f"error: --keep {args.keep}: {error}") from None
+    args.num_train_batches = len(train)
     calibration = train[: args.calibration_batches]
 
     with torch.no_grad(), MaskedTransformer(teacher, **conditioning) as model:
