@@ -11,8 +11,6 @@ import copy
 import json
 import math
 import os
-import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -28,7 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tinysr_diffusers.utils import PathLike, atomic_write_text, launched_accelerator
+from tinysr_diffusers.utils import (
+    PathLike,
+    atomic_write_text,
+    launched_accelerator,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 from .data import as_latent_batch
 from .decision import PruningDecision
@@ -45,7 +49,6 @@ logger = logging.get_logger(__name__)
 SEARCHES = ("tinysr", "tinyfusion")
 # The LoRA targets of the TinySR release (attention, feed-forward, adaLN and time-embedding linears).
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "proj", "linear", "linear_1", "linear_2", "net.2")
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -274,41 +277,27 @@ class MaskLearner:
                 )
             student.gates.load_state_dict(load_file(os.path.join(input_dir, "gates.safetensors")))
 
-    def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-<step>` atomically (a hidden temporary folder renamed when complete)."""
-        accelerator = self.accelerator
-        folder = self.output_dir / "checkpoints"
-        final = folder / f"{CHECKPOINT_PREFIX}{self.progress.step}"
-        temporary = folder / f".{final.name}.tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-            limit = self.config.checkpoints_total_limit
-            if limit:
-                for old in sorted(_checkpoints(folder), key=_checkpoint_step)[:-limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return final
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
 
-    def resolve_checkpoint(self, resume_from: PathLike) -> Path:
-        """`"latest"` (the highest step under `output_dir/checkpoints`) or a checkpoint folder."""
-        if str(resume_from) == "latest":
-            if self.output_dir is None:
-                raise ValueError("Resuming from 'latest' needs an `output_dir`.")
-            found = _checkpoints(self.output_dir / "checkpoints")
-            if not found:
-                raise FileNotFoundError(f"No checkpoint to resume from in {self.output_dir / 'checkpoints'}.")
-            return max(found, key=_checkpoint_step)
-        path = Path(resume_from)
-        if not (path / "gates.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is not a mask-learning checkpoint (no gates.safetensors).")
-        return path
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/checkpoint-<step>` atomically (see [`tinysr_diffusers.utils.save_checkpoint`])."""
+        return Path(
+            save_checkpoint(
+                self.accelerator, self.checkpoint_dir, self.progress.step, self.config.checkpoints_total_limit
+            )
+        )
+
+    def resolve_checkpoint(self, resume_from: PathLike) -> Optional[Path]:
+        """`"latest"` (the highest step under `output_dir/checkpoints`, None if there is none yet) or a checkpoint
+        folder."""
+        if str(resume_from) == "latest" and self.output_dir is None:
+            raise ValueError("Resuming from 'latest' needs an `output_dir`.")
+        if str(resume_from) != "latest" and not (Path(resume_from) / "gates.safetensors").is_file():
+            raise FileNotFoundError(f"{resume_from} is not a mask-learning checkpoint (no gates.safetensors).")
+        checkpoint = resolve_checkpoint(self.checkpoint_dir if self.output_dir else "", resume_from)
+        return Path(checkpoint) if checkpoint is not None else None
 
     # ------------------------------------------------------------------------------------------------- training
     def _batches(self, data: Iterable, start: int) -> Iterator[Any]:
@@ -335,6 +324,15 @@ class MaskLearner:
     def _teacher_estimate(self, latents: torch.Tensor) -> torch.Tensor:
         with self.accelerator.autocast():
             return self._teacher_masked.predict_clean(latents)
+
+    def base_transformer(self) -> MaskableTransformer:
+        """The student's frozen base weights (the teacher's, in the copy made at construction) without its LoRA
+        adapters and mask hooks: what a decision is applied to, the search's LoRA being discarded as in TinyFusion.
+        It takes the student apart: call it once training is over."""
+        masked = self.accelerator.unwrap_model(self.student).masked
+        transformer = masked.remove()
+        transformer.unload_lora()
+        return transformer.requires_grad_(False).eval()
 
     def record(self, step: int, losses: dict[str, float], mask: torch.Tensor) -> dict[str, Any]:
         """Log the keep probabilities (from the moving-average gates) at `step`."""
@@ -404,8 +402,8 @@ class MaskLearner:
         accelerator, config = self.accelerator, self.config
         if isinstance(data, DataLoader):
             data = accelerator.prepare(data)
-        if resume_from is not None:
-            checkpoint = self.resolve_checkpoint(resume_from)
+        checkpoint = self.resolve_checkpoint(resume_from) if resume_from is not None else None
+        if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
             logger.info(f"Resumed mask learning from {checkpoint} at step {self.progress.step}.")
         if accelerator.is_main_process and config.report_to:
@@ -466,12 +464,3 @@ class MaskLearner:
             accelerator.end_training()
         return decision
 
-
-def _checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [path for path in folder.iterdir() if path.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name)]
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX) :])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusers import DiffusionPipeline
 from tests.tiny_pipelines import photo, tiny_teacher, tiny_tinysr_vae
@@ -17,7 +18,7 @@ from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.perceptual import LPIPS
 from training.data import random_crop
 from training.discriminator import PatchDiscriminator
-from training.distill import STAGE_CLASSES, NonFiniteLossError, find_checkpoint, generator_loss, load_teacher, main, train
+from training.distill import STAGE_CLASSES, NonFiniteLossError, generator_loss, load_teacher, main, train
 from training.latents import make_batch
 
 
@@ -76,6 +77,13 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "degradation.noise_range=[5, 1]"])
     with pytest.raises(SystemExit):  # argparse: unrecognized arguments
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "degradation.no_such=1"])
+    with pytest.raises(SystemExit):  # no abbreviations: `ema` is not silently ema_decay
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "ema=0.5"])
+    with pytest.raises(ValueError, match="checkpoints_total_limit must be positive"):
+        load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "checkpoints_total_limit=0"])
+    # The value after `--key` is taken as it is, `=` included.
+    assert load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "--output_dir", "runs/lr=1e-4",
+                        "max_steps=3"]).output_dir == "runs/lr=1e-4"
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: latent\nlerning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown settings \\['lerning_rate'\\]"):
@@ -162,10 +170,9 @@ def test_non_finite_loss_stops_with_a_checkpoint(assets, tmp_path):
     teacher.save_pretrained(tmp_path / "nan_teacher")
     config = config_for(assets, "latent", tmp_path / "out", f"teacher={tmp_path / 'nan_teacher'}", "max_steps=3",
                         "hr_size=64")
-    with pytest.raises(NonFiniteLossError, match="Loss became nan at step 1.*checkpoint-0"):
+    with pytest.raises(NonFiniteLossError, match="Loss became non-finite at step 1 .*'loss': nan.*checkpoint-0"):
         train(config)
-    assert (tmp_path / "out" / "checkpoint-0").is_dir()
-    assert not (tmp_path / "out" / "checkpoint-0.tmp").exists()
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-0"]  # complete, no temporary folder left
 
 
 @pytest.mark.slow
@@ -232,13 +239,17 @@ def test_accelerate_config_examples_parse():
 
 
 def test_latest_checkpoint_ignores_unfinished_ones(tmp_path):
-    # A kill during save_state leaves `checkpoint-N.tmp`; resuming takes the newest complete checkpoint.
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "final"):
+    from tinysr_diffusers.utils import resolve_checkpoint
+
+    # A kill during save_state leaves `.checkpoint-N.tmp`; resuming takes the newest complete checkpoint.
+    for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.tmp", "checkpoint-11.tmp", "final"):
         (tmp_path / name).mkdir()
-    assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
-    assert find_checkpoint(str(tmp_path / "empty"), "latest") is None
+    assert resolve_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None  # a new run
     with pytest.raises(FileNotFoundError, match="checkpoint-3"):
-        find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-3"))
+        resolve_checkpoint(tmp_path, tmp_path / "checkpoint-3")
+    with pytest.raises(ValueError, match="expected a name checkpoint-<step>"):
+        resolve_checkpoint(tmp_path, tmp_path / "final")
 
 
 def test_datasets_image_dataset_gives_seeded_crops_and_skips_corrupt_images(assets, caplog):
@@ -249,12 +260,13 @@ def test_datasets_image_dataset_gives_seeded_crops_and_skips_corrupt_images(asse
     assert dataset.hf_dataset is not None and len(dataset) == 5
     with caplog.at_level("WARNING"):
         crops = [dataset[index] for index in range(len(dataset))]
-    assert sum(crop is None for crop in crops) == 1 and "Skipping corrupt image" in caplog.text
-    assert all(crop.shape == (3, 64, 64) and 0 <= crop.min() <= crop.max() <= 1 for crop in crops if crop is not None)
+    # The corrupt image (broken.png) is logged and replaced by a crop of the next one in file order: full batches.
+    assert "Skipping corrupt image" in caplog.text
+    assert all(crop.shape == (3, 64, 64) and 0 <= crop.min() <= crop.max() <= 1 for crop in crops)
     again = [dataset[index] for index in range(len(dataset))]
-    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(crops, again))
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
     dataset.epoch = 1
-    assert not all(a is None or torch.equal(a, b) for a, b in zip(crops, (dataset[i] for i in range(len(dataset)))))
+    assert not all(torch.equal(a, b) for a, b in zip(crops, (dataset[i] for i in range(len(dataset)))))
 
 
 PRUNE = ["prune_keep=2", "prune_block_size=2", "gate_scale=[1,1]", "gate_tau=[1,0.5]", "logging_steps=1",
@@ -280,8 +292,30 @@ def test_prune_stage_learns_a_mask_resumes_and_exports_the_student(assets, tmp_p
     resumed = train(config_for(assets, "prune", tmp_path / "killed", *PRUNE, "max_steps=4",
                                "resume_from_checkpoint=latest"))
     assert resumed["step"] == 4 and resumed["decision"].keep_layers == decision.keep_layers
-    logged = [(tmp_path / run / "keep_probabilities.jsonl").read_text() for run in ("full", "killed")]
-    assert logged[0] == logged[1]  # same losses, masks and keep probabilities at every step
+    # A run killed while writing its first checkpoint left only the unfinished `.checkpoint-2.tmp`: it starts anew.
+    (tmp_path / "early" / "checkpoints" / ".checkpoint-2.tmp").mkdir(parents=True)
+    train(config_for(assets, "prune", tmp_path / "early", *PRUNE, "max_steps=4", "resume_from_checkpoint=latest"))
+    logged = [(tmp_path / run / "keep_probabilities.jsonl").read_text() for run in ("full", "killed", "early")]
+    assert logged[0] == logged[1] == logged[2]  # same losses, masks and keep probabilities at every step
+
+
+def test_prune_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path):
+    import json
+
+    from training.cache_latents import cache_latents
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "coffee"):
+        photo(name).save(images / f"{name}.png")
+    cache = tmp_path / "cache"  # two samples: with batch_size=2 every step sees the same batch
+    cache_latents(config_for(assets, "latent", tmp_path / "unused", f"train_data=[{images}]", "hr_size=64",
+                             f"latent_cache={cache}"))
+    train(config_for(assets, "prune", tmp_path / "prune", *PRUNE, f"latent_cache={cache}", "train_data=null",
+                     "max_steps=8", "learning_rate=5e-2", "checkpointing_steps=100"))
+    log = (tmp_path / "prune" / "keep_probabilities.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in log]
+    assert len(losses) == 8 and losses[-1] < 0.99 * losses[0], losses
 
 
 def test_latent_cache_feeds_the_prune_and_latent_stages(assets, tmp_path):
@@ -293,7 +327,7 @@ def test_latent_cache_feeds_the_prune_and_latent_stages(assets, tmp_path):
                         "cache_epochs=2", "cache_shard_size=3")
     cache_latents(config)
     info = (cache / "cache.json").read_text()
-    assert '"samples": 8' in info  # 4 readable photos (one file is corrupt) x 2 epochs
+    assert '"samples": 10' in info  # 5 files (the corrupt one replaced by the next photo) x 2 epochs
     shards = sorted(cache.glob("*.safetensors"))
     assert len(shards) >= 2 and not (tmp_path / "cache.tmp").exists()  # shards of >= 3 samples
     with safe_open(str(shards[0]), framework="pt") as handle:
@@ -333,14 +367,58 @@ def test_streamed_dataset_resumes_like_an_uninterrupted_run(assets, tmp_path, ca
     assert full["losses"][2:] == resumed["losses"]
 
 
-@pytest.mark.parametrize("cast", [True, False])
-def test_bf16_keeps_the_frozen_teacher_in_bf16_and_exports_float32(assets, tmp_path, monkeypatch, cast):
+@pytest.mark.parametrize("precision, cast", [("bf16", True), ("bf16", False), ("fp16", True)])
+def test_mixed_precision_keeps_the_frozen_teacher_in_its_dtype_and_exports_float32(assets, tmp_path, monkeypatch,
+                                                                                     caplog, precision, cast):
     import training.distill as distill
 
     loaded = []
     monkeypatch.setattr(distill, "load_teacher", lambda config: loaded.append(load_teacher(config)) or loaded[-1])
-    result = train(config_for(assets, "latent", tmp_path / "out", "hr_size=64", "max_steps=1", "mixed_precision=bf16",
-                              f"cast_teacher={str(cast).lower()}"))
-    assert loaded[0].transformer.dtype == (torch.bfloat16 if cast else torch.float32)
+    with caplog.at_level("WARNING"):
+        result = train(config_for(assets, "latent", tmp_path / "out", "hr_size=64", "max_steps=3",
+                                  "checkpointing_steps=1", "checkpoints_total_limit=2", f"mixed_precision={precision}",
+                                  f"cast_teacher={str(cast).lower()}"))
+    # accelerate runs fp16 on a CPU in float32: the teacher is not cast then, and the run says so.
+    computes_bf16 = precision == "bf16" and cast
+    assert loaded[0].transformer.dtype == (torch.bfloat16 if computes_bf16 else torch.float32)
+    assert ("fp16 mixed precision needs a GPU" in caplog.text) == (precision == "fp16")
     assert loaded[0].vae.dtype == torch.float32  # a student may share the teacher's VAE
     assert TinySRPipeline.from_pretrained(result["export"]).transformer.dtype == torch.float32
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "checkpoint-3", "final"]  # the newest two
+
+
+def test_prune_stage_in_bf16_exports_the_teachers_full_precision_weights(assets, tmp_path):
+    result = train(config_for(assets, "prune", tmp_path / "out", *PRUNE, "max_steps=1", "mixed_precision=bf16"))
+    student = TinySRPipeline.from_pretrained(result["export"]).transformer
+    teacher = load_teacher(config_for(assets, "prune", tmp_path / "unused", *PRUNE)).transformer
+    layer = result["decision"].keep_layers[-1]
+    assert student.dtype == torch.float32
+    assert torch.equal(student.transformer_blocks[-1].attn.to_q.weight, teacher.transformer_blocks[layer].attn.to_q.weight)
+
+
+def test_gan_stage_accumulates_only_discriminator_loss_gradients(assets, tmp_path, monkeypatch):
+    """With gradient accumulation the discriminator steps once on the sum of its micro-batch losses' gradients;
+    the generator's GAN term sends it none."""
+    import training.distill as distill
+
+    contributions, at_step, made = [], [], []
+
+    def recording_discriminator(config):
+        made.append(PatchDiscriminator(channels=8, num_layers=2))
+        made[0].net[-1].weight.register_hook(lambda grad: contributions.append(grad.clone()))
+        return made[0]
+
+    def before_step(optimizer, args, kwargs):
+        weight = made[0].net[-1].weight if made else None
+        if any(p is weight for group in optimizer.param_groups for p in group["params"]):
+            at_step.append(weight.grad.clone())
+
+    monkeypatch.setattr(distill, "discriminator_factory", recording_discriminator)
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        train(config_for(assets, "vae_decoder", tmp_path / "out", "hr_size=64", "batch_size=1", "max_steps=1",
+                         "gradient_accumulation_steps=2", "lpips_weight=0", "gan_weight=1"))
+    finally:
+        handle.remove()
+    assert len(contributions) == 2  # one backward of the discriminator loss per micro-batch, none from the generator
+    assert len(at_step) == 1 and torch.allclose(at_step[0], contributions[0] + contributions[1])

@@ -1,17 +1,23 @@
 """Small shared helpers: atomic outputs (a file or a folder appears complete under its final name, or not at all;
-an interrupted write leaves any previous version intact) and the accelerator of an `accelerate launch`."""
+an interrupted write leaves any previous version intact), the accelerator of an `accelerate launch`, and the atomic
+`checkpoint-<step>` folders of every training loop."""
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
 
 PathLike = Union[str, "os.PathLike[str]"]
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -65,16 +71,22 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[str]:
     try:
         yield temporary
         os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
-        if os.path.lexists(path):
-            retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.replace(path, os.path.join(retired, name))
-            os.replace(temporary, path)
-            shutil.rmtree(retired)
-        else:
-            os.replace(temporary, path)
+        _replace_directory(temporary, path)
     finally:
         if os.path.exists(temporary):
             shutil.rmtree(temporary)
+
+
+def _replace_directory(source: str, path: str) -> None:
+    """Rename the complete folder `source` to `path`; an existing `path` is moved aside first and deleted after."""
+    if os.path.lexists(path):
+        parent, name = os.path.split(path)
+        retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.replace(path, os.path.join(retired, name))
+        os.replace(source, path)
+        shutil.rmtree(retired)
+    else:
+        os.replace(source, path)
 
 
 def launched_accelerator(**kwargs):
@@ -92,3 +104,61 @@ def launched_accelerator(**kwargs):
                            f"{accelerator.num_processes} ({accelerator.distributed_type.value}); check the launch.")
     return accelerator
 
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_step(path: PathLike) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(os.fspath(path))))
+    if match is None:
+        raise ValueError(f"{os.fspath(path)!r} is not a checkpoint folder: expected a name checkpoint-<step>.")
+    return int(match.group(1))
+
+
+def list_checkpoints(folder: PathLike) -> list[str]:
+    """The complete `checkpoint-<step>` folders in `folder`, oldest first (unfinished `.checkpoint-*.tmp` ignored)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    found = [os.path.join(folder, name) for name in os.listdir(folder) if CHECKPOINT_PATTERN.match(name)]
+    return sorted((path for path in found if os.path.isdir(path)), key=checkpoint_step)
+
+
+def resolve_checkpoint(folder: PathLike, resume_from: PathLike) -> Optional[str]:
+    """`"latest"`: the newest complete checkpoint in `folder`, or None when there is none yet (a new run starts, as
+    in diffusers' training scripts). Otherwise the given `checkpoint-<step>` folder, which must exist."""
+    if os.fspath(resume_from) == "latest":
+        found = list_checkpoints(folder)
+        if not found:
+            logger.info("No checkpoint in %s yet: starting a new run.", os.fspath(folder))
+            return None
+        return found[-1]
+    path = os.fspath(resume_from)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Checkpoint folder {path!r} does not exist.")
+    checkpoint_step(path)
+    return path
+
+
+def save_checkpoint(accelerator, folder: PathLike, step: int, total_limit: Optional[int] = None) -> str:
+    """`accelerator.save_state` into `folder/checkpoint-<step>`, atomically.
+
+    Every process writes into the hidden `.checkpoint-<step>.tmp`; the main process then renames it (an existing
+    checkpoint of that step is replaced only once the new one is complete) and keeps the newest `total_limit`. A kill
+    at any moment leaves every earlier complete checkpoint intact.
+    """
+    folder = os.fspath(folder)
+    final = os.path.join(folder, f"checkpoint-{step}")
+    temporary = os.path.join(folder, f".checkpoint-{step}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _replace_directory(temporary, final)
+        if total_limit:
+            for old in list_checkpoints(folder)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

@@ -155,6 +155,9 @@ class TrainConfig:
             problems.append("the student needs `student` (a TinySRPipeline folder) or `keep_layers`")
         if self.stage == "prune":
             problems += self._prune_problems()
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
+            problems.append(f"checkpoints_total_limit must be positive (or null to keep all), got "
+                            f"{self.checkpoints_total_limit}")
         for name in ("cache_epochs", "cache_shard_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
@@ -229,6 +232,7 @@ def _parse_value(text: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accelerate launch training/distill.py",
+        allow_abbrev=False,  # `ema=0.5` must not silently set ema_decay
         description="Train a TinySR stage (DESIGN section 6). Options override the --config YAML; `key=value` works "
         "like `--key value`; values are YAML (`keep_layers=[0,2]`, `student=null`). Stages: vae_encoder, vae_decoder, "
         "prune (mask learning with the pruning package), latent (stage 1), pixel (stage 2).",
@@ -248,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """`key=value` -> `--key value`; `--key=value` stays for argparse."""
+    """`key=value` -> `--key value`; `--key=value` stays for argparse, and so does the value after a `--key`
+    (`--output_dir runs/lr=1e-4`)."""
     out = []
     for token in argv:
-        if not token.startswith("-") and "=" in token:
+        is_value = bool(out) and out[-1].startswith("--") and "=" not in out[-1]
+        if not is_value and not token.startswith("-") and "=" in token:
             key, value = token.split("=", 1)
             out += [f"--{key}", value]
         else:

@@ -2,14 +2,15 @@
 images are logged and skipped.
 
 Crops are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees the same crops as an
-uninterrupted one. `datasets` images are decoded here, not by `datasets`, so that one corrupt file does not end a
+uninterrupted one. A corrupt image is replaced by the next readable one (a stream moves on to its next item), so
+every batch is full and every process of a multi-process run stays at the same step. `datasets` images are decoded here, not by `datasets`, so that one corrupt file does not end a
 stream. The LR side is made on the accelerator by the Real-ESRGAN degradation (see `distill.py`).
 """
 
 import io
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -44,8 +45,10 @@ def open_image(value) -> PIL.Image.Image:
         return image
 
 
-def _crop_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, epoch, index)) % 2**63)
+def seeded_generator(seed: int, *key: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A generator seeded by `seed` and a key (e.g. epoch and index): the same numbers on every run and Python."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def _crop_or_skip(source, size: int, generator: torch.Generator, name: str) -> Optional[torch.Tensor]:
@@ -83,12 +86,20 @@ class HRCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.hf_dataset)
 
-    def __getitem__(self, index: int) -> Optional[torch.Tensor]:
-        generator = _crop_generator(self.seed, self.epoch, index)
+    def _crop(self, index: int, generator: torch.Generator) -> Optional[torch.Tensor]:
         if self.files is not None:
             return _crop_or_skip(self.files[index], self.size, generator, str(self.files[index]))
         return _crop_or_skip(self.hf_dataset[index][self.image_column], self.size, generator,
                              f"{self.image_column}[{index}]")
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """The crop of image `index`, or of the next readable image after it."""
+        generator = seeded_generator(self.seed, self.epoch, index)
+        for offset in range(len(self)):
+            crop = self._crop((index + offset) % len(self), generator)
+            if crop is not None:
+                return crop
+        raise ValueError("None of the training images can be read.")
 
 
 class StreamingCropDataset(IterableDataset):
@@ -106,14 +117,10 @@ class StreamingCropDataset(IterableDataset):
         for index, example in enumerate(self.hf_dataset):
             if worker is not None and index % worker.num_workers != worker.id:
                 continue  # every DataLoader worker reads the stream; each crops its own share
-            generator = _crop_generator(self.seed, self.epoch, index)
-            yield _crop_or_skip(example[self.image_column], self.size, generator, f"{self.image_column}[{index}]")
-
-
-def collate_crops(items: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """Stack the crops that loaded; None when the whole batch was corrupt (the step is then skipped)."""
-    items = [item for item in items if item is not None]
-    return torch.stack(items) if items else None
+            generator = seeded_generator(self.seed, self.epoch, index)
+            crop = _crop_or_skip(example[self.image_column], self.size, generator, f"{self.image_column}[{index}]")
+            if crop is not None:
+                yield crop
 
 
 def build_dataset(config):

@@ -22,13 +22,12 @@ previous checkpoint or the new one; `--resume_from_checkpoint latest` continues 
 degradations are seeded per step). A NaN/inf loss saves a checkpoint of the last good state and stops.
 """
 
+import contextlib
 import logging
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +44,15 @@ from pruning import DecodedPerceptualLoss, MaskLearner, MaskLearnerConfig, Pruni
 from pruning.data import LatentPairDataset  # noqa: E402
 from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
 from tinysr_diffusers.perceptual import LPIPS  # noqa: E402
-from tinysr_diffusers.utils import atomic_directory, launched_accelerator  # noqa: E402
+from tinysr_diffusers.utils import (  # noqa: E402
+    atomic_directory,
+    checkpoint_step,
+    launched_accelerator,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from training.config import LATENT_STAGES, TrainConfig, load_config  # noqa: E402
-from training.data import build_dataset, collate_crops  # noqa: E402
+from training.data import build_dataset  # noqa: E402
 from training.discriminator import PatchDiscriminator, hinge_discriminator_loss  # noqa: E402
 from training.latents import (  # noqa: E402
     EncodedBatches,
@@ -60,8 +65,6 @@ from training.latents import (  # noqa: E402
 
 
 logger = logging.getLogger("tinysr.distill")
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,11 +88,18 @@ def load_teacher(config: TrainConfig) -> TSDSRPipeline:
     return teacher
 
 
+def autocast_dtype(accelerator: Accelerator) -> Optional[torch.dtype]:
+    """The dtype mixed precision computes in; None for float32 (accelerate runs fp16 on a CPU in float32)."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
+
+
 def cast_frozen_teacher(accelerator: Accelerator, config: TrainConfig, teacher: TSDSRPipeline) -> None:
     """Keep the frozen teacher transformer in the mixed-precision dtype, as diffusers' training scripts keep frozen
     models in `weight_dtype`: half its memory, and autocast computes in that dtype anyway. Call it after the student
     has been copied from the teacher (the VAE stays float32: a student may share it)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
+    dtype = autocast_dtype(accelerator)
     if dtype is not None and config.cast_teacher:
         teacher.transformer.to(dtype=dtype)
 
@@ -227,40 +237,22 @@ STAGE_CLASSES = {"vae_encoder": VAEEncoderStage, "vae_decoder": VAEDecoderStage,
                  "pixel": PixelStage}  # `prune` runs the pruning package's learner: see `train_prune`
 
 
-# ------------------------------------------------------------------------------------------------------ checkpoints
-def find_checkpoint(output_dir: str, name: str) -> Optional[str]:
-    """`latest` -> the newest complete checkpoint in output_dir (None if there is none); else the given folder."""
-    if name != "latest":
-        if not os.path.isdir(name):
-            raise FileNotFoundError(f"Checkpoint folder {name!r} does not exist.")
-        return name
-    steps = [int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if m] \
-        if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> str:
-    """Save the full state atomically: every process writes into `checkpoint-N.tmp`, the main one renames it."""
-    final = os.path.join(config.output_dir, f"checkpoint-{step}")
-    temp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        if config.checkpoints_total_limit:
-            steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(config.output_dir)) if m)
-            for old in steps[: -config.checkpoints_total_limit]:
-                shutil.rmtree(os.path.join(config.output_dir, f"checkpoint-{old}"))
-    accelerator.wait_for_everyone()
-    return final
-
-
 # --------------------------------------------------------------------------------------------------------- training
+@contextlib.contextmanager
+def frozen(module: Optional[torch.nn.Module]) -> Iterator[None]:
+    """Run with `module`'s parameters not requiring gradients (then restored); no-op for None."""
+    if module is None:
+        yield
+        return
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(module.parameters(), flags):
+            parameter.requires_grad_(flag)
+
+
 def generator_loss(stage: Stage, model, batch: dict, generator, lpips=None, discriminator=None):
     """The student's weighted loss, its terms and the stage outputs; LPIPS/GAN terms when those modules are given."""
     config = stage.config
@@ -286,23 +278,24 @@ def make_accelerator(config: TrainConfig, **kwargs) -> Accelerator:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if accelerator.mixed_precision == "fp16" and autocast_dtype(accelerator) is None:
+        logger.warning("fp16 mixed precision needs a GPU: on %s this run trains in float32.", accelerator.device)
     accelerator.print(f"Stage {config.stage} on {accelerator.device}: {accelerator.distributed_type.value}, "
                       f"{accelerator.num_processes} process(es).")
     return accelerator
 
 
 def build_data(config: TrainConfig, from_cache: bool):
-    """(dataset, DataLoader): cached latent pairs, or HR crops (corrupt images dropped by `collate_crops`)."""
+    """(dataset, DataLoader): cached latent pairs, or HR crops (corrupt images replaced by readable ones)."""
     if from_cache:
         info = check_latent_cache(config.latent_cache)
         logger.info("Training from the latent cache %s (%d samples).", config.latent_cache, info["samples"])
         dataset = LatentPairDataset(config.latent_cache)
-        collate = None
     else:
-        dataset, collate = build_dataset(config), collate_crops
+        dataset = build_dataset(config)
     streamed = isinstance(dataset, torch.utils.data.IterableDataset)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=not streamed, num_workers=config.num_workers,
-                        collate_fn=collate, drop_last=from_cache,
+                        drop_last=from_cache,
                         generator=None if streamed else torch.Generator().manual_seed(config.seed))
     return dataset, loader
 
@@ -363,41 +356,43 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"hr_size {config.hr_size} is not a multiple of the degradation scale.")
 
     step = 0
-    if config.resume_from_checkpoint:
-        checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info("No checkpoint in %s: starting from scratch.", config.output_dir)
-        else:
-            accelerator.load_state(checkpoint)
-            step = int(CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(checkpoint))).group(1))
-            logger.info("Resumed from %s at step %d.", checkpoint, step)
+    checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint) \
+        if config.resume_from_checkpoint else None
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        step = checkpoint_step(checkpoint)
+        logger.info("Resumed from %s at step %d.", checkpoint, step)
 
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(f"tinysr-{config.stage}", config={k: str(v) for k, v in config.to_dict().items()})
 
-    losses, learning_rates = [], []
+    losses, learning_rates, micro_losses = [], [], []
     progress = tqdm(total=config.max_steps, initial=step, desc=config.stage,
                     disable=not accelerator.is_local_main_process)
     batches = epoch_batches(loader, dataset, step * config.gradient_accumulation_steps,
                             accelerator.skip_first_batches)
+    critic = accelerator.unwrap_model(discriminator) if uses_gan else None  # the generator's GAN term: no DDP sync
     for _, position, data in batches:
         if step >= config.max_steps:  # resumed from the last checkpoint: nothing left to train
             break
-        if data is None:
-            logger.warning("Batch %d had only corrupt images; skipped.", position + 1)
-            continue
         generator = batch_generator(device, config.seed, position, accelerator.process_index)
         batch = data if from_cache else make_batch(data, degrade, generator)
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(*([model, discriminator] if uses_gan else [model])):
             with accelerator.autocast():
-                loss, terms, outputs = generator_loss(stage, model, batch, generator, lpips,
-                                                      discriminator if uses_gan else None)
-            total = accelerator.reduce(loss.detach().float(), "mean")
-            if not torch.isfinite(total):
-                path = save_checkpoint(accelerator, config, step)
+                with frozen(critic):  # the generator's GAN term must not train the discriminator
+                    loss, terms, outputs = generator_loss(stage, model, batch, generator, lpips, critic)
+                if uses_gan:  # on the same fake images, before either model is updated
+                    terms["discriminator"] = hinge_discriminator_loss(discriminator(batch["hr"]),
+                                                                      discriminator(outputs["fake"].detach()))
+            checked = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+            checked = accelerator.reduce(checked, "mean")
+            if not torch.isfinite(checked).all():
+                path = save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit)
+                values = dict(zip(["loss", *terms], checked.tolist()))
                 raise NonFiniteLossError(
-                    f"Loss became {total.item()} at step {step + 1} ({ {k: v.item() for k, v in terms.items()} }); "
-                    f"the last good state is saved in {path}. Lower the learning rate or check the data.")
+                    f"Loss became non-finite at step {step + 1} ({values}); the last good state is saved in {path}. "
+                    f"Lower the learning rate or check the data.")
+            micro_losses.append(checked[0].item())
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -405,20 +400,16 @@ def train(config: TrainConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if uses_gan:
-                with accelerator.autocast():
-                    disc_loss = hinge_discriminator_loss(discriminator(batch["hr"]),
-                                                         discriminator(outputs["fake"].detach()))
-                disc_optimizer.zero_grad(set_to_none=True)  # drop the grads of the generator's GAN term
-                accelerator.backward(disc_loss)
+                accelerator.backward(terms["discriminator"])
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
-                terms["discriminator"] = disc_loss
         if not accelerator.sync_gradients:
             continue
         step += 1
         if ema is not None:
             ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
-        losses.append(total.item())
+        losses.append(sum(micro_losses) / len(micro_losses))  # the mean over the accumulated micro-batches
+        micro_losses.clear()
         learning_rates.append(optimizer.param_groups[0]["lr"])
         progress.update(1)
         progress.set_postfix(loss=f"{losses[-1]:.4g}")
@@ -428,7 +419,7 @@ def train(config: TrainConfig) -> dict:
         if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs:
             log_samples(accelerator, batch["lr_up"], outputs["fake"], batch["hr"], step)
         if step % config.checkpointing_steps == 0 or step == config.max_steps:
-            save_checkpoint(accelerator, config, step)
+            save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit)
     progress.close()
 
     unwrapped = accelerator.unwrap_model(model)
@@ -484,13 +475,12 @@ def train_prune(config: TrainConfig) -> dict:
     else:
         degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
         data = EncodedBatches(accelerator.prepare(loader), dataset, teacher, degrade, config.seed, accelerator)
-    resume = config.resume_from_checkpoint
-    if resume == "latest" and not os.path.isdir(os.path.join(config.output_dir, "checkpoints")):
-        logger.info("No checkpoint in %s: starting from scratch.", config.output_dir)
-        resume = None
-    decision: PruningDecision = learner.train(data, resume_from=resume)
+    decision: PruningDecision = learner.train(data, resume_from=config.resume_from_checkpoint)
     accelerator.print(f"{config.prune_search}: keep layers {decision.keep_layers} "
                       f"(-> {os.path.join(config.output_dir, 'pruning.json')})")
+    # The student is cut from the teacher's full-precision weights (the search's LoRA is discarded, as in TinyFusion):
+    # the learner's float32 copy of them, since the teacher itself may have been cast to the mixed-precision dtype.
+    teacher.register_modules(transformer=learner.base_transformer())
 
     def save(folder: str) -> None:  # main process only
         student_vae = TinySRAutoencoder.from_pretrained(config.student_vae) if config.student_vae else None

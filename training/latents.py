@@ -19,6 +19,7 @@ from tinysr_diffusers import TSDSRPipeline
 from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.image_processing import bicubic_upscale
 from tinysr_diffusers.utils import atomic_path, write_json
+from training.data import seeded_generator
 
 
 CACHE_INFO = "cache.json"
@@ -49,7 +50,7 @@ def encode_batch(teacher: TSDSRPipeline, batch: dict, generator: torch.Generator
 
 def batch_generator(device: torch.device, seed: int, *key: int) -> torch.Generator:
     """The generator of one batch, seeded by its place in the run (e.g. position and process) so a resume repeats it."""
-    return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
+    return seeded_generator(seed, *key, device=device)
 
 
 def data_length(loader) -> Optional[int]:
@@ -120,8 +121,6 @@ class EncodedBatches:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(self.epoch)
         for index, crops in enumerate(self.loader):
-            if crops is None:
-                continue  # only corrupt images in this batch (logged by the dataset)
             generator = batch_generator(accelerator.device, self.seed, self.epoch, index, accelerator.process_index)
             batch = make_batch(crops.to(accelerator.device), self.degrade, generator)
             latents = encode_batch(self.teacher, batch, generator, with_teacher=False)
@@ -161,8 +160,6 @@ def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, data
         if epoch >= config.cache_epochs:
             break
         progress.update(1)
-        if crops is None:
-            continue
         generator = batch_generator(accelerator.device, config.seed, position, rank)
         batch = make_batch(crops.to(accelerator.device), degrade, generator)
         with accelerator.autocast():  # the teacher transformer may be in the mixed-precision dtype
