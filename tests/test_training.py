@@ -422,3 +422,14 @@ def test_gan_stage_accumulates_only_discriminator_loss_gradients(assets, tmp_pat
         handle.remove()
     assert len(contributions) == 2  # one backward of the discriminator loss per micro-batch, none from the generator
     assert len(at_step) == 1 and torch.allclose(at_step[0], contributions[0] + contributions[1])
+
+
+def test_a_new_student_vae_lives_in_the_teachers_latent_space(assets, tmp_path):
+    from training.distill import new_student_vae
+
+    config = config_for(assets, "vae_encoder", tmp_path, "student_vae=null")
+    teacher = load_teacher(config).vae.config
+    vae = new_student_vae(config, load_teacher(config)).config
+    assert (vae.latent_channels, vae.scaling_factor, vae.shift_factor) == (
+        teacher.latent_channels, teacher.scaling_factor, teacher.shift_factor)
+    assert list(vae.encoder_block_out_channels) == [8, 8, 8, 8]  # vae_config applies on top

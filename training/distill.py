@@ -117,8 +117,9 @@ def load_student(config: TrainConfig, teacher: TSDSRPipeline) -> TinySRPipeline:
 def new_student_vae(config: TrainConfig, teacher: TSDSRPipeline) -> TinySRAutoencoder:
     if config.student_vae:
         return TinySRAutoencoder.from_pretrained(config.student_vae)
-    vae_config = {"latent_channels": teacher.vae.config.latent_channels,
-                  "scaling_factor": teacher.vae.config.scaling_factor, **config.vae_config}
+    teacher_config = teacher.vae.config  # the student VAE works in the teacher's latent space
+    vae_config = {"latent_channels": teacher_config.latent_channels, "scaling_factor": teacher_config.scaling_factor,
+                  "shift_factor": teacher_config.shift_factor or 0.0, **config.vae_config}
     return TinySRAutoencoder(**vae_config)
 
 
@@ -290,6 +291,9 @@ def build_data(config: TrainConfig, from_cache: bool):
     if from_cache:
         info = check_latent_cache(config.latent_cache)
         logger.info("Training from the latent cache %s (%d samples).", config.latent_cache, info["samples"])
+        if (info["teacher"], info["hr_size"]) != (config.teacher, config.hr_size):
+            logger.warning("The latent cache was written for teacher=%s hr_size=%s; this run has teacher=%s "
+                           "hr_size=%s.", info["teacher"], info["hr_size"], config.teacher, config.hr_size)
         dataset = LatentPairDataset(config.latent_cache)
     else:
         dataset = build_dataset(config)
