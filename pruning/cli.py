@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--log-every", type=int, default=100)
     learn.add_argument("--checkpointing-steps", type=int, default=None)
     learn.add_argument("--checkpoints-total-limit", type=int, default=None)
-    learn.add_argument("--resume-from", default=None, help="'latest' or a checkpoint folder.")
+    learn.add_argument("--resume-from", default=None, help="'latest' (a new run if none is complete) or a checkpoint.")
     learn.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard.")
     learn.add_argument("--output-dir", required=True)
     learn.set_defaults(run=run_learn)

@@ -397,7 +397,7 @@ class MaskLearner:
             data: Iterable of latent batches (see [`pruning.data`]), re-iterated epoch after epoch. A
                 `torch.utils.data.DataLoader` is sharded across processes by accelerate; for an exact resume the
                 iteration order of each epoch must be reproducible (a seeded DataLoader is).
-            resume_from: `"latest"` or a checkpoint folder.
+            resume_from: `"latest"` (a new run when there is no complete checkpoint yet) or a checkpoint folder.
         """
         accelerator, config = self.accelerator, self.config
         if isinstance(data, DataLoader):
