@@ -285,15 +285,13 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
             "",
             description,
             "",
-            f"The same for every method: the teacher, keep {args.keep} of {args.num_layers} layers, and the recovery "
-            f"({args.recovery_steps} steps of {recovery}, AdamW lr {args.recovery_lr}, distillation MSE (paper A.4), "
-            f"identical data order and seed). What each decision sees differs by kind, as in the paper: the "
-            f"score-based methods calibrate on the first {args.calibration_batches} training batches of "
-            f"{args.batch_size} (random-min draws {args.random_candidates} masks); the learned methods search "
-            f"{args.search_steps} steps over all {args.num_train_batches} training batches (LoRA rank "
-            f"{args.lora_rank}, EMA {args.ema_decay}, other settings the paper's and TinyFusion's). Metrics on "
-            f"{args.eval_crops if args.small else 'the evaluation'} held-out samples. Search space: "
-            f"{args.space.summary()}",
+            f"The same for every method: the teacher, keep {args.keep} of {args.num_layers} layers, "
+            f"{data_budget(args)}, and the recovery ({args.recovery_steps} steps of {recovery}, AdamW lr "
+            f"{args.recovery_lr}, distillation MSE (paper A.4), identical data order and seed). The score-based "
+            f"methods evaluate on that data (random-min draws {args.random_candidates} masks); the learned methods "
+            f"search {args.search_steps} steps over it (LoRA rank {args.lora_rank}, EMA {args.ema_decay}, other "
+            f"settings the paper's and TinyFusion's). Metrics on {args.eval_crops if args.small else 'the evaluation'} "
+            f"held-out samples. Search space: {args.space.summary()}",
             "",
             *lines,
             "",
@@ -314,6 +312,16 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
     )
 
 
+def data_budget(args: argparse.Namespace) -> str:
+    """What the decisions see: the same batches for every method unless --calibration-batches cuts the score-based
+    methods' share."""
+    everything = f"the same {args.num_train_batches} training batches of {args.batch_size}"
+    if args.calibration_batches is None or args.calibration_batches >= args.num_train_batches:
+        return everything
+    return (f"{everything} for the learned methods but only the first {args.calibration_batches} of them for the "
+            f"score-based ones (--calibration-batches)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="Build the small CPU setup from scikit-image photos.")
@@ -328,7 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     all_methods = list(METHODS) + list(VARIANTS)
     parser.add_argument("--methods", default=",".join(all_methods), help=f"Comma-separated, from {all_methods}.")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--calibration-batches", type=int, default=None,
+                        help="Score-based methods see only the first N training batches (default: all, like the "
+                        "learned methods).")
     parser.add_argument("--search-steps", type=int, default=400)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--ema-decay", type=float, default=0.99)

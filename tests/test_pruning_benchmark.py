@@ -16,6 +16,7 @@ def test_every_requested_method_gets_a_row(tmp_path):
     main([*TINY, "--methods", "shortgpt,tinysr", "--output", str(output)])
     text = output.read_text()
     assert "Command: `python -m benchmarks.pruning_methods --small" in text
+    assert "the same 2 training batches of 8 for the learned methods but only the first 1 of them" in text
     record = json.loads(output.with_suffix(".json").read_text())
     assert [row["method"] for row in record["rows"]] == ["shortgpt", "tinysr"]
     for row in record["rows"]:
