@@ -220,7 +220,8 @@ def test_teacher_and_method_errors(workspace, capsys, tmp_path):
     # A relative path that does not exist reads like a Hub repo id; offline, the Hub cannot be reached: one clear line.
     export = ["export", "--keep-layers", "0", "--output", str(tmp_path / "o")]
     assert main(["export", "--teacher", "runs/missing", *export[1:]]) == 2
-    assert "--teacher 'runs/missing' is not a local folder and could not be loaded from the Hub" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--teacher 'runs/missing' is not a local folder and could not be loaded from the Hub" in error
     assert main(["export", "--teacher", str(tmp_path), "--keep-layers", "0", "--output", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):

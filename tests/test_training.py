@@ -393,7 +393,8 @@ def test_prune_stage_in_bf16_exports_the_teachers_full_precision_weights(assets,
     teacher = load_teacher(config_for(assets, "prune", tmp_path / "unused", *PRUNE)).transformer
     layer = result["decision"].keep_layers[-1]
     assert student.dtype == torch.float32
-    assert torch.equal(student.transformer_blocks[-1].attn.to_q.weight, teacher.transformer_blocks[layer].attn.to_q.weight)
+    expected = teacher.transformer_blocks[layer].attn.to_q.weight
+    assert torch.equal(student.transformer_blocks[-1].attn.to_q.weight, expected)
 
 
 def test_gan_stage_accumulates_only_discriminator_loss_gradients(assets, tmp_path, monkeypatch):

@@ -105,7 +105,6 @@ def launched_accelerator(**kwargs):
     return accelerator
 
 
-
 # ------------------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_step(path: PathLike) -> int:
     """The step of a `checkpoint-<step>` folder."""

@@ -3,8 +3,9 @@ images are logged and skipped.
 
 Crops are drawn from a generator seeded by (seed, epoch, index), so a resumed run sees the same crops as an
 uninterrupted one. A corrupt image is replaced by the next readable one (a stream moves on to its next item), so
-every batch is full and every process of a multi-process run stays at the same step. `datasets` images are decoded here, not by `datasets`, so that one corrupt file does not end a
-stream. The LR side is made on the accelerator by the Real-ESRGAN degradation (see `distill.py`).
+every batch is full and every process of a multi-process run stays at the same step. `datasets` images are decoded
+here, not by `datasets`, so that one corrupt file does not end a stream. The LR side is made on the accelerator by the
+Real-ESRGAN degradation (see `distill.py`).
 """
 
 import io

@@ -52,11 +52,10 @@ from tinysr_diffusers.utils import (  # noqa: E402
     save_checkpoint,
 )
 from training.config import LATENT_STAGES, TrainConfig, load_config  # noqa: E402
-from training.data import build_dataset  # noqa: E402
+from training.data import build_dataset, seeded_generator  # noqa: E402
 from training.discriminator import PatchDiscriminator, hinge_discriminator_loss  # noqa: E402
 from training.latents import (  # noqa: E402
     EncodedBatches,
-    batch_generator,
     check_latent_cache,
     epoch_batches,
     make_batch,
@@ -379,7 +378,8 @@ def train(config: TrainConfig) -> dict:
     for _, position, data in batches:
         if step >= config.max_steps:  # resumed from the last checkpoint: nothing left to train
             break
-        generator = batch_generator(device, config.seed, position, accelerator.process_index)
+        # seeded by the batch's place in the run, so that a resume repeats its degradation
+        generator = seeded_generator(config.seed, position, accelerator.process_index, device=device)
         batch = data if from_cache else make_batch(data, degrade, generator)
         with accelerator.accumulate(*([model, discriminator] if uses_gan else [model])):
             with accelerator.autocast():

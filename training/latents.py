@@ -48,11 +48,6 @@ def encode_batch(teacher: TSDSRPipeline, batch: dict, generator: torch.Generator
     return latents
 
 
-def batch_generator(device: torch.device, seed: int, *key: int) -> torch.Generator:
-    """The generator of one batch, seeded by its place in the run (e.g. position and process) so a resume repeats it."""
-    return seeded_generator(seed, *key, device=device)
-
-
 def data_length(loader) -> Optional[int]:
     """Batches per epoch, or None for a stream (a loader over an `IterableDataset`)."""
     if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
@@ -121,7 +116,8 @@ class EncodedBatches:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(self.epoch)
         for index, crops in enumerate(self.loader):
-            generator = batch_generator(accelerator.device, self.seed, self.epoch, index, accelerator.process_index)
+            generator = seeded_generator(self.seed, self.epoch, index, accelerator.process_index,
+                                         device=accelerator.device)
             batch = make_batch(crops.to(accelerator.device), self.degrade, generator)
             latents = encode_batch(self.teacher, batch, generator, with_teacher=False)
             yield latents["lr_latents"], latents["hr_latents"]
@@ -160,7 +156,7 @@ def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, data
         if epoch >= config.cache_epochs:
             break
         progress.update(1)
-        generator = batch_generator(accelerator.device, config.seed, position, rank)
+        generator = seeded_generator(config.seed, position, rank, device=accelerator.device)
         batch = make_batch(crops.to(accelerator.device), degrade, generator)
         with accelerator.autocast():  # the teacher transformer may be in the mixed-precision dtype
             latents = encode_batch(teacher, batch, generator, with_teacher=True)
