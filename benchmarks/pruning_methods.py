@@ -52,10 +52,14 @@ TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina", "immunohis
 EVAL_PHOTOS = ("coffee", "chelsea")
 UNSHUFFLE = 4
 NOISE = (0.05, 0.1)  # Gaussian noise std range of the degradation
-# Variants beside the registry's methods: TinySR/TinyFusion with the pruned layers computed during mask learning.
+# Variants beside the registry's methods (whose learned searches compute every layer while learning): the paper
+# text's bypass of pruned layers, the paper text's `next` rule, and the other mask-sampling granularity.
 VARIANTS = {
-    "tinysr+compute": ("tinysr", {"skip_pruned_layers": False}),
-    "tinyfusion+compute": ("tinyfusion", {"skip_pruned_layers": False}),
+    "tinysr+skip": ("tinysr", {"skip_pruned_layers": True}),
+    "tinyfusion+skip": ("tinyfusion", {"skip_pruned_layers": True}),
+    "tinysr+marginal": ("tinysr", {"next_rule": "marginal"}),
+    "tinysr+per-sample": ("tinysr", {"per_sample_masks": True}),
+    "tinyfusion+per-batch": ("tinyfusion", {"per_sample_masks": False}),
 }
 
 
@@ -304,9 +308,11 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
                 if "input" in teacher_metrics
                 else []
             ),
-            "`+compute`: the learned method with `skip_pruned_layers=False` (the layers a sampled mask prunes are still "
-            "computed during mask learning, so the straight-through gradients see them); without it the paper's "
-            "behaviour (pruned layers skipped).",
+            "The learned methods compute every layer while the masks learn (the default). `+skip`: the paper text's "
+            "bypass of the layers a sampled mask prunes (their masks then get no gradient). `+marginal`: "
+            "Expansion-Corrosion's `next` by the paper text's marginal rule instead of the authors' pattern rule. "
+            "`+per-sample` / `+per-batch`: one mask per sample or per batch (default: per sample for tinyfusion, "
+            "per batch for tinysr).",
             "",
         ]
     )

@@ -23,15 +23,23 @@ def command_line(module: str, argv: Sequence[str]) -> str:
     return shlex.join(["python", "-m", module, *argv])
 
 
-def _cpu_name() -> str:
+MATRIX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its matrix extensions, e.g. "AMD EPYC (avx2)"; every benchmark figure names it."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    extensions = [flag for flag in MATRIX_FLAGS if flag in flags]
+    return f"{name} ({', '.join(extensions)})" if extensions else name
 
 
 def _git_commit() -> Optional[str]:
@@ -61,10 +69,10 @@ def environment(device: "str | torch.device") -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "git_commit": _git_commit(),
         "versions": versions,
     }

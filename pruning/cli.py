@@ -28,6 +28,7 @@ from tinysr_diffusers import PromptEmbeddings, TinySRAutoencoder, TinySRTransfor
 
 from .data import latent_loader
 from .decision import PruningDecision
+from .inter_block import NEXT_RULES
 from .export import EXPORT_FORMATS, export_pruned, push_to_hub
 from .learner import SEARCHES, MaskLearner, MaskLearnerConfig
 from .losses import LOSS_KINDS, DecodedPerceptualLoss
@@ -213,7 +214,9 @@ def run_learn(args: argparse.Namespace) -> None:
         tau=tuple(args.tau),
         scale=tuple(args.scale),
         ema_decay=args.ema_decay,
-        skip_pruned_layers=not args.compute_pruned_layers,
+        skip_pruned_layers=args.skip_pruned_layers,
+        next_rule=args.next_rule,
+        per_sample_masks=args.per_sample_masks,
         loss=args.loss,
         task_weight=args.task_weight,
         distill_weight=args.distill_weight,
@@ -328,9 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--tau", type=float, nargs=2, default=(4.0, 0.1), metavar=("START", "END"))
     learn.add_argument("--scale", type=float, nargs=2, default=(100.0, 100.0), metavar=("START", "END"))
     learn.add_argument("--ema-decay", type=float, default=0.999)
-    learn.add_argument(
-        "--compute-pruned-layers", action="store_true", help="Also run the layers a sampled mask prunes (see docs)."
+    pruned = learn.add_mutually_exclusive_group()
+    pruned.add_argument(
+        "--skip-pruned-layers", action="store_true",
+        help="Ablation (the paper's text): do not compute the layers a sampled mask prunes; their masks then get no "
+        "gradient. Default: every layer is computed and mixed by its mask.",
     )
+    pruned.add_argument("--compute-pruned-layers", action="store_false", dest="skip_pruned_layers",
+                        help="Compute every layer while learning (the default).")
+    learn.add_argument("--next-rule", choices=NEXT_RULES, default="pattern",
+                       help="Expansion-Corrosion's next pattern: 'pattern' (the authors' code) or 'marginal' (the "
+                       "paper's text).")
+    samples = learn.add_mutually_exclusive_group()
+    samples.add_argument("--per-sample-masks", action="store_true", default=None,
+                         help="One mask per sample (TinyFusion; default for --search tinyfusion).")
+    samples.add_argument("--per-batch-masks", action="store_false", dest="per_sample_masks",
+                         help="One mask per batch (default for --search tinysr).")
     learn.add_argument("--loss", choices=LOSS_KINDS, default="mse")
     learn.add_argument("--task-weight", type=float, default=1.0)
     learn.add_argument("--distill-weight", type=float, default=1.0)

@@ -8,6 +8,7 @@ updated after every optimiser step, makes the decision: the argmax pattern of ev
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +49,19 @@ class LocalGates(nn.Module):
         self.logits = nn.Parameter(torch.zeros(space.num_blocks, space.num_patterns))
         self.register_buffer("ema_logits", torch.zeros(space.num_blocks, space.num_patterns))
 
-    def sample_patterns(self, tau: float, scale: float) -> torch.Tensor:
-        """One straight-through one-hot pattern choice per block, shape (num_blocks, num_patterns)."""
-        return F.gumbel_softmax(self.logits * scale, tau=tau, hard=True, dim=-1)
+    def sample_patterns(self, tau: float, scale: float, num_samples: Optional[int] = None) -> torch.Tensor:
+        """One straight-through one-hot pattern choice per block, shape (num_blocks, num_patterns), or per sample
+        and block, shape (num_samples, num_blocks, num_patterns)."""
+        logits = self.logits * scale
+        if num_samples is not None:
+            logits = logits.expand(num_samples, -1, -1)
+        return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
 
-    def forward(self, tau: float, scale: float) -> torch.Tensor:
-        """A sampled layer mask of shape (num_layers,): exactly 0/1 forward, differentiable w.r.t. the logits."""
-        return (self.sample_patterns(tau, scale) @ self.patterns).reshape(-1)
+    def forward(self, tau: float, scale: float, num_samples: Optional[int] = None) -> torch.Tensor:
+        """A sampled layer mask of shape (num_layers,), or (num_samples, num_layers) with one mask per sample
+        (TinyFusion's sampling): exactly 0/1 forward, differentiable w.r.t. the logits."""
+        masks = self.sample_patterns(tau, scale, num_samples) @ self.patterns
+        return masks.reshape(-1) if num_samples is None else masks.reshape(num_samples, -1)
 
     def gate_logits(self, ema: bool = True) -> torch.Tensor:
         """The moving-average (default) or live logits, detached, shape (num_blocks, num_patterns)."""
@@ -76,8 +83,8 @@ class LocalGates(nn.Module):
         """Index of the decided pattern per block: the argmax logit, the lowest index on ties."""
         return self.gate_logits(ema).argmax(dim=-1)
 
-    def decide(self, ema: bool = True) -> torch.Tensor:
-        """The final hard layer mask (num_layers,), deterministic."""
+    def decide(self, ema: bool = True, scale: float = 100.0) -> torch.Tensor:
+        """The final hard layer mask (num_layers,), deterministic (`scale` is unused: the argmax ignores it)."""
         return self.patterns[self.choices(ema)].reshape(-1)
 
     @torch.no_grad()

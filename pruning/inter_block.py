@@ -4,18 +4,32 @@ Blocks are paired (2j, 2j+1). Each pair has logits beta_j over three operators t
 its two blocks while conserving the pair's total: T_-1 corrodes block 2j and expands block 2j+1, T_0 leaves both,
 T_+1 expands 2j and corrodes 2j+1. A training step samples `u_j = gumbel_softmax(beta_j * scale, tau, hard=True)`.
 
-Expansion-Corrosion: for block k with sampled pattern `cur_k`, `next_k` is the pattern with the highest gate logit
-among the other patterns sharing N - delta layers with `cur_k` (detached; ties broken at random while training, by
-the lowest index at decision). The relaxed set operations of Eq. 8 are expansion `E = cur + next - cur * next` (union)
+Expansion-Corrosion: for block k with sampled pattern `cur_k`, `next_k` is a pattern sharing N - delta layers with
+`cur_k`, chosen by one of two rules (`NEXT_RULES`, detached; ties broken at random while training, by the lowest index
+at decision):
+
+- `"pattern"` (the authors' code, `models/tinyfusion/tinysr_sd3.py`): the pattern with the highest gate logit among
+  those neighbours of `cur_k`;
+- `"marginal"` (the paper's text): the per-layer marginal keep probabilities of the block are sorted and taken in that
+  order: `next_k` keeps the N - delta layers of `cur_k` with the highest marginals and adds the delta layers outside
+  it with the highest marginals.
+
+The two can disagree: for cur = (0, 1) and pattern probabilities (.25, .30, 0, .20, .25, 0) over (0,1), (0,2), (0,3),
+(1,2), (1,3), (2,3), the pattern rule picks (0, 2), so corrosion keeps layer 0, while the marginal rule keeps layer 1
+(marginal .70 > .55). The relaxed set operations of Eq. 8 are expansion `E = cur + next - cur * next` (union)
 and corrosion `C = cur * next` (intersection), so that
 
     m_2j   = u0 * C_2j   + u1 * cur_2j   + u2 * E_2j
     m_2j+1 = u0 * E_2j+1 + u1 * cur_2j+1 + u2 * C_2j+1
 
 keeps N - delta / N / N + delta layers per block and 2N per pair, with gradients reaching alpha (through `cur`) and
-beta (through `u`). Decision: argmax beta per pair, argmax alpha per block, the operator applied with the
-deterministic `next`. A trailing unpaired block (odd block count) keeps its local pattern.
+beta (through `u`). Decision: argmax beta per pair (a tie keeps T_0, so an undecided pair keeps its static pattern),
+argmax alpha per block, the operator applied with the deterministic `next`. A trailing unpaired block (odd block
+count) keeps its local pattern. With `num_samples`, every sample of a batch gets its own mask (TinyFusion's
+per-sample sampling).
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +40,8 @@ from .search_space import SearchSpace
 
 
 OPERATORS = ("T-1", "T0", "T+1")
+KEEP_OPERATOR = OPERATORS.index("T0")
+NEXT_RULES = ("pattern", "marginal")
 
 
 def expansion(current: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -45,20 +61,46 @@ def neighbour_table(patterns: torch.Tensor, delta: int) -> torch.Tensor:
     return (overlap == keep - delta) & ~torch.eye(len(patterns), dtype=torch.bool, device=patterns.device)
 
 
+def _pick(scores: torch.Tensor, allowed: torch.Tensor, random_ties: bool) -> torch.Tensor:
+    """Index of the highest `scores` among `allowed` along the last axis; ties at random or by the lowest index."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    ties = allowed & (masked == masked.max(dim=-1, keepdim=True).values)
+    if random_ties:
+        return torch.multinomial(ties.reshape(-1, ties.shape[-1]).float(), 1).reshape(ties.shape[:-1])
+    return ties.float().argmax(dim=-1)  # the first maximum: the lowest index
+
+
 def next_patterns(
-    logits: torch.Tensor, current: torch.Tensor, neighbours: torch.Tensor, random_ties: bool
+    logits: torch.Tensor,
+    current: torch.Tensor,
+    neighbours: torch.Tensor,
+    random_ties: bool,
+    rule: str = "pattern",
+    patterns: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """
-    Index of `next_k` for every block: the neighbour of `current[k]` with the highest logit in `logits[k]`.
+    Index of `next_k` for every block (see the module docstring for the two rules).
 
-    Ties are broken uniformly at random (training, through the global torch generator) or by the lowest index.
+    Args:
+        logits: Gate logits per block, shape (num_blocks, P).
+        current: Index of `cur_k`, shape (num_blocks,) or (num_samples, num_blocks).
+        neighbours: [`neighbour_table`].
+        random_ties: Break ties uniformly at random (training, global torch generator), else by the lowest index.
+        rule: `"pattern"` (the authors' code) or `"marginal"` (the paper's text).
+        patterns: The (P, M) pattern table and `scale` the logit scale: what the `"marginal"` rule needs for the
+            marginal keep probabilities `softmax(logits * scale) @ patterns`.
     """
+    logits = logits.detach()
     candidates = neighbours[current]
-    masked = logits.detach().masked_fill(~candidates, float("-inf"))
-    ties = candidates & (masked == masked.max(dim=-1, keepdim=True).values)
-    if random_ties:
-        return torch.multinomial(ties.float(), 1).squeeze(-1)
-    return ties.float().argmax(dim=-1)  # the first maximum: the lowest index
+    if rule == "pattern":
+        return _pick(logits.expand_as(candidates), candidates, random_ties)
+    if rule != "marginal":
+        raise ValueError(f"Unknown next rule {rule!r}; choose one of {NEXT_RULES}.")
+    # Every neighbour shares N - delta layers with cur and adds delta others, chosen independently: the one whose
+    # layers' marginals sum highest keeps the best N - delta of cur and adds the best delta outside it.
+    marginals = torch.softmax(logits.float() * scale, dim=-1) @ patterns
+    return _pick((marginals @ patterns.T).expand_as(candidates), candidates, random_ties)
 
 
 def apply_operators(current: torch.Tensor, candidate: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
@@ -68,13 +110,15 @@ def apply_operators(current: torch.Tensor, candidate: torch.Tensor, operators: t
     Args:
         current: `cur`, shape (num_blocks, ..., M).
         candidate: `next`, same shape.
-        operators: Operator weights (u0, u1, u2) per pair, shape (num_pairs, 3): one-hot or probabilities.
+        operators: Operator weights (u0, u1, u2) per pair, shape (num_pairs, 3), or (num_pairs, ..., 3) with the
+            middle axes of `current` (per-sample operators): one-hot or probabilities.
 
     Returns:
         The masks `m` per block, shape of `current`; a trailing unpaired block keeps `current`.
     """
     num_pairs = operators.shape[0]
-    u = operators.reshape(num_pairs, 3, *([1] * (current.dim() - 1))).to(current.dtype)
+    u = operators.movedim(-1, 1)  # (num_pairs, 3, ...)
+    u = u.reshape(*u.shape, *([1] * (current.dim() - operators.dim() + 1))).to(current.dtype)
     corroded, expanded = corrosion(current, candidate), expansion(current, candidate)
     even, odd = slice(0, 2 * num_pairs, 2), slice(1, 2 * num_pairs, 2)
     mask_even = u[:, 0] * corroded[even] + u[:, 1] * current[even] + u[:, 2] * expanded[even]
@@ -90,12 +134,16 @@ class InterBlockGates(nn.Module):
     Parameters:
         space (`SearchSpace`): The block layout; `space.delta` layers move between the blocks of a pair.
         ema_decay (`float`, defaults to `0.999`): Decay of the moving average of all logits used for the decision.
+        next_rule (`str`, defaults to `"pattern"`): How `next_k` is chosen, one of `NEXT_RULES`.
     """
 
-    def __init__(self, space: SearchSpace, ema_decay: float = 0.999):
+    def __init__(self, space: SearchSpace, ema_decay: float = 0.999, next_rule: str = "pattern"):
         super().__init__()
         space.check_inter_block()
+        if next_rule not in NEXT_RULES:
+            raise ValueError(f"Unknown next rule {next_rule!r}; choose one of {NEXT_RULES}.")
         self.space = space
+        self.next_rule = next_rule
         self.local = LocalGates(space, ema_decay)
         self.pair_logits = nn.Parameter(torch.zeros(space.num_pairs, len(OPERATORS)))
         self.register_buffer("ema_pair_logits", torch.zeros(space.num_pairs, len(OPERATORS)))
@@ -105,28 +153,44 @@ class InterBlockGates(nn.Module):
     def patterns(self) -> torch.Tensor:
         return self.local.patterns
 
-    def forward(self, tau: float, scale: float) -> torch.Tensor:
-        """A sampled layer mask (num_layers,): 0/1 forward, straight-through gradients to alpha and beta."""
-        chosen = self.local.sample_patterns(tau, scale)
+    def _next(self, logits: torch.Tensor, current: torch.Tensor, random_ties: bool, scale: float) -> torch.Tensor:
+        return next_patterns(logits, current, self.neighbours, random_ties, self.next_rule, self.patterns, scale)
+
+    def forward(self, tau: float, scale: float, num_samples: Optional[int] = None) -> torch.Tensor:
+        """A sampled layer mask (num_layers,), or one per sample (num_samples, num_layers): 0/1 forward,
+        straight-through gradients to alpha and beta."""
+        chosen = self.local.sample_patterns(tau, scale, num_samples)  # ([S,] blocks, P)
         current = chosen @ self.patterns
-        candidate = self.patterns[next_patterns(self.local.logits, chosen.argmax(-1), self.neighbours, True)]
-        operators = F.gumbel_softmax(self.pair_logits * scale, tau=tau, hard=True, dim=-1)
-        return apply_operators(current, candidate, operators).reshape(-1)
+        candidate = self.patterns[self._next(self.local.logits, chosen.argmax(-1), True, scale)]
+        pair_logits = self.pair_logits * scale
+        if num_samples is not None:
+            pair_logits = pair_logits.expand(num_samples, -1, -1)
+            current, candidate = current.transpose(0, 1), candidate.transpose(0, 1)  # (blocks, S, M)
+        operators = F.gumbel_softmax(pair_logits, tau=tau, hard=True, dim=-1)
+        if num_samples is None:
+            return apply_operators(current, candidate, operators).reshape(-1)
+        masks = apply_operators(current, candidate, operators.transpose(0, 1))  # (blocks, S, M)
+        return masks.transpose(0, 1).reshape(num_samples, -1)
 
     def _pair_logits(self, ema: bool) -> torch.Tensor:
         return (self.ema_pair_logits if ema else self.pair_logits).detach()
 
     def operators(self, ema: bool = True) -> torch.Tensor:
-        """Decided operator index per pair (0: T_-1, 1: T_0, 2: T_+1), the lowest index on ties."""
-        return self._pair_logits(ema).argmax(dim=-1)
+        """Decided operator index per pair (0: T_-1, 1: T_0, 2: T_+1); a tie that involves T_0 keeps T_0 (an
+        undecided pair keeps its static pattern), a tie between T_-1 and T_+1 alone takes T_-1."""
+        logits = self._pair_logits(ema)
+        best = logits.argmax(dim=-1)
+        keeps = logits[:, KEEP_OPERATOR] == logits.max(dim=-1).values
+        return torch.where(keeps, torch.full_like(best, KEEP_OPERATOR), best)
 
     def operator_probabilities(self, scale: float, ema: bool = True) -> torch.Tensor:
         return torch.softmax(self._pair_logits(ema).float() * scale, dim=-1)
 
-    def decide(self, ema: bool = True) -> torch.Tensor:
-        """The final hard layer mask (num_layers,), deterministic."""
+    def decide(self, ema: bool = True, scale: float = 100.0) -> torch.Tensor:
+        """The final hard layer mask (num_layers,), deterministic (`scale`: the logit scale of the marginal rule's
+        keep probabilities; TinyFusion's 100)."""
         choices = self.local.choices(ema)
-        candidate = next_patterns(self.local.gate_logits(ema), choices, self.neighbours, random_ties=False)
+        candidate = self._next(self.local.gate_logits(ema), choices, False, scale)
         operators = F.one_hot(self.operators(ema), len(OPERATORS))
         return apply_operators(self.patterns[choices], self.patterns[candidate], operators).reshape(-1)
 
@@ -140,9 +204,7 @@ class InterBlockGates(nn.Module):
         logits = self.local.gate_logits(ema)
         num_blocks, num_patterns = logits.shape
         every = torch.arange(num_patterns, device=logits.device).expand(num_blocks, -1)
-        candidate = torch.stack(
-            [next_patterns(logits, every[:, p], self.neighbours, False) for p in range(num_patterns)], 1
-        )
+        candidate = torch.stack([self._next(logits, every[:, p], False, scale) for p in range(num_patterns)], 1)
         current = self.patterns.expand(num_blocks, -1, -1)
         expected = apply_operators(current, self.patterns[candidate], self.operator_probabilities(scale, ema))
         return torch.einsum("kp,kpm->km", self.local.probabilities(scale, ema), expected).reshape(-1)

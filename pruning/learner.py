@@ -37,7 +37,7 @@ from tinysr_diffusers.utils import (
 from .data import as_latent_batch
 from .decision import PruningDecision
 from .gates import LinearSchedule, LocalGates
-from .inter_block import InterBlockGates
+from .inter_block import NEXT_RULES, InterBlockGates
 from .losses import LOSS_KINDS, PerceptualLoss, PruningLoss
 from .masked import MASKABLE_TYPES, MaskableTransformer, MaskedTransformer
 from .plots import plot_keep_probabilities
@@ -47,8 +47,11 @@ from .search_space import SearchSpace
 logger = logging.get_logger(__name__)
 
 SEARCHES = ("tinysr", "tinyfusion")
-# The LoRA targets of the TinySR release (attention, feed-forward, adaLN and time-embedding linears).
-DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "proj", "linear", "linear_1", "linear_2", "net.2")
+# The LoRA targets of the authors' prune script (attention of both streams, feed-forward `proj`, adaLN `linear`,
+# output projection): the one default of mask learning, for `tinysr-prune learn` and the training prune stage alike.
+DEFAULT_LORA_TARGETS = (
+    "to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj", "linear", "proj_out",
+)  # fmt: skip
 
 
 @dataclass
@@ -65,8 +68,8 @@ class MaskLearnerConfig:
         delta (`int`): Layers the inter-block operators move (the paper: 1).
         max_steps (`int`): Optimiser steps (the paper: 100k at batch 8).
         learning_rate (`float`): AdamW learning rate of the LoRA weights (the paper: 5e-5).
-        gate_learning_rate (`float`, *optional*): Learning rate of the gate logits; default 10x `learning_rate`
-            (TinyFusion's release).
+        gate_learning_rate (`float`, *optional*): Learning rate of the gate logits; `None` (only) means 10x
+            `learning_rate` (TinyFusion's release); 0 freezes the gates.
         weight_decay (`float`): AdamW weight decay (TinyFusion: 0).
         max_grad_norm (`float`): Gradient clipping norm (TinyFusion: 1).
         lora_rank (`int`): LoRA rank (the paper: 64). `lora_alpha` defaults to the rank.
@@ -74,8 +77,17 @@ class MaskLearnerConfig:
         tau (`tuple[float, float]`): Gumbel-softmax temperature, linear from first to second (TinyFusion: 4 -> 0.1).
         scale (`tuple[float, float]`): Logit scale, linear from first to second (TinyFusion: 100 -> 100).
         ema_decay (`float`): Moving average of the logits that makes the decision (TinyFusion: 0.999).
-        skip_pruned_layers (`bool`): Do not compute the layers a sampled mask prunes (the paper). `False` computes
-            them too, so that the straight-through gradients also tell the gates what re-adding a layer would bring.
+        skip_pruned_layers (`bool`): Do not compute the layers a sampled mask prunes, as the paper's text says
+            ("calculation is bypassed if its mask is 0"). An ablation, off by default: a skipped layer returns its
+            input whatever its mask, so the loss's gradient with respect to a pruned layer's mask is exactly zero and
+            the gates only see the slope at m = 1 of kept layers, which on a real teacher points the wrong way for
+            the most important layers (measured in `docs/method.md` and `benchmarks/results/pruning_planted.md`).
+            The default computes every layer and mixes `m * f(h) + (1 - m) * h`, as both public codes do.
+        next_rule (`str`): How Expansion-Corrosion picks `next` (`"pattern"`: the authors' code; `"marginal"`: the
+            paper's text); see [`pruning.inter_block`].
+        per_sample_masks (`bool`, *optional*): Sample one mask per sample of a batch (TinyFusion's
+            `gate.repeat(N, 1)`) instead of one per batch; `None`: per sample for `tinyfusion`, per batch for
+            `tinysr`.
         loss (`str`): `"mse"` (paper A.3) or `"l1_perceptual"` (release); see [`PruningLoss`].
         task_weight, distill_weight, perceptual_weight (`float`): Loss weights (the paper: 1, 1).
         seed (`int`): Random seed (the paper: 80); each process adds its index.
@@ -100,7 +112,9 @@ class MaskLearnerConfig:
     tau: tuple[float, float] = (4.0, 0.1)
     scale: tuple[float, float] = (100.0, 100.0)
     ema_decay: float = 0.999
-    skip_pruned_layers: bool = True
+    skip_pruned_layers: bool = False
+    next_rule: str = "pattern"
+    per_sample_masks: Optional[bool] = None
     loss: str = "mse"
     task_weight: float = 1.0
     distill_weight: float = 1.0
@@ -121,6 +135,12 @@ class MaskLearnerConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
             raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
+        if self.next_rule not in NEXT_RULES:
+            raise ValueError(f"Unknown next_rule {self.next_rule!r}; choose one of {NEXT_RULES}.")
+        if self.gate_learning_rate is not None and not self.gate_learning_rate >= 0:
+            raise ValueError(f"`gate_learning_rate` must be >= 0 (or None), got {self.gate_learning_rate}.")
+        if self.per_sample_masks is None:
+            self.per_sample_masks = self.search == "tinyfusion"
         self.tau, self.scale = tuple(self.tau), tuple(self.scale)
         self.lora_target_modules = tuple(self.lora_target_modules)
 
@@ -128,14 +148,15 @@ class MaskLearnerConfig:
 class GatedStudent(nn.Module):
     """The LoRA-adapted copy of the teacher behind layer masks, and the gates that sample those masks."""
 
-    def __init__(self, masked: MaskedTransformer, gates: Union[LocalGates, InterBlockGates]):
+    def __init__(self, masked: MaskedTransformer, gates: Union[LocalGates, InterBlockGates], per_sample: bool = False):
         super().__init__()
         self.masked = masked
         self.gates = gates
+        self.per_sample = per_sample
 
     def forward(self, latents: torch.Tensor, tau: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample a mask and return (clean-latent estimate, mask)."""
-        mask = self.gates(tau, scale)
+        """Sample a mask (one per sample with `per_sample`) and return (clean-latent estimate, mask)."""
+        mask = self.gates(tau, scale, latents.shape[0] if self.per_sample else None)
         return self.masked.predict_clean(latents, mask), mask
 
 
@@ -203,8 +224,8 @@ class MaskLearner:
             raise ValueError("The teacher carries LoRA adapters: merge them (`fuse_lora()`) before mask learning.")
         num_layers = len(teacher.transformer_blocks)
         self.space = SearchSpace.from_keep(num_layers, config.keep, config.block_size, config.delta)
-        gates_type = InterBlockGates if config.search == "tinysr" else LocalGates
-        gates = gates_type(self.space, ema_decay=config.ema_decay)
+        gates = (InterBlockGates(self.space, config.ema_decay, config.next_rule) if config.search == "tinysr"
+                 else LocalGates(self.space, config.ema_decay))
         self.tau = LinearSchedule(*config.tau, config.max_steps)
         self.scale = LinearSchedule(*config.scale, config.max_steps)
         self.loss = PruningLoss(
@@ -227,12 +248,14 @@ class MaskLearner:
         )
         self.teacher = teacher.requires_grad_(False).eval().to(self.accelerator.device)
         self.student = GatedStudent(
-            MaskedTransformer(student, **self._conditioning, skip_masked_layers=config.skip_pruned_layers), gates
+            MaskedTransformer(student, **self._conditioning, skip_masked_layers=config.skip_pruned_layers),
+            gates,
+            per_sample=config.per_sample_masks,
         ).to(self.accelerator.device)
 
         lora_parameters = [p for p in self.student.masked.parameters() if p.requires_grad]
         self._trainable = lora_parameters + list(gates.parameters())
-        gate_learning_rate = config.gate_learning_rate or 10 * config.learning_rate
+        gate_learning_rate = 10 * config.learning_rate if config.gate_learning_rate is None else config.gate_learning_rate
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": lora_parameters, "lr": config.learning_rate},
@@ -342,7 +365,7 @@ class MaskLearner:
             "tau": self.tau(step - 1),
             "scale": scale,
             **losses,
-            "sampled_mask": [int(v) for v in mask.detach().round().tolist()],
+            "sampled_mask": [int(v) for v in mask.detach().reshape(-1, mask.shape[-1])[0].round().tolist()],
             "keep_probabilities": self.gates.keep_probabilities(scale, ema=True).tolist(),
         }
         self.progress.history.append(entry)
@@ -383,7 +406,7 @@ class MaskLearner:
         }
         return PruningDecision.from_mask(
             self.config.search,
-            gates.decide(ema=True),
+            gates.decide(ema=True, scale=scale),
             scores=probabilities,
             probabilities=probabilities,
             details=details,

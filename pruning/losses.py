@@ -4,10 +4,12 @@ Paper (default, `kind="mse"`):
     l_task * MSE(student(z_L), z_HR) + l_distill * MSE(student(z_L), teacher(z_L)), both weights 1,
 where `student(z_L)` and `teacher(z_L)` are the one-step clean-latent estimates `z_L - v`.
 
-Release (`kind="l1_perceptual"`): L1 in place of MSE, plus `perceptual_weight` times a perceptual distance (LPIPS on
-decoded images in the release) for both targets. The perceptual distance is any callable
-`(predicted_latents, target_latents) -> scalar`; [`DecodedPerceptualLoss`] turns an image metric such as LPIPS into
-one by decoding the latents with a VAE first.
+The authors' prune script (`kind="l1_perceptual"`):
+    l_distill * L1(student(z_L), teacher(z_L)) + perceptual_weight * LPIPS(decode(student(z_L)), HR image),
+i.e. L1 against the teacher's latents only and the perceptual distance against the HR target only (`task_weight` is
+not used by this kind). The perceptual distance is any callable `(predicted_latents, hr_latents) -> scalar`;
+[`DecodedPerceptualLoss`] turns an image metric such as LPIPS into one by decoding both with a VAE (batches hold
+latents, so the HR image is the VAE's decoding of the HR latents).
 """
 
 from typing import Callable, Optional
@@ -29,7 +31,7 @@ class PruningLoss(nn.Module):
         kind (`str`, defaults to `"mse"`): `"mse"` (paper A.3) or `"l1_perceptual"` (release).
         task_weight (`float`, defaults to `1.0`): Weight of the term against the high-resolution latents.
         distill_weight (`float`, defaults to `1.0`): Weight of the term against the teacher's estimate.
-        perceptual_weight (`float`, defaults to `1.0`): Weight of the perceptual term inside each term
+        perceptual_weight (`float`, defaults to `1.0`): Weight of the perceptual term against the HR target
             (`"l1_perceptual"` only).
         perceptual_loss (`Callable`, *optional*): `(prediction, target) -> scalar` on latents; required for
             `"l1_perceptual"`.
@@ -56,18 +58,17 @@ class PruningLoss(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.perceptual_loss = perceptual_loss
 
-    def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.kind == "mse":
-            return F.mse_loss(prediction, target)
-        return F.l1_loss(prediction, target) + self.perceptual_weight * self.perceptual_loss(prediction, target)
-
     def forward(
         self, prediction: torch.Tensor, hr: torch.Tensor, teacher: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the total loss and its two terms (as floats, for logging)."""
-        task = self.distance(prediction, hr)
-        distill = self.distance(prediction, teacher)
-        total = self.task_weight * task + self.distill_weight * distill
+        """Returns the total loss and its two terms (as floats, for logging): `task` (against the HR latents: MSE,
+        or the perceptual distance) and `distill` (against the teacher: MSE, or L1)."""
+        if self.kind == "mse":
+            task, distill = F.mse_loss(prediction, hr), F.mse_loss(prediction, teacher)
+            total = self.task_weight * task + self.distill_weight * distill
+        else:
+            task, distill = self.perceptual_loss(prediction, hr), F.l1_loss(prediction, teacher)
+            total = self.perceptual_weight * task + self.distill_weight * distill
         return total, {"task": task.item(), "distill": distill.item()}
 
 

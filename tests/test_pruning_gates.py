@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from pruning.gates import LinearSchedule, LocalGates
-from pruning.inter_block import InterBlockGates, apply_operators, corrosion, expansion, neighbour_table
+from pruning.inter_block import (
+    InterBlockGates,
+    apply_operators,
+    corrosion,
+    expansion,
+    neighbour_table,
+    next_patterns,
+)
 from pruning.masked import MaskedTransformer
 from pruning.search_space import SearchSpace, local_patterns
 
@@ -92,7 +99,16 @@ def test_decisions_are_deterministic_and_break_ties_by_lowest_index():
     space = SearchSpace.from_keep(8, 4, 4)
     local, inter = LocalGates(space), InterBlockGates(space)
     assert local.decide().tolist() == [1, 1, 0, 0, 1, 1, 0, 0]  # all logits equal: first pattern, (0, 1)
-    # equal pair logits -> T_-1; next of (0,1) among (0,2),(0,3),(1,2),(1,3) -> (0,2): C = {0}, E = {0,1,2}
+    # untrained gates: equal pair logits keep T_0, so the decision is the static 2:4 mask of the local gates
+    assert inter.decide().tolist() == [1, 1, 0, 0, 1, 1, 0, 0]
+    assert inter.operators().tolist() == [1]
+    with torch.no_grad():
+        inter.ema_pair_logits.copy_(torch.tensor([[0.7, 0.7, 0.2]]))  # T_-1 ties T_0: still T_0
+    assert inter.operators().tolist() == [1]
+    with torch.no_grad():
+        inter.ema_pair_logits.copy_(torch.tensor([[0.7, 0.1, 0.7]]))  # T_-1 ties T_+1 without T_0: the lowest
+    assert inter.operators().tolist() == [0]
+    # T_-1: next of (0,1) among (0,2),(0,3),(1,2),(1,3) -> (0,2) by lowest index: C = {0}, E = {0,1,2}
     assert inter.decide().tolist() == [1, 0, 0, 0, 1, 1, 1, 0]
     with torch.no_grad():
         inter.local.ema_logits.normal_()
@@ -132,3 +148,35 @@ def test_keep_probabilities_match_sampling(gates_type):
     assert expected.sum().item() == pytest.approx(4.0, abs=1e-5)
     local = gates if gates_type is LocalGates else gates.local
     assert torch.equal(local.confidence(1.0, ema=False), local.probabilities(1.0, ema=False).max(-1).values)
+
+
+def test_next_rules_disagree_where_the_paper_text_and_the_code_do():
+    """cur = (0, 1); pattern probabilities (.25, .30, 0, .20, .25, 0) over (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): the
+    authors' code takes the best overlapping pattern (0, 2) (corrosion keeps layer 0); the paper's marginal rule
+    keeps layer 1 (marginal .70 > .55) and adds layer 2 (.50 > .25): (1, 2)."""
+    patterns = local_patterns(4, 2)
+    probabilities = torch.tensor([[0.25, 0.30, 1e-9, 0.20, 0.25, 1e-9]])
+    logits = probabilities.log()  # softmax(logits * 1) = the probabilities
+    neighbours, current = neighbour_table(patterns, 1), torch.tensor([0])
+    by_pattern = next_patterns(logits, current, neighbours, False, "pattern")
+    by_marginal = next_patterns(logits, current, neighbours, False, "marginal", patterns, scale=1.0)
+    assert patterns[by_pattern[0]].tolist() == [1, 0, 1, 0]
+    assert patterns[by_marginal[0]].tolist() == [0, 1, 1, 0]
+    assert corrosion(patterns[0], patterns[by_marginal[0]]).tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="next rule"):
+        InterBlockGates(SPACE, next_rule="magic")
+
+
+@pytest.mark.parametrize("gates_type", [LocalGates, InterBlockGates])
+def test_per_sample_masks_keep_the_layout_and_differ(gates_type):
+    torch.manual_seed(0)
+    space = SearchSpace.from_keep(16, 8, 4)
+    gates = gates_type(space)
+    masks = gates(tau=1.0, scale=1.0, num_samples=32)
+    assert masks.shape == (32, 16) and torch.all((masks == 0) | (masks == 1))
+    assert torch.all(masks.reshape(32, space.num_pairs, 8).sum(-1) == 4)  # every pair keeps 4
+    assert len({tuple(row.tolist()) for row in masks}) > 1  # independent draws
+    if gates_type is LocalGates:
+        assert torch.all(masks.reshape(32, -1, 4).sum(-1) == 2)
+    masks.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.parameters())

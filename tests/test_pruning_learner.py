@@ -74,20 +74,76 @@ def test_l1_perceptual_option_uses_the_callable():
     teacher = tiny_sd3("sd3")
     learner = MaskLearner(teacher, _config(loss="l1_perceptual", perceptual_weight=0.5), perceptual_loss=stand_in)
     learner.train(_data(teacher))
-    assert len(calls) == 12 and all(calls)  # task and distillation terms, every step, with gradients
+    assert len(calls) == 6 and all(calls)  # once per step (against the HR target only), with gradients
 
-    loss = PruningLoss("l1_perceptual", perceptual_weight=0.5, perceptual_loss=stand_in)
+    # the authors' prune script: L1 against the teacher's latents + perceptual distance against the HR target
+    loss = PruningLoss("l1_perceptual", distill_weight=2.0, perceptual_weight=0.5, perceptual_loss=stand_in)
     prediction, hr, distilled = latents(seed=1), latents(seed=2), latents(seed=3)
     total, parts = loss(prediction, hr, distilled)
-    expected = sum(
-        (prediction - t).abs().mean() + 0.5 * (prediction.mean(1) - t.mean(1)).abs().mean() for t in (hr, distilled)
-    )
-    assert total.item() == pytest.approx(expected.item(), rel=1e-6) and set(parts) == {"task", "distill"}
+    l1_teacher = (prediction - distilled).abs().mean().item()
+    perceptual_hr = (prediction.mean(1) - hr.mean(1)).abs().mean().item()
+    assert total.item() == pytest.approx(2.0 * l1_teacher + 0.5 * perceptual_hr, rel=1e-6)
+    assert parts == pytest.approx({"task": perceptual_hr, "distill": l1_teacher}, rel=1e-6)
     with pytest.raises(ValueError, match="perceptual_loss"):
         PruningLoss("l1_perceptual")
 
     decode = DecodedPerceptualLoss(lambda z: z * 2, lambda a, b: (a - b).abs().mean())
     assert decode(prediction, hr).item() == pytest.approx(2 * (prediction - hr).abs().mean().item(), rel=1e-6)
+
+
+def test_pruned_layer_masks_get_the_finite_difference_gradient_under_the_learning_default():
+    """While masks learn every layer is computed, so d loss / d m_l of a pruned layer is the slope of the loss in m_l
+    (a central finite difference); with the paper text's bypass it is exactly 0."""
+    torch.manual_seed(0)
+    teacher = tiny_sd3("sd3")
+    cond = conditioning(teacher)
+    x, target = latents(seed=3), latents(seed=4)
+    pruned = [1, 2, 5, 6]
+    base = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+
+    def loss_at(mask, skip):
+        with MaskedTransformer(teacher, **cond, skip_masked_layers=skip) as masked:
+            return torch.nn.functional.mse_loss(masked.predict_clean(x, mask.float()), target)
+
+    default_skip = MaskLearnerConfig(keep=4).skip_pruned_layers
+    assert default_skip is False
+    mask = base.clone().requires_grad_(True)
+    loss_at(mask, default_skip).backward()
+    skipped = base.clone().requires_grad_(True)
+    loss_at(skipped, True).backward()
+    eps = 1e-2
+    for layer in pruned:
+        step = torch.zeros_like(base)
+        step[layer] = eps
+        with torch.no_grad():
+            slope = (loss_at(base + step, False) - loss_at(base - step, False)).item() / (2 * eps)
+        assert abs(mask.grad[layer].item()) > 1e-6
+        assert mask.grad[layer].item() == pytest.approx(slope, rel=0.05, abs=1e-6)
+        assert skipped.grad[layer].item() == 0.0
+
+
+def test_gate_learning_rate_zero_freezes_the_gates_and_none_is_ten_times():
+    teacher = tiny_sd3("sd3")
+    cond = conditioning(teacher)
+    frozen = MaskLearner(teacher, _config(gate_learning_rate=0.0), **cond)
+    assert frozen.optimizer.param_groups[1]["lr"] == 0.0
+    frozen.train(_data(teacher, **cond))
+    assert torch.all(frozen.gates.local.logits == 0) and torch.all(frozen.gates.pair_logits == 0)
+    default = MaskLearner(teacher, _config(), **cond)
+    assert default.optimizer.param_groups[1]["lr"] == pytest.approx(10 * default.config.learning_rate)
+    with pytest.raises(ValueError, match="gate_learning_rate"):
+        _config(gate_learning_rate=-1.0)
+
+
+def test_per_sample_masks_are_the_tinyfusion_default_and_train():
+    assert _config(search="tinyfusion").per_sample_masks is True
+    assert _config(search="tinysr").per_sample_masks is False
+    teacher = tiny_sd3("sd3")
+    cond = conditioning(teacher)
+    learner = MaskLearner(teacher, _config(per_sample_masks=True, next_rule="marginal"), **cond)
+    decision = learner.train(_data(teacher, **cond))
+    assert len(decision.keep_layers) == 4
+    assert all(sum(r["sampled_mask"]) == 4 for r in learner.progress.history)
 
 
 class _Killed(Exception):
@@ -172,19 +228,31 @@ def test_checkpoint_limit_and_errors(tmp_path):
 PLANTED = dict(max_steps=120, lora_rank=4, learning_rate=1e-4, gate_learning_rate=1e-3, log_every=20, ema_decay=0.95)
 
 
+def _found(identity_layers, answer, search, seeds, kind="sd3.5"):
+    teacher = planted_teacher(kind, identity_layers=identity_layers)
+    data = _data(teacher, batches=4, batch=8, with_teacher=True)
+    decisions = [MaskLearner(teacher, _config(search=search, seed=seed, **PLANTED)).train(data) for seed in seeds]
+    return sum(d.keep_layers == answer for d in decisions), decisions
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sd3", "sd3.5"])
-def test_tinysr_finds_planted_layers_only_inter_block_activation_reaches(kind):
-    """Identity layers 0, 1, 3, 6: the loss-free mask keeps 1 layer in block 0 and 3 in block 1 (T_-1)."""
-    teacher = planted_teacher(kind, identity_layers=[0, 1, 3, 6])
-    config = _config(search="tinysr", skip_pruned_layers=False, **PLANTED)
-    decision = MaskLearner(teacher, config).train(_data(teacher, batches=4, batch=8, with_teacher=True))
-    assert decision.keep_layers == [2, 4, 5, 7] and decision.details["operators"] == ["T-1"]
+def test_tinysr_default_finds_the_planted_inter_block_answer_in_most_seeds():
+    """Identity layers 0, 1, 3, 6: the loss-free mask keeps 1 layer in block 0 and 3 in block 1 (T_-1), reachable
+    only through Dynamic Inter-block Activation. Default settings, seeds 0-2: at least 2 of 3 (about 25 CPU s each;
+    `benchmarks/results/pruning_planted.md` has the rates over 5 seeds)."""
+    found, decisions = _found([0, 1, 3, 6], [2, 4, 5, 7], "tinysr", range(3))
+    assert found >= 2, [d.keep_layers for d in decisions]
+    assert all(d.details["operators"] == ["T-1"] for d in decisions if d.keep_layers == [2, 4, 5, 7])
+
+
+@pytest.mark.slow
+def test_tinysr_default_finds_the_planted_static_answer_in_most_seeds():
+    """Identity layers 1, 3, 4, 6: the answer 0 2 5 7 lies in the static 2:4 space. Seeds 0-2: at least 2 of 3."""
+    found, decisions = _found([1, 3, 4, 6], [0, 2, 5, 7], "tinysr", range(3))
+    assert found >= 2, [d.keep_layers for d in decisions]
 
 
 @pytest.mark.slow
 def test_tinyfusion_finds_planted_layers_in_the_static_space():
-    teacher = planted_teacher("sd3.5", identity_layers=[1, 3, 4, 6])
-    config = _config(search="tinyfusion", skip_pruned_layers=False, **PLANTED)
-    decision = MaskLearner(teacher, config).train(_data(teacher, batches=4, batch=8, with_teacher=True))
-    assert decision.keep_layers == [0, 2, 5, 7]
+    found, decisions = _found([1, 3, 4, 6], [0, 2, 5, 7], "tinyfusion", range(1))
+    assert found == 1, [d.keep_layers for d in decisions]

@@ -269,6 +269,37 @@ def _load_release_vae(folder: Path) -> TinySRAutoencoder:
     return vae
 
 
+def convert_taef2(
+    encoder_path: Union[str, os.PathLike], decoder_path: Union[str, os.PathLike]
+) -> TinySRAutoencoder:
+    """TAEF2 (madebyollin/taesd, MIT): the released `taef2_encoder.pth` / `taef2_decoder.pth` state dicts (keys are
+    `nn.Sequential` indices) as a `TinySRAutoencoder` with `TinySRAutoencoder.taef2_config()`.
+
+    The encoder's indices are ours; the decoder's start with a parameter-free `Clamp` module (our decoder applies the
+    same `tanh(z / 3) * 3` in `forward`), so its indices shift by one.
+    """
+    vae = TinySRAutoencoder(**TinySRAutoencoder.taef2_config()).eval()
+    state_dict = {}
+    for side, path, shift in (("encoder", encoder_path, 0), ("decoder", decoder_path, 1)):
+        path = _require(path, f"TAEF2 {side}")
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises many kinds for a corrupt or foreign file
+            raise ConversionError(f"TAEF2 {side} {path} is not a readable state dict: {error}") from None
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise ConversionError(f"TAEF2 {side} {path} does not hold a state dict of tensors.")
+        for name, tensor in weights.items():
+            index, _, rest = name.partition(".")
+            if not index.isdigit():
+                raise ConversionError(f"TAEF2 {side} {path}: unexpected key {name!r} (not an nn.Sequential index).")
+            state_dict[f"{side}.layers.{int(index) - shift}.{rest}"] = tensor.float()
+    try:
+        vae.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ConversionError(f"TAEF2 weights do not fit the TAEF2 layout: {error}") from None
+    return vae
+
+
 # ----------------------------------------------------------------------------------------------------- conversions
 def convert_tinysr(
     transformer_dir: Union[str, os.PathLike],

@@ -18,8 +18,8 @@ from pruning.losses import LOSS_KINDS
 from tinysr_diffusers.degradations import DegradationConfig
 
 
-STAGES = ("vae_encoder", "vae_decoder", "prune", "latent", "pixel")
-LATENT_STAGES = ("prune", "latent")  # the stages that can train from a latent cache
+STAGES = ("teacher", "vae_encoder", "vae_decoder", "prune", "latent", "pixel")
+LATENT_STAGES = ("teacher", "prune", "latent")  # the stages that can train from a latent cache
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -55,6 +55,10 @@ class TrainConfig:
                                         "folder to write.", None)
     cache_epochs: int = _help("cache_latents.py: passes over the images (new crops and degradations each).", 1)
     cache_shard_size: int = _help("cache_latents.py: samples per safetensors shard.", 1024)
+    cache_teacher_latents: bool = _help("cache_latents.py: also store the teacher transformer's estimates; false "
+                                        "for a cache of VAE latents only (the teacher stage's, or one that serves "
+                                        "every teacher on the same VAE: the estimates are then computed per step).",
+                                        True)
     hr_size: int = _help("Side of the random HR crops (LR crops are hr_size / 4).", 512)
     num_workers: int = _help("DataLoader worker processes.", 0)
 
@@ -82,6 +86,9 @@ class TrainConfig:
     lpips_weight: float = _help("Weight of the LPIPS loss (pixel, vae_decoder).", 0.0)
     gan_weight: float = _help("Weight of the generator's GAN loss (pixel, vae_decoder).", 0.0)
     lpips_net: str = _help("LPIPS backbone: alex or vgg.", "vgg")
+    lpips_crop: int = _help("teacher: LPIPS on a random square window of this many latent pixels per sample (decoded "
+                            "with a 2-pixel margin); 0 decodes whole latents.", 0)
+    lpips_samples: int = _help("teacher: LPIPS on the first N samples of a batch (0: all).", 0)
     disc_channels: int = _help("Width of the first PatchGAN discriminator layer.", 64)
     disc_layers: int = _help("Strided layers of the PatchGAN discriminator.", 3)
 
@@ -100,6 +107,14 @@ class TrainConfig:
                            None)
     gate_scale: list = _help("prune: gate logit scale, linear from the first to the second value.", None)
     gate_ema_decay: float = _help("prune: moving average of the gate logits that makes the decision.", 0.999)
+    prune_skip_pruned_layers: bool = _help("prune: ablation (the paper's text): do not compute the layers a sampled "
+                                           "mask prunes (their masks then get no gradient).", False)
+    prune_next_rule: str = _help("prune: Expansion-Corrosion's next pattern, 'pattern' (the authors' code) or "
+                                 "'marginal' (the paper's text).", "pattern")
+    prune_per_sample_masks: Optional[bool] = _help("prune: one mask per sample (default: per sample for tinyfusion, "
+                                                   "per batch for tinysr).", None)
+    prune_lora_target_modules: Optional[list] = _help("prune: LoRA targets of mask learning; default: the pruning "
+                                                      "package's (the authors' prune script).", None)
 
     checkpointing_steps: int = _help("Save the full training state every N optimizer steps.", 1000)
     checkpoints_total_limit: Optional[int] = _help("Keep at most this many checkpoints (None keeps all).", None)
@@ -138,7 +153,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("learning_rate", "disc_learning_rate", "lora_rank", "sample_steps", "latent_weight",
-                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers"):
+                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers", "lpips_crop",
+                     "lpips_samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -3,6 +3,9 @@
     accelerate launch training/distill.py --config training/configs/latent.yaml [--key value | key=value ...]
 
 Stages (each a `Stage` below; `--help` lists every setting):
+- `teacher`: the teacher's SD3 transformer learns one-step 4x SR on the TSD-SR inference path (fixed prompt
+  embeddings, t = 1000, `z_H = z_L - v`): velocity MSE against `z_L - z_H` plus LPIPS on decoded images. Fully
+  trained with `lora_rank=0` (the mini recipe's teacher, from scratch) or through LoRA (TSD-SR's setting).
 - `vae_encoder`: the tiny VAE's encoder learns the teacher VAE's latents of (upscaled) LR images, MSE.
 - `vae_decoder`: the tiny VAE's decoder learns to decode the teacher's latents of HR images: L2 + LPIPS + GAN.
 - `prune` (mask learning): `pruning.MaskLearner` (gates + LoRA, paper Eq. 2 / A.3) on the teacher's transformer; it
@@ -144,9 +147,12 @@ def merged_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------------------ stages
 class Stage:
     """What one stage trains and how its loss is computed from a batch: images `{"lr_up", "hr"}` in [-1, 1]
-    (`make_batch`), or for the latent stage cached latents `{"lr_latents", "hr_latents", "teacher_latents"}`."""
+    (`make_batch`), or for the latent stages cached latents `{"lr_latents", "hr_latents"[, "teacher_latents"]}`.
+
+    LPIPS compares the outputs' `fake` images with their `real` ones (default: the batch's HR images)."""
 
     uses_gan = False
+    uses_lpips = False
 
     def __init__(self, config: TrainConfig, teacher: TSDSRPipeline):
         self.config, self.teacher = config, teacher
@@ -160,6 +166,80 @@ class Stage:
 
     def export(self, model: torch.nn.Module, folder: str) -> None:
         raise NotImplementedError
+
+
+class TeacherStage(Stage):
+    def __init__(self, config, teacher):
+        super().__init__(config, teacher)
+        self.transformer = teacher.transformer
+        self.transformer.requires_grad_(not config.lora_rank)
+        if config.lora_rank:
+            add_lora(self.transformer, config)
+
+    uses_lpips = True
+
+    def trainable(self):
+        return self.transformer
+
+    def _latents(self, batch, generator):
+        if "lr_latents" in batch:
+            return batch["lr_latents"], batch["hr_latents"]
+        with torch.no_grad():
+            return self.teacher._encode(batch["lr_up"], generator, None), self.teacher._encode(batch["hr"], generator,
+                                                                                               None)
+
+    def generator_outputs(self, model, batch, generator):
+        z_low, z_high = self._latents(batch, generator)
+        velocity = self.teacher._predict_velocity(z_low, model)
+        outputs = {"loss_terms": {"latent": F.mse_loss(velocity.float(), (z_low - z_high).float() / self.teacher.sigma)}}
+        if self.config.lpips_weight:
+            z_pred = z_low - self.teacher.sigma * velocity
+            count = self.config.lpips_samples or len(z_pred)
+            windows = latent_windows(z_pred.shape, self.config.lpips_crop, count, generator)
+            outputs["fake"] = decode_windows(self.teacher, z_pred[:count], windows)
+            if "hr" in batch:
+                outputs["real"] = crop_windows(batch["hr"][:count], windows, self.teacher.vae_scale_factor)
+            else:  # from the cache: the teacher VAE's own image of the HR latents, the best it can decode
+                with torch.no_grad():
+                    outputs["real"] = decode_windows(self.teacher, z_high[:count], windows)
+        return outputs
+
+    def export(self, model, folder):
+        teacher = self.teacher
+        TSDSRPipeline(merged_transformer(model).float(), teacher.vae, teacher.prompt_embeddings,
+                      use_shift_factor=teacher.config.use_shift_factor).save_pretrained(folder)
+
+
+WINDOW_MARGIN = 2  # latent pixels decoded around an LPIPS window, then cropped away: no decoder border effects
+
+
+def latent_windows(shape, size: int, count: int, generator) -> list[Optional[tuple[int, int]]]:
+    """Top-left corners of one random `size` window per sample (inside a margin), or None (whole latents) for 0."""
+    height, width = shape[-2:]
+    if not size or size + 2 * WINDOW_MARGIN > min(height, width):
+        return [None] * count
+    corners = torch.randint(WINDOW_MARGIN, min(height, width) - size - WINDOW_MARGIN + 1, (count, 2),
+                            generator=generator, device=generator.device)
+    return [(int(top), int(left), size) for top, left in corners.tolist()]
+
+
+def decode_windows(pipe, latents: torch.Tensor, windows) -> torch.Tensor:
+    """Decoded images of the latent windows (each decoded with its margin, which is then cropped off)."""
+    factor = pipe.vae_scale_factor
+    if windows[0] is None:
+        return pipe._decode(latents, None)
+    m = WINDOW_MARGIN
+    padded = torch.stack([z[:, top - m: top + size + m, left - m: left + size + m]
+                          for z, (top, left, size) in zip(latents, windows)])
+    return pipe._decode(padded, None)[..., m * factor: -m * factor, m * factor: -m * factor]
+
+
+def crop_windows(images: torch.Tensor, windows, factor: int) -> torch.Tensor:
+    """The image pixels under the latent windows."""
+    if windows[0] is None:
+        return images
+    return torch.stack([image[:, top * factor: (top + size) * factor, left * factor: (left + size) * factor]
+                        for image, (top, left, size) in zip(images, windows)])
 
 
 class VAEEncoderStage(Stage):
@@ -186,6 +266,7 @@ class VAEEncoderStage(Stage):
 class VAEDecoderStage(VAEEncoderStage):
     frozen_part = "encoder"
     uses_gan = True
+    uses_lpips = True
 
     def generator_outputs(self, model, batch, generator):
         with torch.no_grad():
@@ -206,8 +287,10 @@ class LatentStage(Stage):
         return self.student.transformer
 
     def _latents(self, model, batch, generator):
-        if "lr_latents" in batch:  # from the latent cache
-            z_low, z_teacher = batch["lr_latents"], batch["teacher_latents"]
+        if "lr_latents" in batch:  # from the latent cache (teacher latents computed here if it has none)
+            z_low = batch["lr_latents"]
+            z_teacher = batch["teacher_latents"] if "teacher_latents" in batch else teacher_estimate(self.teacher,
+                                                                                                        z_low)
         else:
             with torch.no_grad():
                 z_low = self.teacher._encode(batch["lr_up"], generator, None)
@@ -226,6 +309,7 @@ class LatentStage(Stage):
 
 class PixelStage(LatentStage):
     uses_gan = True
+    uses_lpips = True
 
     def generator_outputs(self, model, batch, generator):
         outputs = super().generator_outputs(model, batch, generator)
@@ -233,7 +317,7 @@ class PixelStage(LatentStage):
         return outputs
 
 
-STAGE_CLASSES = {"vae_encoder": VAEEncoderStage, "vae_decoder": VAEDecoderStage, "latent": LatentStage,
+STAGE_CLASSES = {"teacher": TeacherStage, "vae_encoder": VAEEncoderStage, "vae_decoder": VAEDecoderStage, "latent": LatentStage,
                  "pixel": PixelStage}  # `prune` runs the pruning package's learner: see `train_prune`
 
 
@@ -259,7 +343,7 @@ def generator_loss(stage: Stage, model, batch: dict, generator, lpips=None, disc
     outputs = stage.generator_outputs(model, batch, generator)
     terms = dict(outputs["loss_terms"])
     if lpips is not None:
-        terms["lpips"] = lpips(outputs["fake"].float(), batch["hr"].float()).mean()
+        terms["lpips"] = lpips(outputs["fake"].float(), outputs.get("real", batch.get("hr")).float()).mean()
     if discriminator is not None:
         terms["gan"] = -discriminator(outputs["fake"]).float().mean()
     weights = {"latent": config.latent_weight, "lpips": config.lpips_weight, "gan": config.gan_weight}
@@ -290,7 +374,9 @@ def build_data(config: TrainConfig, from_cache: bool):
     if from_cache:
         info = check_latent_cache(config.latent_cache)
         logger.info("Training from the latent cache %s (%d samples).", config.latent_cache, info["samples"])
-        if (info["teacher"], info["hr_size"]) != (config.teacher, config.hr_size):
+        # a cache of VAE latents only (no teacher estimates) serves any teacher on that VAE
+        cache_teacher = info["teacher"] if info.get("teacher_latents", True) else config.teacher
+        if (cache_teacher, info["hr_size"]) != (config.teacher, config.hr_size):
             logger.warning("The latent cache was written for teacher=%s hr_size=%s; this run has teacher=%s "
                            "hr_size=%s.", info["teacher"], info["hr_size"], config.teacher, config.hr_size)
         dataset = LatentPairDataset(config.latent_cache)
@@ -318,7 +404,7 @@ def train(config: TrainConfig) -> dict:
         stage = STAGE_CLASSES[config.stage](config, teacher)
     cast_frozen_teacher(accelerator, config, teacher)
     model = stage.trainable()
-    if config.stage in ("latent", "pixel") and not config.lora_rank:
+    if config.stage in ("teacher", "latent", "pixel") and not config.lora_rank:
         model.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -335,7 +421,7 @@ def train(config: TrainConfig) -> dict:
     dataset, loader = build_data(config, from_cache)
     uses_gan = stage.uses_gan and config.gan_weight > 0
     discriminator = None
-    lpips = LPIPS(config.lpips_net).to(device) if config.lpips_weight > 0 and stage.uses_gan else None
+    lpips = LPIPS(config.lpips_net).to(device) if config.lpips_weight > 0 and stage.uses_lpips else None
     if uses_gan:
         discriminator = discriminator_factory(config)
         disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_learning_rate,
@@ -420,7 +506,7 @@ def train(config: TrainConfig) -> dict:
         if step % config.logging_steps == 0 and config.report_to != "none":
             accelerator.log({"loss": losses[-1], "lr": learning_rates[-1],
                              **{f"loss/{k}": v.item() for k, v in terms.items()}}, step=step)
-        if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs:
+        if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs and "lr_up" in batch:
             log_samples(accelerator, batch["lr_up"], outputs["fake"], batch["hr"], step)
         if step % config.checkpointing_steps == 0 or step == config.max_steps:
             save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit)
@@ -461,7 +547,10 @@ def train_prune(config: TrainConfig) -> dict:
         delta=config.prune_delta, max_steps=config.max_steps, learning_rate=config.learning_rate,
         gate_learning_rate=config.gate_learning_rate, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, lora_rank=config.lora_rank,
-        lora_target_modules=tuple(config.lora_target_modules), tau=tuple(config.gate_tau),
+        **({"lora_target_modules": tuple(config.prune_lora_target_modules)} if config.prune_lora_target_modules
+           else {}),
+        skip_pruned_layers=config.prune_skip_pruned_layers, next_rule=config.prune_next_rule,
+        per_sample_masks=config.prune_per_sample_masks, tau=tuple(config.gate_tau),
         scale=tuple(config.gate_scale), ema_decay=config.gate_ema_decay, loss=config.prune_loss,
         task_weight=config.task_weight, distill_weight=config.latent_weight, perceptual_weight=config.lpips_weight,
         seed=config.seed, log_every=config.logging_steps, checkpointing_steps=config.checkpointing_steps,

@@ -159,7 +159,7 @@ def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, data
         generator = seeded_generator(config.seed, position, rank, device=accelerator.device)
         batch = make_batch(crops.to(accelerator.device), degrade, generator)
         with accelerator.autocast():  # the teacher transformer may be in the mixed-precision dtype
-            latents = encode_batch(teacher, batch, generator, with_teacher=True)
+            latents = encode_batch(teacher, batch, generator, with_teacher=config.cache_teacher_latents)
         pending.append({key: value.float().cpu() for key, value in latents.items()})
         buffered += len(crops)
         samples += len(crops)
@@ -175,6 +175,7 @@ def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, data
     if accelerator.is_main_process:
         info = {
             "teacher": config.teacher,
+            "teacher_latents": config.cache_teacher_latents,
             "samples": sum(counts),
             "hr_size": config.hr_size,
             "epochs": config.cache_epochs,

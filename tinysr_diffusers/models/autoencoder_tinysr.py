@@ -39,6 +39,23 @@ class SeparableConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
 
+    @classmethod
+    @torch.no_grad()
+    def from_conv(cls, conv: nn.Conv2d) -> "SeparableConv2d":
+        """The separable convolution closest to a standard one: for every input channel i the (out, k*k) slice
+        `W[:, i]` is replaced by its best rank-1 approximation (SVD), `pointwise[:, i] * depthwise[i]`. Exact when
+        each such slice has rank 1; otherwise only a starting point for distillation (on TAEF2's encoder the
+        errors compound: the latents are far off until the separable encoder is trained)."""
+        out_channels, in_channels, kernel, _ = conv.weight.shape
+        separable = cls(in_channels, out_channels, kernel, conv.stride[0], conv.padding[0], bias=conv.bias is not None)
+        slices = conv.weight.float().permute(1, 0, 2, 3).reshape(in_channels, out_channels, kernel * kernel)
+        u, singular, v = torch.linalg.svd(slices, full_matrices=False)
+        separable.depthwise.weight.copy_(v[:, 0].reshape(in_channels, 1, kernel, kernel))
+        separable.pointwise.weight.copy_((u[:, :, 0] * singular[:, :1]).T.reshape(out_channels, in_channels, 1, 1))
+        if conv.bias is not None:
+            separable.pointwise.bias.copy_(conv.bias)
+        return separable.to(conv.weight.dtype)
+
 
 def make_conv(
     conv_type: str, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True
@@ -51,10 +68,33 @@ def make_conv(
 
 
 class TinySRAutoencoderBlock(nn.Module):
-    """TAESD residual block: three 3x3 convolutions with activations, a skip, and a ReLU fuse."""
+    """TAESD residual block: three 3x3 convolutions with activations, a skip, and a ReLU fuse.
 
-    def __init__(self, in_channels: int, out_channels: int, act_fn: str, conv_type: str):
+    With `pool_channels` > 0 the block also carries TAEF2's `pool` branch (1x1 conv up to `pool_channels`,
+    GroupNorm, ReLU, 1x1 conv back), added to the block input before the convolutions: a cheap per-pixel channel
+    mixer that TAEF2 puts on its three lowest-resolution blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        act_fn: str,
+        conv_type: str,
+        pool_channels: int = 0,
+        pool_norm_groups: int = 4,
+    ):
         super().__init__()
+        self.pool = (
+            nn.Sequential(
+                nn.Conv2d(in_channels, pool_channels, 1, bias=False),
+                nn.GroupNorm(pool_norm_groups, pool_channels),
+                nn.ReLU(),
+                nn.Conv2d(pool_channels, in_channels, 1, bias=False),
+            )
+            if pool_channels
+            else None
+        )
         self.conv = nn.Sequential(
             make_conv(conv_type, in_channels, out_channels),
             get_activation(act_fn),
@@ -70,6 +110,8 @@ class TinySRAutoencoderBlock(nn.Module):
         self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            x = x + self.pool(x)
         return self.fuse(self.conv(x) + self.skip(x))
 
 
@@ -84,6 +126,8 @@ class TinySREncoder(nn.Module):
         block_out_channels: Sequence[int],
         act_fn: str,
         conv_type: str,
+        block_pool_channels: Sequence[int],
+        pool_norm_groups: int,
     ):
         super().__init__()
         layers = []
@@ -93,7 +137,10 @@ class TinySREncoder(nn.Module):
                 layers.append(make_conv(conv_type, in_channels, channels))
             else:
                 layers.append(make_conv(conv_type, block_out_channels[i - 1], channels, stride=2, bias=False))
-            layers.extend(TinySRAutoencoderBlock(channels, channels, act_fn, conv_type) for _ in range(num_block))
+            layers.extend(
+                TinySRAutoencoderBlock(channels, channels, act_fn, conv_type, block_pool_channels[i], pool_norm_groups)
+                for _ in range(num_block)
+            )
         layers.append(make_conv(conv_type, block_out_channels[-1], out_channels))
         self.layers = nn.Sequential(*layers)
 
@@ -114,13 +161,18 @@ class TinySRDecoder(nn.Module):
         act_fn: str,
         upsample_fn: str,
         conv_type: str,
+        block_pool_channels: Sequence[int],
+        pool_norm_groups: int,
     ):
         super().__init__()
         layers = [make_conv(conv_type, in_channels, block_out_channels[0]), get_activation(act_fn)]
         for i, num_block in enumerate(num_blocks):
             is_final_block = i == len(num_blocks) - 1
             channels = block_out_channels[i]
-            layers.extend(TinySRAutoencoderBlock(channels, channels, act_fn, conv_type) for _ in range(num_block))
+            layers.extend(
+                TinySRAutoencoderBlock(channels, channels, act_fn, conv_type, block_pool_channels[i], pool_norm_groups)
+                for _ in range(num_block)
+            )
             if not is_final_block:
                 layers.append(nn.Upsample(scale_factor=upsampling_scaling_factor, mode=upsample_fn))
                 conv_out = block_out_channels[i + 1]
@@ -154,6 +206,10 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         shift_factor (`float`, defaults to `0.0`): Latent shift (the TinySR/TSD-SR release uses none).
         encoder_conv / decoder_conv (`str`): `"standard"` or `"separable"` per side (paper: separable encoder,
             standard decoder; release: separable both).
+        encoder_pool_channels / decoder_pool_channels (`tuple[int]`, *optional*): Width of the `pool` branch of
+            the blocks at each resolution (0: none). TAEF2 (`TinySRAutoencoder.taef2_config()`) uses 256 on its
+            lowest resolution on both sides.
+        pool_norm_groups (`int`, defaults to `4`): GroupNorm groups of the pool branches.
     """
 
     _supports_gradient_checkpointing = False
@@ -175,8 +231,13 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         shift_factor: float = 0.0,
         encoder_conv: str = "separable",
         decoder_conv: str = "standard",
+        encoder_pool_channels: Optional[Sequence[int]] = None,
+        decoder_pool_channels: Optional[Sequence[int]] = None,
+        pool_norm_groups: int = 4,
     ):
         super().__init__()
+        encoder_pool_channels = list(encoder_pool_channels or [0] * len(num_encoder_blocks))
+        decoder_pool_channels = list(decoder_pool_channels or [0] * len(num_decoder_blocks))
         for name, value in (("encoder_conv", encoder_conv), ("decoder_conv", decoder_conv)):
             if value not in CONV_TYPES:
                 raise ValueError(f"`{name}` must be one of {CONV_TYPES}, got {value!r}.")
@@ -189,6 +250,17 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                     f"num_{side}_blocks ({list(blocks)}) and {side}_block_out_channels ({list(channels)}) must be "
                     "non-empty and of the same length."
                 )
+        for pools, blocks, side in (
+            (encoder_pool_channels, num_encoder_blocks, "encoder"),
+            (decoder_pool_channels, num_decoder_blocks, "decoder"),
+        ):
+            if len(pools) != len(blocks) or any(not isinstance(c, int) or c < 0 for c in pools):
+                raise ValueError(
+                    f"{side}_pool_channels ({pools}) must give a non-negative width per resolution "
+                    f"({len(blocks)} resolutions)."
+                )
+            if any(c % pool_norm_groups for c in pools):
+                raise ValueError(f"{side}_pool_channels ({pools}) must be multiples of pool_norm_groups ({pool_norm_groups}).")
         if len(num_encoder_blocks) != len(num_decoder_blocks):
             raise ValueError("Encoder and decoder must have the same number of resolutions.")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("latent_channels", latent_channels)):
@@ -196,7 +268,14 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
         self.encoder = TinySREncoder(
-            in_channels, latent_channels, num_encoder_blocks, encoder_block_out_channels, act_fn, encoder_conv
+            in_channels,
+            latent_channels,
+            num_encoder_blocks,
+            encoder_block_out_channels,
+            act_fn,
+            encoder_conv,
+            encoder_pool_channels,
+            pool_norm_groups,
         )
         self.decoder = TinySRDecoder(
             latent_channels,
@@ -207,12 +286,55 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             act_fn,
             upsample_fn,
             decoder_conv,
+            decoder_pool_channels,
+            pool_norm_groups,
         )
         self.spatial_scale_factor = upsampling_scaling_factor ** (len(num_encoder_blocks) - 1)
         self.use_tiling = False
         self.use_slicing = False
         self.tile_sample_size = 512
         self.tile_sample_overlap = 64
+
+    @classmethod
+    def from_autoencoder(
+        cls, vae: "TinySRAutoencoder", encoder_conv: Optional[str] = None, decoder_conv: Optional[str] = None
+    ) -> "TinySRAutoencoder":
+        """A copy of `vae` with other convolution types: standard convolutions become separable ones through
+        [`SeparableConv2d.from_conv`] (the paper's separable encoder, initialised from a standard teacher encoder
+        before its distillation); sides that keep their type are copied exactly."""
+        config = dict(vae.config)
+        config.update(encoder_conv=encoder_conv or config["encoder_conv"], decoder_conv=decoder_conv or config["decoder_conv"])
+        for side in ("encoder", "decoder"):
+            if vae.config[f"{side}_conv"] == "separable" and config[f"{side}_conv"] == "standard":
+                raise ValueError(f"Cannot turn the separable {side} back into standard convolutions.")
+        new = cls.from_config(config)
+        for side in ("encoder", "decoder"):
+            source, target = getattr(vae, side), getattr(new, side)
+            if vae.config[f"{side}_conv"] == config[f"{side}_conv"]:
+                target.load_state_dict(source.state_dict())
+                continue
+            for name, module in source.named_modules():
+                if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+                    parent, _, child = name.rpartition(".")
+                    target.get_submodule(parent).register_module(child, SeparableConv2d.from_conv(module))
+                elif isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+                    target.get_submodule(name).load_state_dict(module.state_dict())
+        return new.to(device=vae.device, dtype=vae.dtype) if vae.dtype != new.dtype else new.to(vae.device)
+
+    @staticmethod
+    def taef2_config() -> dict:
+        """The config that expresses TAEF2 (madebyollin/taesd, MIT) exactly: 32 latent channels, standard convs,
+        pool branches on the lowest resolution, and its raw latent space (scale 1, no shift)."""
+        return {
+            "latent_channels": 32,
+            "encoder_conv": "standard",
+            "decoder_conv": "standard",
+            "encoder_pool_channels": [0, 0, 0, 256],
+            "decoder_pool_channels": [256, 0, 0, 0],
+            "pool_norm_groups": 4,
+            "scaling_factor": 1.0,
+            "shift_factor": 0.0,
+        }
 
     def enable_tiling(self, tile_sample_size: Optional[int] = None, tile_sample_overlap: Optional[int] = None) -> None:
         """Encode and decode in overlapping tiles of `tile_sample_size` image pixels blended over `tile_sample_overlap`.

@@ -128,10 +128,12 @@ class TSDSRPipeline(OneStepSRPipeline):
         self._check_prompt_embeddings(embeddings)
         self.register_modules(prompt_embeddings=embeddings.to(self.transformer.device))
 
-    def _predict_velocity(self, latents: torch.Tensor) -> torch.Tensor:
+    def _predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """`transformer` (default: the pipeline's) at t=1000 on the stored embeddings; training passes its wrapped
+        (DDP) copy."""
         prompt_embeds, pooled_prompt_embeds = self.prompt_embeddings(latents.shape[0])
         timestep = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=latents.dtype)
-        return self.transformer(
+        return (transformer or self.transformer)(
             hidden_states=latents,
             encoder_hidden_states=prompt_embeds.to(latents),
             pooled_projections=pooled_prompt_embeds.to(latents),

