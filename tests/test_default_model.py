@@ -58,7 +58,7 @@ def test_default_model_loads_every_documented_way(pipe):
     from diffusers import DiffusionPipeline
 
     assert pipe.transformer.dtype == torch.float32 and Path(DEFAULT_MODEL).is_dir()
-    generic = DiffusionPipeline.from_pretrained(DEFAULT_MODEL, trust_remote_code=True, torch_dtype=torch.float32)
+    generic = DiffusionPipeline.from_pretrained(DEFAULT_MODEL, trust_remote_code=True, dtype=torch.float32)
     assert type(generic) is TinySRPipeline
     image = PIL.Image.new("RGB", (12, 10), (120, 80, 40))
     assert np.allclose(np.asarray(generic(image).images[0]), np.asarray(pipe(image).images[0]), atol=1)

@@ -242,6 +242,13 @@ def crop_windows(images: torch.Tensor, windows, factor: int) -> torch.Tensor:
                         for image, (top, left, size) in zip(images, windows)])
 
 
+def unscaled_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """The teacher VAE's latents of `images` as its encoder gives them: the posterior mode of an `AutoencoderKL`,
+    the latents of a tiny autoencoder (e.g. TAEF2)."""
+    encoded = vae.encode(images)
+    return encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+
+
 class VAEEncoderStage(Stage):
     frozen_part = "decoder"
 
@@ -255,7 +262,7 @@ class VAEEncoderStage(Stage):
 
     def generator_outputs(self, model, batch, generator):
         with torch.no_grad():
-            target = self.teacher.vae.encode(batch["lr_up"]).latent_dist.mode()
+            target = unscaled_latents(self.teacher.vae, batch["lr_up"])
         prediction = model.encode(batch["lr_up"]).latents
         return {"loss_terms": {"latent": F.mse_loss(prediction.float(), target.float())}}
 
@@ -270,7 +277,7 @@ class VAEDecoderStage(VAEEncoderStage):
 
     def generator_outputs(self, model, batch, generator):
         with torch.no_grad():
-            latents = self.teacher.vae.encode(batch["hr"]).latent_dist.mode()
+            latents = unscaled_latents(self.teacher.vae, batch["hr"])
         fake = model.decode(latents).sample
         return {"loss_terms": {"latent": F.mse_loss(fake.float(), batch["hr"].float())}, "fake": fake}
 

@@ -39,7 +39,7 @@ class TinySRPipeline(OneStepSRPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Optional[str] = None, **kwargs):
         """Like [`OneStepSRPipeline.from_pretrained`]; without a path, the default model shipped in the package
-        (`tinysr_diffusers.DEFAULT_MODEL`), in float32 unless `torch_dtype` says otherwise (it is stored in fp16)."""
+        (`tinysr_diffusers.DEFAULT_MODEL`), in float32 unless `dtype` (or `torch_dtype`) says otherwise (it is stored in fp16)."""
         if pretrained_model_name_or_path is None:
             from .. import DEFAULT_MODEL
 
@@ -50,7 +50,7 @@ class TinySRPipeline(OneStepSRPipeline):
                 )
             pretrained_model_name_or_path = DEFAULT_MODEL
             if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-                kwargs["torch_dtype"] = torch.float32
+                kwargs["dtype"] = torch.float32
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(

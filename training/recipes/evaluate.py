@@ -58,6 +58,14 @@ def efficiency(teacher, student, lr: torch.Tensor) -> dict:
     return rows
 
 
+def reconstruct(vae, hr: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction of an image in [0, 1] (reflect-padded to a multiple of 8, cropped back)."""
+    from tinysr_diffusers.image_processing import reflect_pad_to_multiple
+
+    padded = reflect_pad_to_multiple(hr, 8) * 2 - 1
+    return ((vae.decode(vae.encode(padded).latents).sample + 1) / 2)[..., : hr.shape[-2], : hr.shape[-1]]
+
+
 def evaluate_mini(out: Path, folder: Path) -> dict:
     from benchmarks.quality import score
     from benchmarks.reporting import cpu_model
@@ -67,11 +75,11 @@ def evaluate_mini(out: Path, folder: Path) -> dict:
     hr_dir, lr_dir = out / "data" / "heldout" / "hr", out / "data" / "heldout" / "lr"
     names = sorted(p.stem for p in hr_dir.glob("*.png"))
     teacher = TSDSRPipeline.from_pretrained(out / "teacher")
-    student = TinySRPipeline.from_pretrained(out / "export", torch_dtype=torch.float32)
+    student = TinySRPipeline.from_pretrained(out / "export", dtype=torch.float32)
     taef2 = TinySRAutoencoder.from_pretrained(out / "taef2").eval()
     methods = {
         "bicubic": lambda lr, hr: torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1),
-        "taef2 (HR reconstruction)": lambda lr, hr: (taef2.decode(taef2.encode(hr * 2 - 1).latents).sample + 1) / 2,
+        "taef2 (HR reconstruction)": lambda lr, hr: reconstruct(taef2, hr),
         "teacher": lambda lr, hr: teacher(lr, output_type="pt").images,
         "tinysr": lambda lr, hr: student(lr, output_type="pt").images,
     }
