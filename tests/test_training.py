@@ -101,10 +101,13 @@ def test_help_documents_every_setting(capsys):
         assert option in text
 
 
-@pytest.mark.parametrize("stage", ["vae_encoder", "vae_decoder", "latent", "pixel"])
+@pytest.mark.parametrize("stage", ["teacher", "vae_encoder", "vae_decoder", "latent", "pixel"])
 def test_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path, stage):
     gan = stage in ("vae_decoder", "pixel")
-    config = config_for(assets, stage, tmp_path, *(["lpips_weight=1", "gan_weight=0.1"] if gan else []))
+    extra = ["lpips_weight=1", "gan_weight=0.1"] if gan else []
+    if stage == "teacher":  # full training of the teacher transformer, LPIPS on 4x4-latent windows of 1 sample
+        extra = ["lora_rank=0", "lpips_weight=0.1", "decode_crop=4", "decode_samples=1"]
+    config = config_for(assets, stage, tmp_path, *extra)
     torch.manual_seed(0)
     teacher = load_teacher(config)
     stage_ = STAGE_CLASSES[stage](config, teacher)
@@ -112,11 +115,11 @@ def test_stage_lowers_its_loss_on_a_fixed_batch(assets, tmp_path, stage):
     params = [p for p in model.parameters() if p.requires_grad]
     assert params
     # LoRA (rank 4) needs larger steps than the VAEs.
-    optimizer = torch.optim.Adam(params, lr=1e-2 if stage.startswith("vae") else 5e-2)
+    optimizer = torch.optim.Adam(params, lr=1e-2 if stage.startswith("vae") or stage == "teacher" else 5e-2)
     crops = [random_crop(photo(name), 64, torch.Generator().manual_seed(0)) for name in ("astronaut", "coffee")]
     hr = torch.stack(crops)
     batch = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
-    lpips = LPIPS("alex") if gan else None
+    lpips = LPIPS("alex") if gan or stage == "teacher" else None
     discriminator = PatchDiscriminator(channels=8, num_layers=2) if gan else None
     losses = []
     for _ in range(8):
@@ -354,6 +357,32 @@ def test_latent_cache_feeds_the_prune_and_latent_stages(assets, tmp_path):
         train(config_for(assets, "pixel", tmp_path / "pixel", f"latent_cache={cache}", "max_steps=1"))
 
 
+def test_vae_latent_cache_trains_the_teacher_and_then_its_students(assets, tmp_path):
+    """A cache without teacher estimates (cache_teacher_latents=false) serves the teacher stage, whose export is a
+    TSD-SR pipeline, and then the latent stage, which computes that teacher's estimates itself."""
+    from safetensors import safe_open
+    from tinysr_diffusers import TSDSRPipeline
+    from training.cache_latents import cache_latents
+
+    cache = tmp_path / "cache"
+    cache_latents(config_for(assets, "teacher", tmp_path / "unused", "hr_size=64", f"latent_cache={cache}",
+                             "cache_teacher_latents=false"))
+    with safe_open(str(next(cache.glob("*.safetensors"))), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["hr_latents", "lr_latents"]
+    result = train(config_for(assets, "teacher", tmp_path / "teacher", f"latent_cache={cache}", "train_data=null",
+                              "hr_size=64", "lora_rank=0", "lpips_weight=0.1", "decode_crop=4", "max_steps=3",
+                              "checkpointing_steps=3"))
+    teacher = TSDSRPipeline.from_pretrained(result["export"])
+    before = load_teacher(config_for(assets, "teacher", tmp_path / "unused"))
+    changed = [name for name, tensor in teacher.transformer.state_dict().items()
+               if not torch.equal(tensor, before.transformer.state_dict()[name])]
+    assert changed and all(p.dtype == torch.float32 for p in teacher.transformer.parameters())
+    latent = train(config_for(assets, "latent", tmp_path / "latent", f"teacher={result['export']}",
+                              f"latent_cache={cache}", "train_data=null", "hr_size=64", "max_steps=2",
+                              "checkpointing_steps=2"))
+    assert latent["step"] == 2 and all(torch.isfinite(torch.tensor(latent["losses"])))
+
+
 def test_streamed_dataset_resumes_like_an_uninterrupted_run(assets, tmp_path, caplog):
     common = [f"dataset_name={assets['images']}", "dataset_streaming=true", "train_data=null", "hr_size=64",
               "checkpointing_steps=2"]
@@ -434,3 +463,27 @@ def test_a_new_student_vae_lives_in_the_teachers_latent_space(assets, tmp_path):
     assert (vae.latent_channels, vae.scaling_factor, vae.shift_factor) == (
         teacher.latent_channels, teacher.scaling_factor, teacher.shift_factor)
     assert list(vae.encoder_block_out_channels) == [8, 8, 8, 8]  # vae_config applies on top
+
+
+def test_pixel_stage_can_encode_with_the_students_own_vae(assets, tmp_path):
+    """`student_encodes=true`: the transformer sees the student VAE's latents (as at inference), the target is the
+    teacher's estimate from the teacher's own latents."""
+    from training.latents import teacher_estimate
+
+    seen = []
+    for flag in ("false", "true"):
+        config = config_for(assets, "pixel", tmp_path / flag, f"student_encodes={flag}")
+        teacher = load_teacher(config)
+        stage = STAGE_CLASSES["pixel"](config, teacher)
+        model = stage.trainable()
+        handle = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+        hr = torch.stack([random_crop(photo("astronaut"), 64, torch.Generator().manual_seed(0))])
+        batch = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            z_student, z_teacher = stage._latents(model, batch, torch.Generator().manual_seed(0))
+            teacher_latents = teacher._encode(batch["lr_up"], None, None)
+            student_latents = stage.student._encode(batch["lr_up"], None, None)
+        handle.remove()
+        torch.testing.assert_close(z_teacher, teacher_estimate(teacher, teacher_latents))
+        torch.testing.assert_close(seen[-1], student_latents if flag == "true" else teacher_latents)
+    assert not torch.allclose(seen[0], seen[1])  # the two encoders differ

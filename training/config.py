@@ -86,11 +86,17 @@ class TrainConfig:
     lpips_weight: float = _help("Weight of the LPIPS loss (pixel, vae_decoder).", 0.0)
     gan_weight: float = _help("Weight of the generator's GAN loss (pixel, vae_decoder).", 0.0)
     lpips_net: str = _help("LPIPS backbone: alex or vgg.", "vgg")
-    lpips_crop: int = _help("teacher: LPIPS on a random square window of this many latent pixels per sample (decoded "
-                            "with a 2-pixel margin); 0 decodes whole latents.", 0)
-    lpips_samples: int = _help("teacher: LPIPS on the first N samples of a batch (0: all).", 0)
+    pixel_weight: float = _help("teacher, pixel: weight of the MSE between the decoded outputs and their targets (PSNR "
+                                "lives in pixel space: a latent MSE alone can lower it).", 0.0)
+    decode_crop: int = _help("teacher: the LPIPS and pixel terms decode a random square window of this many latent "
+                             "pixels per sample (with a 2-pixel margin); 0 decodes whole latents.", 0)
+    decode_samples: int = _help("teacher: the LPIPS and pixel terms decode the first N samples of a batch (0: all).", 0)
     disc_channels: int = _help("Width of the first PatchGAN discriminator layer.", 64)
     disc_layers: int = _help("Strided layers of the PatchGAN discriminator.", 3)
+
+    student_encodes: bool = _help("pixel: the student's own VAE encodes the LR input (as at inference), so the "
+                                  "transformer learns around its encoder's errors; the target stays the teacher's "
+                                  "estimate from the teacher's latents. False: both from the teacher's latents.", False)
 
     prune_keep: int = _help("prune: layers to keep (the paper: 12 of 24).", 12)
     prune_block_size: int = _help("prune: layers per block M (the paper: 4, so 2 kept per block).", 4)
@@ -153,8 +159,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("learning_rate", "disc_learning_rate", "lora_rank", "sample_steps", "latent_weight",
-                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers", "lpips_crop",
-                     "lpips_samples"):
+                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers", "decode_crop", "pixel_weight",
+                     "decode_samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -4,7 +4,8 @@
 
 Stages (each a `Stage` below; `--help` lists every setting):
 - `teacher`: the teacher's SD3 transformer learns one-step 4x SR on the TSD-SR inference path (fixed prompt
-  embeddings, t = 1000, `z_H = z_L - v`): velocity MSE against `z_L - z_H` plus LPIPS on decoded images. Fully
+  embeddings, t = 1000, `z_H = z_L - v`): velocity MSE against `z_L - z_H` plus pixel MSE and LPIPS on decoded
+  images. Fully
   trained with `lora_rank=0` (the mini recipe's teacher, from scratch) or through LoRA (TSD-SR's setting).
 - `vae_encoder`: the tiny VAE's encoder learns the teacher VAE's latents of (upscaled) LR images, MSE.
 - `vae_decoder`: the tiny VAE's decoder learns to decode the teacher's latents of HR images: L2 + LPIPS + GAN.
@@ -169,6 +170,8 @@ class Stage:
 
 
 class TeacherStage(Stage):
+    """Trains the teacher pipeline's own transformer (the rest of the pipeline stays frozen); exports the pipeline."""
+
     def __init__(self, config, teacher):
         super().__init__(config, teacher)
         self.transformer = teacher.transformer
@@ -192,10 +195,10 @@ class TeacherStage(Stage):
         z_low, z_high = self._latents(batch, generator)
         velocity = self.teacher._predict_velocity(z_low, model)
         outputs = {"loss_terms": {"latent": F.mse_loss(velocity.float(), (z_low - z_high).float() / self.teacher.sigma)}}
-        if self.config.lpips_weight:
+        if self.config.lpips_weight or self.config.pixel_weight:
             z_pred = z_low - self.teacher.sigma * velocity
-            count = self.config.lpips_samples or len(z_pred)
-            windows = latent_windows(z_pred.shape, self.config.lpips_crop, count, generator)
+            count = self.config.decode_samples or len(z_pred)
+            windows = latent_windows(z_pred.shape, self.config.decode_crop, count, generator)
             outputs["fake"] = decode_windows(self.teacher, z_pred[:count], windows)
             if "hr" in batch:
                 outputs["real"] = crop_windows(batch["hr"][:count], windows, self.teacher.vae_scale_factor)
@@ -318,6 +321,14 @@ class PixelStage(LatentStage):
     uses_gan = True
     uses_lpips = True
 
+    def _latents(self, model, batch, generator):
+        if not self.config.student_encodes:
+            return super()._latents(model, batch, generator)
+        with torch.no_grad():
+            z_teacher = teacher_estimate(self.teacher, self.teacher._encode(batch["lr_up"], generator, None))
+            z_low = self.student._encode(batch["lr_up"], generator, None)
+        return z_low - self.student.sigma * model(z_low).sample, z_teacher
+
     def generator_outputs(self, model, batch, generator):
         outputs = super().generator_outputs(model, batch, generator)
         outputs["fake"] = self.student._decode(outputs["z_student"], None)
@@ -353,7 +364,10 @@ def generator_loss(stage: Stage, model, batch: dict, generator, lpips=None, disc
         terms["lpips"] = lpips(outputs["fake"].float(), outputs.get("real", batch.get("hr")).float()).mean()
     if discriminator is not None:
         terms["gan"] = -discriminator(outputs["fake"]).float().mean()
-    weights = {"latent": config.latent_weight, "lpips": config.lpips_weight, "gan": config.gan_weight}
+    if config.pixel_weight and "fake" in outputs:
+        terms["pixel"] = F.mse_loss(outputs["fake"].float(), outputs.get("real", batch.get("hr")).float())
+    weights = {"latent": config.latent_weight, "lpips": config.lpips_weight, "gan": config.gan_weight,
+               "pixel": config.pixel_weight}
     return sum(weights[name] * value for name, value in terms.items()), terms, outputs
 
 
@@ -409,7 +423,8 @@ def train(config: TrainConfig) -> dict:
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(device)
         stage = STAGE_CLASSES[config.stage](config, teacher)
-    cast_frozen_teacher(accelerator, config, teacher)
+    if config.stage != "teacher":  # the teacher stage trains the teacher's transformer: it stays float32
+        cast_frozen_teacher(accelerator, config, teacher)
     model = stage.trainable()
     if config.stage in ("teacher", "latent", "pixel") and not config.lora_rank:
         model.requires_grad_(True)

@@ -12,8 +12,11 @@ folder exists, so the recipe runs in pieces across sessions; the training stages
 3. `teacher_init`: a `TSDSRPipeline` with a small random SD3 transformer (zero output projection: it starts as
    "TAEF2 of the bicubic upscale"), TAEF2 and seeded prompt embeddings.
 4. `latents`: TAEF2 latents of degraded crops (`training/cache_latents.py`).
-5. `teacher`: `training/distill.py` stage `teacher`.
-6. ... the student stages follow (see `STAGES`).
+5. `teacher_latent`, `teacher`: `training/distill.py` stage `teacher`, first in latent space, then with pixel MSE and
+   LPIPS on decoded images (`training/configs/mini/teacher.yaml` says why).
+6. `student_vae_init`, `vae_encoder`: the student's separable encoder, distilled from TAEF2's.
+7. `prune` (TinySR mask learning on the teacher), `latent` (stage 1), `pixel` (stage 2), `export`, `evaluate`, `ship`
+   (the default model into the package, the small results into `benchmarks/results/mini/`).
 
 Configs: `training/configs/mini/`. Every stage logs its wall time (`timings.json`) and, for training stages, its loss
 curve (tensorboard in `<stage>/logs`, and `<stage>/loss.png`).
@@ -200,8 +203,9 @@ def stage_teacher_init(recipe: dict, folder: Path, out: Path) -> None:
 # --------------------------------------------------------------------------------------------------------- training
 def distill_argv(recipe: dict, out: Path, name: str, **overrides) -> list[str]:
     """The command line of a `training/distill.py` stage: its YAML, the recipe's shared settings, `overrides`."""
-    values = {"seed": recipe["seed"], "hr_size": recipe["hr_size"], "report_to": "tensorboard",
-              "resume_from_checkpoint": "latest", **overrides}
+    values = {"seed": recipe["seed"], "report_to": "tensorboard", "resume_from_checkpoint": "latest", **overrides}
+    if "hr_size" not in stage_config(name):  # the latent stages match the cache's crops; image stages may crop smaller
+        values["hr_size"] = recipe["hr_size"]
     if recipe.get("max_steps"):  # --max-steps: a quick run of the whole chain (checks the set-up, not a model)
         values.update(max_steps=recipe["max_steps"], checkpointing_steps=recipe["max_steps"])
     if recipe.get("cache_epochs") and name == "latents":
@@ -234,8 +238,13 @@ def run_distill(recipe: dict, out: Path, name: str, folder: Path, **overrides) -
     os.replace(result["export"], folder)
 
 
+def stage_teacher_latent(recipe: dict, folder: Path, out: Path) -> None:
+    run_distill(recipe, out, "teacher_latent", folder, teacher=str(out / "teacher_init"),
+                latent_cache=str(out / "latents"))
+
+
 def stage_teacher(recipe: dict, folder: Path, out: Path) -> None:
-    run_distill(recipe, out, "teacher", folder, teacher=str(out / "teacher_init"), latent_cache=str(out / "latents"))
+    run_distill(recipe, out, "teacher", folder, teacher=str(out / "teacher_latent"), latent_cache=str(out / "latents"))
 
 
 def stage_student_vae_init(recipe: dict, folder: Path, out: Path) -> None:
@@ -365,6 +374,58 @@ def stage_evaluate(recipe: dict, folder: Path, out: Path) -> None:
     evaluate_mini(out, folder)
 
 
+PACKAGE_MODEL = ROOT / "tinysr_diffusers" / "default_model"
+RESULTS = ROOT / "benchmarks" / "results" / "mini"
+
+
+def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
+    """The export, with its model card filled from the measurements, becomes the package's default model; the
+    recipe's small outputs (results, loss curves, the pruning decision, timings, sources) go to
+    `benchmarks/results/mini/`, to be committed. `folder` (<out>/ship) records what was shipped."""
+    import string
+
+    from training.recipes.evaluate import efficiency_markdown, quality_markdown
+
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    sources = json.loads((out / "data" / "sources.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
+    export = json.loads((out / "export_check.json").read_text())
+    pruning = json.loads((out / "prune.pruning.json").read_text())
+    teacher = json.loads((out / "teacher" / "transformer" / "config.json").read_text())
+    efficiency = results["efficiency"]
+    train = [row for row in sources if row["split"] == "train"]
+    fields = {
+        "num_photos": len(train),
+        "cpu": results["cpu"],
+        "threads": results["threads"],
+        "total_hours": f"{sum(timings.values()) / 3600:.1f}",
+        "teacher_params": f"{efficiency['teacher']['transformer_parameters'] / 1e6:.1f}",
+        "teacher_layers": teacher["num_layers"],
+        "kept_layers": ", ".join(map(str, pruning["keep_layers"])),
+        "student_params": f"{efficiency['tinysr']['parameters'] / 1e6:.2f}",
+        "heldout": ", ".join(results["photos"]),
+        "quality_table": quality_markdown(results),
+        "efficiency_table": efficiency_markdown(results),
+        "precision": export["chosen"],
+        "export_difference": f"{export['tried'][-1]['max_abs_difference']:.1e}",
+        "sources_table": "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
+            f"| {row['photo']} | {row['size'][0]}x{row['size'][1]} | {row['licence']} |" for row in train]),
+    }
+    card = string.Template((ROOT / "model_cards" / "default_model.md").read_text()).substitute(fields)
+    from tinysr_diffusers.utils import atomic_directory
+
+    with atomic_directory(PACKAGE_MODEL, overwrite=True) as tmp:
+        for item in (out / "export").iterdir():
+            shutil.copy(item, tmp) if item.is_file() else shutil.copytree(item, Path(tmp) / item.name)
+        (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for source in (out / "evaluate" / "results.json", out / "evaluate" / "results.md", out / "timings.json",
+                   out / "export_check.json", out / "data" / "sources.json", out / "prune.pruning.json",
+                   out / "prune.keep_probabilities.png", *out.glob("*.loss.png")):
+        shutil.copy(source, RESULTS / source.name)
+    (folder / "shipped.json").write_text(json.dumps({"to": str(PACKAGE_MODEL)}) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------------------ driver
 def _with_out(fn: Callable) -> Callable:
     return lambda recipe, folder, out: fn(recipe, folder)
@@ -375,6 +436,7 @@ STAGES: dict[str, Callable] = {
     "taef2": _with_out(stage_taef2),
     "teacher_init": stage_teacher_init,
     "latents": stage_latents,
+    "teacher_latent": stage_teacher_latent,
     "teacher": stage_teacher,
     "student_vae_init": stage_student_vae_init,
     "vae_encoder": stage_vae_encoder,
@@ -383,10 +445,11 @@ STAGES: dict[str, Callable] = {
     "pixel": stage_pixel,
     "export": stage_export,
     "evaluate": stage_evaluate,
+    "ship": stage_ship,
 }
 # Stages whose function writes the folder itself (atomically: cache_latents.py renames a .tmp, run_distill renames
 # the export); the others write into a temporary folder renamed here.
-SELF_WRITING = ("latents", "teacher", "vae_encoder", "prune", "latent", "pixel")
+SELF_WRITING = ("latents", "teacher_latent", "teacher", "vae_encoder", "prune", "latent", "pixel")
 
 
 def record_time(out: Path, name: str, seconds: float) -> None:
