@@ -2,23 +2,14 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: run test architecture default-model
+.PHONY: run test
 
 $(VENV)/.installed: setup.py scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
-# Upscale a real held-out photo with the default model shipped in the package (result + comparison strip).
 run: $(VENV)/.installed
-	$(PYTHON) -m benchmarks.showcase
+	$(PYTHON) -m benchmarks.architecture
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest tests
-
-# The paper's parameter/MAC figures from the configs alone.
-architecture: $(VENV)/.installed
-	$(PYTHON) -m benchmarks.architecture
-
-# Train the default model from scratch on the CPU (hours; resumable, every stage skipped once done).
-default-model: $(VENV)/.installed
-	$(PYTHON) -m training.recipes.mini

@@ -21,8 +21,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*"]),
-    # the default model (tinysr_diffusers.DEFAULT_MODEL): weights, configs, its shims, card and licences
-    package_data={"tinysr_diffusers": ["default_model/*", "default_model/*/*"]},
     # torch is pinned by the install script (scripts/install.sh): an open torch requirement pulls a CUDA build.
     install_requires=[
         "torch>=2.4",

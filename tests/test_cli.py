@@ -117,4 +117,4 @@ def test_bad_model_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["upscale", str(source), "--model", "x", "-o", "y", "--tile-size", "8", "--tile-overlap", "8"])
     with pytest.raises(SystemExit):
-        main(["upscale", "-o", "y"])  # an input is required
+        main(["upscale", str(source), "-o", "y"])  # --model is required

@@ -481,7 +481,8 @@ def test_pixel_stage_can_encode_with_the_students_own_vae(assets, tmp_path):
         batch = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
         with torch.no_grad():
             z_student, z_teacher = stage._latents(model, batch, torch.Generator().manual_seed(0))
-            teacher_latents = teacher._encode(batch["lr_up"], None, None)
+            # the teacher's VAE samples its posterior: the first draw of the same seeded generator
+            teacher_latents = teacher._encode(batch["lr_up"], torch.Generator().manual_seed(0), None)
             student_latents = stage.student._encode(batch["lr_up"], None, None)
         handle.remove()
         torch.testing.assert_close(z_teacher, teacher_estimate(teacher, teacher_latents))

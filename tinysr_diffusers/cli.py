@@ -125,13 +125,7 @@ def upscale(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     dtype = _resolve_dtype(args.dtype, device)
     try:
-        if args.model is None:
-            from .pipelines import TinySRPipeline
-
-            pipe = TinySRPipeline.from_pretrained(dtype=dtype)
-            args.model = "(default model)"
-        else:
-            pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
         pipe = pipe.to(device)
     except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
         print(f"error: cannot load --model {args.model}: {_one_line(error)}", file=sys.stderr)
@@ -202,8 +196,7 @@ def add_upscale_parser(subparsers) -> None:
         "atomically. Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files and folders of images.")
-    parser.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (saved by save_pretrained); "
-                        "default: the model shipped with the package (tinysr_diffusers.DEFAULT_MODEL).")
+    parser.add_argument("--model", required=True, help="Pipeline folder or Hub repo id (saved by save_pretrained).")
     parser.add_argument("-o", "--output-dir", required=True, help="Folder for the upscaled images (created).")
     parser.add_argument(
         "--tile-size", type=int, default=64, help="Latent tile size (64 = 512 output pixels); 0 disables tiling."

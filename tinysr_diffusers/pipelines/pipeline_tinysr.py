@@ -1,6 +1,5 @@
 """TinySR: one-step 4x super-resolution with a depth-pruned, timestep- and text-free SD3 transformer."""
 
-import os
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
@@ -35,23 +34,6 @@ class TinySRPipeline(OneStepSRPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Optional[str] = None, **kwargs):
-        """Like [`OneStepSRPipeline.from_pretrained`]; without a path, the default model shipped in the package
-        (`tinysr_diffusers.DEFAULT_MODEL`), in float32 unless `dtype` (or `torch_dtype`) says otherwise (it is stored in fp16)."""
-        if pretrained_model_name_or_path is None:
-            from .. import DEFAULT_MODEL
-
-            if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
-                raise FileNotFoundError(
-                    f"The default model is missing from this installation ({DEFAULT_MODEL}); reinstall "
-                    "tinysr-diffusers, or pass a pipeline folder or Hub repo id."
-                )
-            pretrained_model_name_or_path = DEFAULT_MODEL
-            if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-                kwargs["dtype"] = torch.float32
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(
         self,
