@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad(), MaskedTransformer(teacher) as masked:
             targets = masked.predict_clean(latents)
         data = [(latents[i : i + 8], targets[i : i + 8], targets[i : i + 8]) for i in range(0, 32, 8)]
-        for search, label, overrides in SETTINGS:
+        for search, label, overrides in (SETTINGS[i] for i in args.settings):
             found, losses, start = 0, [], time.perf_counter()
             for seed in range(args.seeds):
                 config = MaskLearnerConfig(
@@ -92,6 +92,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--settings", type=lambda text: [int(i) for i in text.split(",")],
+                        default=list(range(len(SETTINGS))),
+                        help=f"Comma-separated indices into SETTINGS (default: all): "
+                        f"{', '.join(f'{i}={search} {label}' for i, (search, label, _) in enumerate(SETTINGS))}.")
     parser.add_argument("--output", default="benchmarks/results/pruning_planted.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

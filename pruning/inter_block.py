@@ -97,10 +97,16 @@ def next_patterns(
         return _pick(logits.expand_as(candidates), candidates, random_ties)
     if rule != "marginal":
         raise ValueError(f"Unknown next rule {rule!r}; choose one of {NEXT_RULES}.")
-    # Every neighbour shares N - delta layers with cur and adds delta others, chosen independently: the one whose
-    # layers' marginals sum highest keeps the best N - delta of cur and adds the best delta outside it.
-    marginals = torch.softmax(logits.float() * scale, dim=-1) @ patterns
-    return _pick((marginals @ patterns.T).expand_as(candidates), candidates, random_ties)
+    # Every neighbour shares N - delta layers with cur and adds delta others, chosen independently, so the one whose
+    # layers' scores sum highest keeps the best N - delta of cur and adds the best delta outside it. The score of a
+    # layer is the logit of its marginal keep probability, log m - log(1 - m), from log-sum-exps in float64: at
+    # scale 100 the marginals themselves saturate to 1 (or vanish) in float32 and would tie.
+    z = logits.double() * scale
+    inside = patterns.T.bool()  # (M, P): layer l is kept by pattern p
+    log_in = torch.logsumexp(z[:, None, :].masked_fill(~inside, float("-inf")), dim=-1)
+    log_out = torch.logsumexp(z[:, None, :].masked_fill(inside, float("-inf")), dim=-1)
+    layer_scores = (log_in - log_out).clamp(-1e30, 1e30)  # (num_blocks, M), monotone in the marginal
+    return _pick((layer_scores @ patterns.T.double()).expand_as(candidates), candidates, random_ties)
 
 
 def apply_operators(current: torch.Tensor, candidate: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:

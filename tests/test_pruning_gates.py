@@ -163,6 +163,14 @@ def test_next_rules_disagree_where_the_paper_text_and_the_code_do():
     assert patterns[by_pattern[0]].tolist() == [1, 0, 1, 0]
     assert patterns[by_marginal[0]].tolist() == [0, 1, 1, 0]
     assert corrosion(patterns[0], patterns[by_marginal[0]]).tolist() == [0, 1, 0, 0]
+    # saturated marginals (scale 100): inside cur, layer 0 (marginal 1 - 2e-13) beats layer 1 (1 - 2e-9); outside it,
+    # layer 3 (2e-9) beats layer 2 (9e-14). In float32 both pairs tie and would fall back to index order.
+    saturated = torch.tensor([[0.0, -0.3, -0.2, -1.0, -1.0, -1.0]])
+    chosen = next_patterns(saturated, current, neighbours, False, "marginal", patterns, scale=100.0)
+    assert patterns[chosen[0]].tolist() == [1, 0, 0, 1]
+    draws = {tuple(patterns[next_patterns(saturated, current, neighbours, True, "marginal", patterns, 100.0)[0]]
+                   .tolist()) for _ in range(30)}
+    assert draws == {(1, 0, 0, 1)}  # no real tie: random tie-breaking must not change it
     with pytest.raises(ValueError, match="next rule"):
         InterBlockGates(SPACE, next_rule="magic")
 
