@@ -13,3 +13,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest tests
+
+.PHONY: default-model
+
+# Train the default model from scratch on the CPU with the mini recipe (hours; resumable, finished stages skipped).
+default-model: $(VENV)/.installed
+	$(PYTHON) -m training.recipes.mini

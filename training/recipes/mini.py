@@ -145,7 +145,10 @@ def heldout_lr(hr, degradation: dict, seed: int, index: int):
 def stage_data(recipe: dict, folder: Path) -> None:
     import PIL.Image
 
-    photos = collect_photos(recipe)
+    try:
+        photos = collect_photos(recipe)
+    except (FileNotFoundError, ImportError) as error:  # a missing photo source: the message says how to install it
+        raise SystemExit(f"error: {error}") from None
     missing = [name for name in recipe["heldout"] if name not in photos]
     if missing:
         raise ValueError(f"Held-out photos {missing} are not among the collected photos.")
