@@ -8,8 +8,8 @@ so the loss-free mask is known. Two problems on an 8-layer SD3.5-style model, ke
 - inter-block: identity layers 0, 1, 3, 6, answer 2 4 5 7 (1 + 3 per block: only Dynamic Inter-block Activation,
   operator T_-1, reaches it).
 
-For every (problem, search, setting in `SETTINGS`) the learner runs `--seeds` times (seed 0, 1, ...) with the same short schedule; the
-table gives how often the decision is the answer and the mean distillation MSE of the decided masks (0 = perfect).
+For every (problem, search, setting in `SETTINGS`) the learner runs `--seeds` times (seed 0, 1, ...) with the same
+short schedule; the table gives how often the decision is the answer and the mean distillation MSE of the decided masks (0 = perfect).
 
     python -m benchmarks.pruning_planted [--seeds 5] [--steps 120]
 """

@@ -255,7 +255,9 @@ class MaskLearner:
 
         lora_parameters = [p for p in self.student.masked.parameters() if p.requires_grad]
         self._trainable = lora_parameters + list(gates.parameters())
-        gate_learning_rate = 10 * config.learning_rate if config.gate_learning_rate is None else config.gate_learning_rate
+        gate_learning_rate = config.gate_learning_rate
+        if gate_learning_rate is None:  # only None means "default": 0 freezes the gates
+            gate_learning_rate = 10 * config.learning_rate
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": lora_parameters, "lr": config.learning_rate},

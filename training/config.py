@@ -159,8 +159,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("learning_rate", "disc_learning_rate", "lora_rank", "sample_steps", "latent_weight",
-                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers", "decode_crop", "pixel_weight",
-                     "decode_samples"):
+                     "lpips_weight", "gan_weight", "max_grad_norm", "weight_decay", "num_workers", "decode_crop",
+                     "pixel_weight", "decode_samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr_scheduler not in LR_SCHEDULERS:

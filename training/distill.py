@@ -61,6 +61,7 @@ from training.discriminator import PatchDiscriminator, hinge_discriminator_loss 
 from training.latents import (  # noqa: E402
     EncodedBatches,
     check_latent_cache,
+    encode_batch,
     epoch_batches,
     make_batch,
     teacher_estimate,
@@ -185,16 +186,14 @@ class TeacherStage(Stage):
         return self.transformer
 
     def _latents(self, batch, generator):
-        if "lr_latents" in batch:
-            return batch["lr_latents"], batch["hr_latents"]
-        with torch.no_grad():
-            return self.teacher._encode(batch["lr_up"], generator, None), self.teacher._encode(batch["hr"], generator,
-                                                                                               None)
+        latents = batch if "lr_latents" in batch else encode_batch(self.teacher, batch, generator, with_teacher=False)
+        return latents["lr_latents"], latents["hr_latents"]
 
     def generator_outputs(self, model, batch, generator):
         z_low, z_high = self._latents(batch, generator)
         velocity = self.teacher._predict_velocity(z_low, model)
-        outputs = {"loss_terms": {"latent": F.mse_loss(velocity.float(), (z_low - z_high).float() / self.teacher.sigma)}}
+        target = (z_low - z_high).float() / self.teacher.sigma  # the velocity that gives z_H in one step
+        outputs = {"loss_terms": {"latent": F.mse_loss(velocity.float(), target)}}
         if self.config.lpips_weight or self.config.pixel_weight:
             z_pred = z_low - self.teacher.sigma * velocity
             count = self.config.decode_samples or len(z_pred)
@@ -335,8 +334,8 @@ class PixelStage(LatentStage):
         return outputs
 
 
-STAGE_CLASSES = {"teacher": TeacherStage, "vae_encoder": VAEEncoderStage, "vae_decoder": VAEDecoderStage, "latent": LatentStage,
-                 "pixel": PixelStage}  # `prune` runs the pruning package's learner: see `train_prune`
+STAGE_CLASSES = {"teacher": TeacherStage, "vae_encoder": VAEEncoderStage, "vae_decoder": VAEDecoderStage,
+                 "latent": LatentStage, "pixel": PixelStage}  # `prune` runs the pruning package's learner: see `train_prune`
 
 
 # --------------------------------------------------------------------------------------------------------- training

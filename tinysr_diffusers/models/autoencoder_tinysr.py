@@ -260,7 +260,9 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                     f"({len(blocks)} resolutions)."
                 )
             if any(c % pool_norm_groups for c in pools):
-                raise ValueError(f"{side}_pool_channels ({pools}) must be multiples of pool_norm_groups ({pool_norm_groups}).")
+                raise ValueError(
+                    f"{side}_pool_channels ({pools}) must be multiples of pool_norm_groups ({pool_norm_groups})."
+                )
         if len(num_encoder_blocks) != len(num_decoder_blocks):
             raise ValueError("Encoder and decoder must have the same number of resolutions.")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("latent_channels", latent_channels)):
@@ -303,7 +305,9 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         [`SeparableConv2d.from_conv`] (the paper's separable encoder, initialised from a standard teacher encoder
         before its distillation); sides that keep their type are copied exactly."""
         config = dict(vae.config)
-        config.update(encoder_conv=encoder_conv or config["encoder_conv"], decoder_conv=decoder_conv or config["decoder_conv"])
+        config.update(
+            encoder_conv=encoder_conv or config["encoder_conv"], decoder_conv=decoder_conv or config["decoder_conv"]
+        )
         for side in ("encoder", "decoder"):
             if vae.config[f"{side}_conv"] == "separable" and config[f"{side}_conv"] == "standard":
                 raise ValueError(f"Cannot turn the separable {side} back into standard convolutions.")

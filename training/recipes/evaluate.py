@@ -4,13 +4,10 @@ parameters, MACs and CPU latency of teacher and student measured in the same run
     python -m training.recipes.mini --only evaluate     (writes <output_dir>/evaluate/results.{json,md})
 """
 
-import json
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 
 METRICS = ["psnr", "ssim", "lpips", "dists", "niqe"]
@@ -18,42 +15,25 @@ LATENCY_SIDE = 128  # LR side of the latency measurement: a 512x512 output
 LATENCY_REPEATS = 5
 
 
-def _tensor(image: PIL.Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
-def _save(tensor: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = (tensor[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    PIL.Image.fromarray(array).save(path)
-
-
-def _median_latency(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def efficiency(teacher, student, lr: torch.Tensor) -> dict:
     """Parameters, module MACs and median CPU latency at a 512x512 output, teacher and student interleaved."""
     from tinysr_diffusers.profiling import count_parameters, module_macs
 
+    pipes = {"teacher": teacher, "tinysr": student}
     rows = {}
-    for name, pipe in (("teacher", teacher), ("tinysr", student)):
+    for name, pipe in pipes.items():  # one pass counts the MACs and warms the pipeline up
         pipe.set_progress_bar_config(disable=True)
-        macs = module_macs(lambda p=pipe: p(lr, output_type="pt"), pipe.transformer) + module_macs(
-            lambda p=pipe: p(lr, output_type="pt"), pipe.vae)
+        macs = module_macs(lambda p=pipe: p(lr, output_type="pt"), torch.nn.ModuleList([pipe.transformer, pipe.vae]))
         rows[name] = {"parameters": count_parameters([pipe.transformer, pipe.vae]),
-                      "transformer_parameters": count_parameters(pipe.transformer), "macs": macs, "latencies": []}
+                      "transformer_parameters": count_parameters(pipe.transformer), "macs": macs}
+    latencies = {name: [] for name in pipes}
     for _ in range(LATENCY_REPEATS):  # interleaved, so that machine noise hits both alike
-        for name, pipe in (("teacher", teacher), ("tinysr", student)):
-            rows[name]["latencies"].append(_median_latency(lambda p=pipe: p(lr, output_type="pt"), 1))
-    for row in rows.values():
-        row["latency_s"] = statistics.median(row.pop("latencies"))
+        for name, pipe in pipes.items():
+            start = time.perf_counter()
+            pipe(lr, output_type="pt")
+            latencies[name].append(time.perf_counter() - start)
+    for name, row in rows.items():
+        row["latency_s"] = statistics.median(latencies[name])
     rows["speedup"] = rows["teacher"]["latency_s"] / rows["tinysr"]["latency_s"]
     return rows
 
@@ -67,9 +47,11 @@ def reconstruct(vae, hr: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_mini(out: Path, folder: Path) -> dict:
-    from benchmarks.quality import score
+    from benchmarks.quality import load_image, save_image, score
     from benchmarks.reporting import cpu_model
     from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
+    from tinysr_diffusers.image_processing import bicubic_upscale
+    from tinysr_diffusers.utils import atomic_write_text, write_json
 
     torch.manual_seed(0)
     hr_dir, lr_dir = out / "data" / "heldout" / "hr", out / "data" / "heldout" / "lr"
@@ -78,7 +60,7 @@ def evaluate_mini(out: Path, folder: Path) -> dict:
     student = TinySRPipeline.from_pretrained(out / "export", dtype=torch.float32)
     taef2 = TinySRAutoencoder.from_pretrained(out / "taef2").eval()
     methods = {
-        "bicubic": lambda lr, hr: torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1),
+        "bicubic": lambda lr, hr: bicubic_upscale(lr, 4),
         "taef2 (HR reconstruction)": lambda lr, hr: reconstruct(taef2, hr),
         "teacher": lambda lr, hr: teacher(lr, output_type="pt").images,
         "tinysr": lambda lr, hr: student(lr, output_type="pt").images,
@@ -88,11 +70,11 @@ def evaluate_mini(out: Path, folder: Path) -> dict:
     files = {method: {} for method in methods}
     with torch.no_grad():
         for name in names:
-            lr = _tensor(PIL.Image.open(lr_dir / f"{name}.png"))
-            hr = _tensor(PIL.Image.open(hr_dir / f"{name}.png"))
+            lr, hr = load_image(lr_dir / f"{name}.png"), load_image(hr_dir / f"{name}.png")
             for method, fn in methods.items():
                 path = folder / method.split(" ")[0] / f"{name}.png"
-                _save(fn(lr, hr), path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_image(fn(lr, hr), path)
                 files[method][name] = path
     hr_files = {name: hr_dir / f"{name}.png" for name in names}
     results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "photos": names, "quality": {}}
@@ -102,11 +84,11 @@ def evaluate_mini(out: Path, folder: Path) -> dict:
             "mean": {name: status[name].get("value") for name in METRICS},
             "per_image": {row["image"]: row["scores"] for row in per_image},
         }
-    crop = _tensor(PIL.Image.open(lr_dir / f"{names[0]}.png"))[..., :LATENCY_SIDE, :LATENCY_SIDE]
+    crop = load_image(lr_dir / f"{names[0]}.png")[..., :LATENCY_SIDE, :LATENCY_SIDE]
     with torch.no_grad():
         results["efficiency"] = efficiency(teacher, student, crop)
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (folder / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    write_json(folder / "results.json", results)
+    atomic_write_text(folder / "results.md", results_markdown(results))
     return results
 
 

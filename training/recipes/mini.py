@@ -145,6 +145,8 @@ def heldout_lr(hr, degradation: dict, seed: int, index: int):
 def stage_data(recipe: dict, folder: Path) -> None:
     import PIL.Image
 
+    from tinysr_diffusers.utils import write_json
+
     try:
         photos = collect_photos(recipe)
     except (FileNotFoundError, ImportError) as error:  # a missing photo source: the message says how to install it
@@ -169,7 +171,7 @@ def stage_data(recipe: dict, folder: Path) -> None:
         image.save(folder / "train" / file)
         sources.append({"photo": name, "split": "train", "file": file, "size": list(image.size),
                         "licence": LICENCES[name.split(":")[0]]})
-    (folder / "sources.json").write_text(json.dumps(sources, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "sources.json", sources)
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -325,6 +327,7 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
     import torch
 
     from tinysr_diffusers import TinySRPipeline
+    from tinysr_diffusers.utils import write_json
 
     full = TinySRPipeline.from_pretrained(out / "pixel")
     full.set_progress_bar_config(disable=True)
@@ -352,7 +355,7 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
         shutil.rmtree(candidate)
     else:
         raise ValueError(f"No precision keeps the outputs within 1e-3 under 20 MiB: {checks}")
-    write_json_file(folder.parent / "export_check.json", {"chosen": checks[-1]["precision"], "tried": checks})
+    write_json(folder.parent / "export_check.json", {"chosen": checks[-1]["precision"], "tried": checks})
     shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
 
@@ -361,12 +364,6 @@ def load_rgb(path: Path):
 
     with PIL.Image.open(path) as image:
         return image.convert("RGB")
-
-
-def write_json_file(path: Path, value) -> None:
-    from tinysr_diffusers.utils import write_json
-
-    write_json(path, value)
 
 
 def stage_evaluate(recipe: dict, folder: Path, out: Path) -> None:
@@ -456,12 +453,12 @@ SELF_WRITING = ("latents", "teacher_latent", "teacher", "vae_encoder", "prune", 
 
 
 def record_time(out: Path, name: str, seconds: float) -> None:
+    from tinysr_diffusers.utils import write_json
+
     path = out / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[name] = round(timings.get(name, 0.0) + seconds, 1)  # summed over resumed runs
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(timings, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, timings)
 
 
 def run_stage(recipe: dict, out: Path, name: str) -> None:
