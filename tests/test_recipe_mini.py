@@ -9,7 +9,7 @@ from training.config import load_config
 from training.recipes import mini
 
 
-TRAINING_STAGES = ("teacher_latent", "teacher", "vae_encoder", "prune", "latent", "pixel")
+TRAINING_STAGES = ("teacher", "vae_encoder", "prune", "latent", "pixel")
 
 
 @pytest.mark.parametrize("name", TRAINING_STAGES)

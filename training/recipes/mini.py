@@ -12,8 +12,8 @@ folder exists, so the recipe runs in pieces across sessions; the training stages
 3. `teacher_init`: a `TSDSRPipeline` with a small random SD3 transformer (zero output projection: it starts as
    "TAEF2 of the bicubic upscale"), TAEF2 and seeded prompt embeddings.
 4. `latents`: TAEF2 latents of degraded crops (`training/cache_latents.py`).
-5. `teacher_latent`, `teacher`: `training/distill.py` stage `teacher`, first in latent space, then with pixel MSE and
-   LPIPS on decoded images (`training/configs/mini/teacher.yaml` says why).
+5. `teacher`: `training/distill.py` stage `teacher` from `teacher_init`, with pixel MSE and a little LPIPS on decoded
+   images (`training/configs/mini/teacher.yaml` says why not latent MSE).
 6. `student_vae_init`, `vae_encoder`: the student's separable encoder, distilled from TAEF2's.
 7. `prune` (TinySR mask learning on the teacher), `latent` (stage 1), `pixel` (stage 2), `export`, `evaluate`, `ship`
    (the default model into the package, the small results into `benchmarks/results/mini/`).
@@ -243,13 +243,8 @@ def run_distill(recipe: dict, out: Path, name: str, folder: Path, **overrides) -
     os.replace(result["export"], folder)
 
 
-def stage_teacher_latent(recipe: dict, folder: Path, out: Path) -> None:
-    run_distill(recipe, out, "teacher_latent", folder, teacher=str(out / "teacher_init"),
-                latent_cache=str(out / "latents"))
-
-
 def stage_teacher(recipe: dict, folder: Path, out: Path) -> None:
-    run_distill(recipe, out, "teacher", folder, teacher=str(out / "teacher_latent"), latent_cache=str(out / "latents"))
+    run_distill(recipe, out, "teacher", folder, teacher=str(out / "teacher_init"), latent_cache=str(out / "latents"))
 
 
 def stage_student_vae_init(recipe: dict, folder: Path, out: Path) -> None:
@@ -261,7 +256,7 @@ def stage_student_vae_init(recipe: dict, folder: Path, out: Path) -> None:
 
 
 def stage_vae_encoder(recipe: dict, folder: Path, out: Path) -> None:
-    run_distill(recipe, out, "vae_encoder", folder, teacher=str(out / "teacher"),
+    run_distill(recipe, out, "vae_encoder", folder, teacher=str(out / "teacher_init"),  # only its VAE (TAEF2) is used
                 student_vae=str(out / "student_vae_init"), train_data=[str(out / "data" / "train")])
     shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
@@ -436,7 +431,6 @@ STAGES: dict[str, Callable] = {
     "taef2": _with_out(stage_taef2),
     "teacher_init": stage_teacher_init,
     "latents": stage_latents,
-    "teacher_latent": stage_teacher_latent,
     "teacher": stage_teacher,
     "student_vae_init": stage_student_vae_init,
     "vae_encoder": stage_vae_encoder,
@@ -449,7 +443,7 @@ STAGES: dict[str, Callable] = {
 }
 # Stages whose function writes the folder itself (atomically: cache_latents.py renames a .tmp, run_distill renames
 # the export); the others write into a temporary folder renamed here.
-SELF_WRITING = ("latents", "teacher_latent", "teacher", "vae_encoder", "prune", "latent", "pixel")
+SELF_WRITING = ("latents", "teacher", "vae_encoder", "prune", "latent", "pixel")
 
 
 def record_time(out: Path, name: str, seconds: float) -> None:
