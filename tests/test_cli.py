@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import os
+import stat
 from pathlib import Path
 
 import PIL.Image
@@ -118,3 +120,95 @@ def test_bad_model_and_bad_arguments(tmp_path, capsys):
         main(["upscale", str(source), "--model", "x", "-o", "y", "--tile-size", "8", "--tile-overlap", "8"])
     with pytest.raises(SystemExit):
         main(["upscale", str(source), "-o", "y"])  # --model is required
+
+
+def _upscale(model: Path, *args: str) -> int:
+    return main(["upscale", *args, "--model", str(model)])
+
+
+def test_existing_outputs_are_kept_unless_overwrite_and_skipped_with_skip_existing(model, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    photo("coffee", (12, 8)).save(inputs / "coffee.png")
+    photo("astronaut", (10, 10)).save(inputs / "astronaut.png")
+    (out / "coffee.png").write_bytes(b"the user's own file")
+
+    assert _upscale(model, str(inputs), "-o", str(out)) == 1  # the existing output is an error ...
+    captured = capsys.readouterr()
+    assert (out / "coffee.png").read_bytes() == b"the user's own file"  # ... and is kept
+    (line,) = [line for line in captured.err.splitlines() if "already exists" in line]
+    assert line.startswith(f"error: {inputs / 'coffee.png'}: ") and "--overwrite" in line
+    assert "Upscaled 1 of 2 input(s)" in captured.out and "0 skipped" in captured.out and "1 failed" in captured.out
+    written = _digests(out)["astronaut.png"]
+
+    assert _upscale(model, str(inputs), "-o", str(out), "--skip-existing") == 0  # a resumed run
+    captured = capsys.readouterr()
+    assert "Upscaled 0 of 2 input(s)" in captured.out and "2 skipped" in captured.out and "0 failed" in captured.out
+    assert (out / "coffee.png").read_bytes() == b"the user's own file" and _digests(out)["astronaut.png"] == written
+
+    assert _upscale(model, str(inputs), "-o", str(out), "--overwrite") == 0
+    assert "Upscaled 2 of 2 input(s)" in capsys.readouterr().out
+    with PIL.Image.open(out / "coffee.png") as image:
+        assert image.size == (48, 32)
+    with pytest.raises(SystemExit):
+        _upscale(model, str(inputs), "-o", str(out), "--overwrite", "--skip-existing")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_recursive_run_does_not_take_its_output_folder_as_input(model, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    out = inputs / "out"
+    out.mkdir(parents=True)
+    photo("coffee", (12, 8)).save(inputs / "coffee.png")
+    photo("astronaut", (10, 10)).save(out / "earlier_output.png")  # left by an earlier run
+
+    assert _upscale(model, str(inputs), "-o", str(out), "--recursive") == 0
+    assert "Upscaled 1 of 1 input(s)" in capsys.readouterr().out
+    assert sorted(path.relative_to(inputs).as_posix() for path in inputs.rglob("*")) == [
+        "coffee.png",
+        "out",
+        "out/coffee.png",
+        "out/earlier_output.png",
+    ]
+
+
+def test_outputs_follow_the_umask(model, tmp_path, capsys):
+    source = tmp_path / "photo.png"
+    photo("coffee", (8, 8)).save(source)
+    previous = os.umask(0o022)
+    try:
+        assert _upscale(model, str(source), "-o", str(tmp_path / "out")) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out" / "photo.png").stat().st_mode) == 0o644
+
+
+def test_unusable_output_folder_is_refused_before_the_model_loads(tmp_path, capsys):
+    source = tmp_path / "photo.png"
+    photo("coffee", (8, 8)).save(source)
+    missing_model = tmp_path / "no-model"  # loading it would fail: the -o check must come first
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+
+    assert main(["upscale", str(source), "--model", str(missing_model), "-o", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: -o {a_file}: is a file, not a folder"]
+    assert main(["upscale", str(source), "--model", str(missing_model), "-o", str(a_file / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: -o {a_file / 'out'}: cannot write there") and "Traceback" not in line
+    assert a_file.read_text() == "not a folder\n"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs permissions that bind (not root)")
+def test_read_only_output_folder_is_refused_before_the_model_loads(tmp_path, capsys):
+    source = tmp_path / "photo.png"
+    photo("coffee", (8, 8)).save(source)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    try:
+        assert main(["upscale", str(source), "--model", str(tmp_path / "no-model"), "-o", str(read_only)]) == 2
+    finally:
+        read_only.chmod(0o755)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: -o {read_only}: cannot write there")

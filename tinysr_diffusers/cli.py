@@ -1,6 +1,6 @@
 """The `tinysr` command line.
 
-    tinysr upscale INPUT... --model PATH_OR_REPO -o OUT_DIR
+    tinysr upscale INPUT... --model PATH_OR_REPO -o OUT_DIR [--overwrite | --skip-existing]
     tinysr convert tinysr --transformer DIR --vae DIR --lora FILE --pool-embeds FILE -o OUT
     tinysr convert tsdsr --sd3 DIR --transformer-lora FILE --vae-lora FILE --prompt-embeds FILE --pool-embeds FILE
         -o OUT
@@ -9,9 +9,12 @@ Subcommands register themselves in `main` through an `add_<name>_parser(subparse
 """
 
 import argparse
+import io
 import os
+import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,6 +27,23 @@ from tqdm.auto import tqdm
 
 OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Raw modes of more than 8 bits per sample (I;16B, RGB;16B, RGBA;16L, ...; not BMP's packed 5-6-5 BGR;16).
+SIXTEEN_BIT_RAWMODE = re.compile(r"I;16|;16[A-Z]")
+# The ICC colour space of each PIL mode that a profile can describe.
+MODE_SPACES = {
+    "1": "GRAY",
+    "L": "GRAY",
+    "LA": "GRAY",
+    "I;16": "GRAY",
+    "I;16B": "GRAY",
+    "I;16L": "GRAY",
+    "RGB": "RGB",
+    "RGBA": "RGB",
+    "RGBX": "RGB",
+    "P": "RGB",
+    "PA": "RGB",
+    "CMYK": "CMYK",
+}
 
 
 @dataclass
@@ -50,17 +70,38 @@ def _resolve_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def _output_dir_problem(out_dir: Path) -> Optional[str]:
+    """Why no output can be written into `out_dir` (created here), found before a model is loaded; None if none."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return "is a file, not a folder"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as error:
+        return f"cannot write there: {error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+    return None
+
+
 def _collect_jobs(
-    inputs: Sequence[str], out_dir: Path, extension: str, recursive: bool
-) -> tuple[list[Job], list[str]]:
-    """Map every input file to its output path; returns (jobs, errors for inputs that cannot be processed)."""
+    inputs: Sequence[str], out_dir: Path, extension: str, recursive: bool, existing: str
+) -> tuple[list[Job], int, list[str]]:
+    """Map every input file to its output path; returns (jobs, number of inputs skipped because their output exists,
+    errors for inputs that cannot be processed).
+
+    An output folder inside an input folder is no input (a rerun would upscale the earlier outputs again); an existing
+    output is an error unless `existing` is "overwrite" or "skip".
+    """
     jobs, errors = [], []
+    out = out_dir.resolve()
     for name in inputs:
         path = Path(name)
         if path.is_dir():
+            holds_out = path.resolve() in out.parents
             files = sorted(path.rglob("*") if recursive else path.iterdir())
             for file in files:
                 relative = file.relative_to(path)
+                if holds_out and out in file.resolve().parents:
+                    continue
                 if file.is_file() and not any(part.startswith(".") for part in relative.parts):
                     jobs.append(Job(file, out_dir / relative.with_suffix(extension)))
         elif path.is_file():
@@ -70,7 +111,7 @@ def _collect_jobs(
 
     sources = {job.source.resolve() for job in jobs}
     claimed: dict[Path, Path] = {}
-    kept = []
+    kept, skipped = [], 0
     for job in jobs:
         target = job.target.resolve()
         if target in sources:
@@ -79,29 +120,82 @@ def _collect_jobs(
             errors.append(f"{job.source}: its output {job.target} is also the output of {claimed[target]}")
         else:
             claimed[target] = job.source
-            kept.append(job)
-    return kept, errors
+            if not os.path.lexists(job.target) or existing == "overwrite":
+                kept.append(job)
+            elif existing == "skip":
+                skipped += 1
+            else:
+                errors.append(
+                    f"{job.source}: its output {job.target} already exists; pass --overwrite to replace it or "
+                    "--skip-existing to keep it"
+                )
+    return kept, skipped, errors
 
 
-def _read_image(path: Path) -> PIL.Image.Image:
-    """Open and fully decode an image (so truncated files fail here), applying its EXIF orientation."""
-    with PIL.Image.open(path) as image:
-        image.load()
-        return PIL.ImageOps.exif_transpose(image)
+def _read_image(path: Path) -> tuple[PIL.Image.Image, list[str]]:
+    """Open and fully decode an image (so truncated files fail here), applying its EXIF orientation and converting
+    it to sRGB; returns it and warnings (PIL's, and what the 8-bit, one-frame output cannot keep)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with PIL.Image.open(path) as image:
+            bits = _bits_per_sample(image)  # before load(), which drops the tiles
+            frames = getattr(image, "n_frames", 1)
+            image.load()
+            image = PIL.ImageOps.exif_transpose(image)
+    notes = [" ".join(str(warning.message).split()) for warning in caught]
+    if frames > 1:
+        notes.append(f"it has {frames} frames (animated or multi-page): only the first is upscaled")
+    if bits > 8:
+        notes.append(f"{bits}-bit input: the output is 8-bit")
+    return _to_srgb(image, notes), notes
 
 
-def _write_atomically(image: PIL.Image.Image, target: Path, image_format: str, icc_profile: Optional[bytes]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+def _bits_per_sample(image: PIL.Image.Image) -> int:
+    """Bits per sample of the file: PIL decodes 16-bit RGB(A) to 8 bits, which only the raw mode of its tiles shows."""
+    if any(SIXTEEN_BIT_RAWMODE.search(str(rawmode)) for rawmode in [image.mode, *(tile[3] for tile in image.tile)]):
+        return 16
+    return 32 if image.mode in ("I", "F") else 8
+
+
+def _to_srgb(image: PIL.Image.Image, notes: list[str]) -> PIL.Image.Image:
+    """Convert an image with an embedded ICC profile to sRGB, the space the model works in and untagged outputs are
+    read in (greyscale stays greyscale, alpha is kept); a profile that cannot be used is reported in `notes` and
+    ignored. Outputs carry no profile: copying the input's would tag them with a colour space they are not in."""
+    from PIL import ImageCms
+
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
     try:
-        with os.fdopen(handle, "wb") as file:
-            if image_format == "JPEG" and image.mode in ("RGBA", "LA"):
-                image = image.convert("RGB")
-            image.save(file, format=image_format, **({"icc_profile": icc_profile} if icc_profile else {}))
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space.strip()
+        if MODE_SPACES.get(image.mode) != space:
+            raise ValueError(f"a {space} profile for {image.mode} pixels")
+        alpha = None
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            alpha = image.convert("RGBA").getchannel("A")
+        colour = image
+        if image.mode in ("1", "LA", "P", "PA", "RGBA", "RGBX"):
+            colour = image.convert("L" if space == "GRAY" else "RGB")
+        converted = ImageCms.profileToProfile(colour, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError) as error:
+        notes.append(f"ignoring its ICC profile ({_one_line(error)}); its colours are taken as sRGB")
+        return image
+    if space == "GRAY":
+        converted = converted.convert("L")
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+def _write_atomically(image: PIL.Image.Image, target: Path, image_format: str) -> None:
+    """Write through a temporary file beside `target` (ordinary permissions), so no partial output is ever left."""
+    from .utils import atomic_path
+
+    if image_format == "JPEG" and image.mode in ("RGBA", "LA"):
+        image = image.convert("RGB")
+    with atomic_path(target) as temporary:
+        image.save(temporary, format=image_format)
 
 
 def _one_line(error: BaseException) -> str:
@@ -115,10 +209,25 @@ def upscale(args: argparse.Namespace) -> int:
 
     extension = "." + args.format
     out_dir = Path(args.output_dir)
-    jobs, errors = _collect_jobs(args.inputs, out_dir, extension, args.recursive)
+    problem = _output_dir_problem(out_dir)
+    if problem:
+        print(f"error: -o {out_dir}: {problem}", file=sys.stderr)
+        return 2
+    jobs, skipped, errors = _collect_jobs(args.inputs, out_dir, extension, args.recursive, args.existing)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
+    total = len(jobs) + skipped + len(errors)
+
+    def summary(written: int, failed: int) -> int:
+        print(
+            f"Upscaled {written} of {total} input(s) into {out_dir}; {skipped} skipped (output exists), "
+            f"{failed} failed."
+        )
+        return 1 if failed else 0
+
     if not jobs:
+        if total:
+            return summary(0, len(errors))
         print("error: no input files", file=sys.stderr)
         return 1
 
@@ -159,9 +268,9 @@ def upscale(args: argparse.Namespace) -> int:
             report(batch[0][0], error)
             progress.update(1)
             return
-        for (job, image), output in zip(batch, outputs):
+        for (job, _), output in zip(batch, outputs):
             try:
-                _write_atomically(output, job.target, OUTPUT_FORMATS[args.format], image.info.get("icc_profile"))
+                _write_atomically(output, job.target, OUTPUT_FORMATS[args.format])
                 written += 1
             except Exception as error:  # noqa: BLE001
                 report(job, error)
@@ -170,21 +279,21 @@ def upscale(args: argparse.Namespace) -> int:
     batch: list[tuple[Job, PIL.Image.Image]] = []
     for job in jobs:
         try:
-            batch.append((job, _read_image(job.source)))
+            image, notes = _read_image(job.source)
         except Exception as error:  # noqa: BLE001 - unreadable, truncated, empty, not an image
             report(job, error)
             progress.update(1)
             continue
+        for note in notes:
+            progress.write(f"warning: {job.source}: {note}", file=sys.stderr)
+        batch.append((job, image))
         if len(batch) == args.batch_size:
             run(batch)
             batch = []
     if batch:
         run(batch)
     progress.close()
-
-    total = len(jobs) + len(errors)
-    print(f"Upscaled {written} of {total} input(s) into {out_dir}; {failed} failed.")
-    return 1 if failed else 0
+    return summary(written, failed)
 
 
 def add_upscale_parser(subparsers) -> None:
@@ -192,8 +301,9 @@ def add_upscale_parser(subparsers) -> None:
         "upscale",
         help="4x super-resolve images with a TinySR or TSD-SR pipeline.",
         description="4x super-resolve image files and folders with a TinySR or TSD-SR pipeline folder or Hub repo. "
-        "Outputs go to OUT_DIR under the input's name; inputs are never overwritten; each output is written "
-        "atomically. Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
+        "Outputs go to OUT_DIR under the input's name; inputs are never overwritten, nor are existing outputs "
+        "unless --overwrite; each output is written atomically. Inputs with an ICC profile are converted to sRGB. "
+        "Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files and folders of images.")
     parser.add_argument("--model", required=True, help="Pipeline folder or Hub repo id (saved by save_pretrained).")
@@ -209,7 +319,25 @@ def add_upscale_parser(subparsers) -> None:
     parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default="png", help="Output file format.")
-    parser.add_argument("--recursive", action="store_true", help="Descend into sub-folders (layout kept).")
+    parser.add_argument(
+        "--recursive", action="store_true", help="Descend into sub-folders (layout kept; OUT_DIR itself excluded)."
+    )
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--overwrite",
+        dest="existing",
+        action="store_const",
+        const="overwrite",
+        default="refuse",
+        help="Replace outputs that already exist in OUT_DIR (default: report them as failed and keep them).",
+    )
+    existing.add_argument(
+        "--skip-existing",
+        dest="existing",
+        action="store_const",
+        const="skip",
+        help="Skip inputs whose output already exists, e.g. to resume an interrupted run.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the VAE posterior sample (AutoencoderKL).")
     parser.add_argument(
         "--trust-remote-code",

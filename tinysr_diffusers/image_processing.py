@@ -2,9 +2,11 @@
 
 Inputs are PIL images, numpy arrays or torch tensors (or a list of them), greyscale, RGB or RGBA, of any size. The
 model sees RGB in [0, 1]; the output keeps the input's channel layout (greyscale stays greyscale, the alpha channel of
-RGBA is upscaled bicubically and re-attached), so a caller gets back the kind of image it gave.
+RGBA is upscaled bicubically and re-attached), so a caller gets back the kind of image it gave. Empty images, NaN and
+values outside an input's range are refused with a ValueError rather than turned into a black output.
 """
 
+import math
 from typing import Sequence, Union
 
 import numpy as np
@@ -20,16 +22,24 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _CHANNELS = (1, 3, 4)
 # ITU-R 601-2 luma, as PIL's RGB -> L conversion.
 _LUMA = (0.299, 0.587, 0.114)
+# PIL's 32-bit greyscale modes carry no range of their own: the narrowest usual one that holds the values is taken
+# (F: [0, 1] like float arrays, or 0-255 as PIL's own conversions assume; I: 8 or 16 bits), so neither is near-black.
+_WIDE_MODE_SCALES = {"F": (1.0, 255.0), "I": (255.0, 65535.0)}
 
 
 def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale
+    if 0 in image.size:
+        raise ValueError(f"Empty image of size {image.size}.")
+    if image.mode.startswith("I;16"):  # 16-bit greyscale
         array = np.asarray(image, dtype=np.float32) / 65535.0
+    elif image.mode in _WIDE_MODE_SCALES:
+        array = np.asarray(image, dtype=np.float32)
+        array = array / _wide_mode_scale(float(array.min()), float(array.max()), image.mode)
     else:
         has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
         if has_alpha:
             image = image.convert("RGBA")
-        elif image.mode in ("1", "L", "F"):
+        elif image.mode in ("1", "L"):
             image = image.convert("L")
         else:
             image = image.convert("RGB")
@@ -43,7 +53,20 @@ def _hwc_to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
 
 
+def _wide_mode_scale(low: float, high: float, mode: str) -> float:
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"PIL mode {mode} images must not contain NaN.")
+    for scale in _WIDE_MODE_SCALES[mode]:
+        if low >= -1e-3 * scale and high <= (1 + 1e-3) * scale:
+            return scale
+    raise ValueError(
+        f"PIL mode {mode} images must have values in [0, {scale:g}], got values in [{low:.3g}, {high:.3g}]."
+    )
+
+
 def _numpy_to_tensors(array: np.ndarray) -> list[torch.Tensor]:
+    if array.size == 0:  # before the range check: the min of nothing is an error
+        raise ValueError(f"Empty image of shape {array.shape}.")
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 255.0
     elif array.dtype == np.uint16:
@@ -63,6 +86,8 @@ def _numpy_to_tensors(array: np.ndarray) -> list[torch.Tensor]:
 
 
 def _torch_to_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if tensor.numel() == 0:
+        raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
     if tensor.dtype == torch.uint8:
         tensor = tensor.float() / 255.0
     elif tensor.is_floating_point():
@@ -80,6 +105,8 @@ def _torch_to_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _check_unit_range(low: float, high: float, kind: str) -> None:
+    if math.isnan(low) or math.isnan(high):  # min and max propagate NaN; one NaN pixel would blacken the output
+        raise ValueError(f"Floating-point {kind} images must not contain NaN.")
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(f"Floating-point {kind} images must be in [0, 1], got values in [{low:.3g}, {high:.3g}].")
 
@@ -102,9 +129,6 @@ def to_tensors(image: PipelineImageInput) -> list[torch.Tensor]:
                 "Images must be PIL images, numpy arrays or torch tensors (or a list of them), "
                 f"got {type(item).__name__}."
             )
-    for tensor in tensors:
-        if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
-            raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
     return [tensor.clamp(0, 1) for tensor in tensors]
 
 
