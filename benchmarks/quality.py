@@ -6,6 +6,9 @@
     python -m benchmarks.quality --model PIPELINE --hr HR_DIR [--seed 0]      # make LR images from the HR ones
                                                                               # (Real-ESRGAN degradation), then as above
 
+`--model` loads as `tinysr upscale --model` does: a folder or repo whose only code is TinySR's own shims, or any
+pipeline with `--trust-remote-code` (which runs the folder's code: only for code you have read).
+
 Metrics (`--metrics`, default all): PSNR and SSIM on the Y channel, LPIPS, DISTS, FID (SR folder vs HR folder), NIQE,
 MUSIQ, MANIQA, CLIPIQA, TOPIQ, Q-Align. SR and HR images are paired by file name without extension and must have the
 same size. A metric whose weights cannot be had is listed as unavailable with the reason; LPIPS, DISTS and NIQE use
@@ -100,15 +103,25 @@ def _crop_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     return image[..., : height - height % multiple, : width - width % multiple]
 
 
-def run_pipeline(
-    model: str, lr_files: dict[str, Path], sr_dir: Path, device: torch.device, dtype: torch.dtype, seed: int
-) -> dict[str, Path]:
-    """Upscale each LR image with a diffusers pipeline folder or Hub repo, saving `sr_dir/NAME.png`."""
-    from diffusers import DiffusionPipeline
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A pipeline folder or Hub repo, loaded as `tinysr upscale --model` loads it (so what the CLI refuses is refused
+    here too): only TinySR's own shims may be code in it, unless `trust_remote_code`."""
+    from tinysr_diffusers.pipelines import OneStepSRPipeline
+
+    try:
+        pipe = OneStepSRPipeline.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
+        message = " ".join(str(error).split())
+        raise SystemExit(f"error: cannot load --model {model}: {type(error).__name__}: {message}") from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe, lr_files: dict[str, Path], sr_dir: Path, seed: int) -> dict[str, Path]:
+    """Upscale each LR image with `pipe`, saving `sr_dir/NAME.png`."""
     from diffusers.utils import load_image as load_pil
 
-    pipe = DiffusionPipeline.from_pretrained(model, trust_remote_code=True, torch_dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
     sr_files = {}
     for name, path in tqdm(lr_files.items(), desc="upscaling", unit="image"):
         torch.manual_seed(image_seed(seed, name))  # pipelines that sample (e.g. a VAE posterior) stay reproducible
@@ -250,6 +263,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--hr", type=Path, help="Folder of HR reference images (paired with SR images by name).")
     parser.add_argument("--lr", type=Path, help="With --model: folder of LR images to upscale.")
     parser.add_argument("--model", help="Pipeline folder or Hub repo id to upscale with before scoring.")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="With --model: allow a pipeline whose code is not TinySR's own shims (runs that code).")
     parser.add_argument("--metrics", default="all", help=f"Comma-separated subset of: {', '.join(PAPER_METRICS)}.")
     parser.add_argument("--output-dir", type=Path, help="Where the reports go (default: results/quality/<time>).")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available).")
@@ -263,8 +278,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model is None and args.sr is None:
         parser.error("give --sr (images to score) or --model (a pipeline to run first).")
-    if args.model is None and (args.lr is not None or args.degradation is not None):
-        parser.error("--lr and --degradation only apply with --model.")
+    if args.model is None and (args.lr is not None or args.degradation is not None or args.trust_remote_code):
+        parser.error("--lr, --degradation and --trust-remote-code only apply with --model.")
     if args.model is not None and args.lr is None and args.hr is None:
         parser.error("--model needs --lr (LR images) or --hr (HR images to degrade into LR images).")
     requested = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -280,13 +295,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def load_degradation_config(path: Optional[Path]) -> DegradationConfig:
     if path is None:
         return DegradationConfig()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = (yaml.safe_load(text) or {}) if is_yaml else json.loads(text)
+    except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: {path} is not valid {'YAML' if is_yaml else 'JSON'}: {' '.join(str(error).split())}")
     try:
         return DegradationConfig.from_dict(values)
     except (TypeError, ValueError) as error:
@@ -308,19 +324,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         sr_dir = args.sr or output_dir / "sr"
         if sr_dir.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES for path in sr_dir.iterdir()):
             raise SystemExit(f"error: {sr_dir} already holds images; give an empty or new --sr folder for --model.")
+        # The inputs are checked and the model loaded before any image is made: a refused model stops at once.
+        lr_files = list_images(args.lr) if args.lr is not None else None
+        config = load_degradation_config(args.degradation) if args.lr is None else None
+        pipe = load_pipeline(args.model, device, getattr(torch, args.dtype), args.trust_remote_code)
         sr_dir.mkdir(parents=True, exist_ok=True)
         if args.lr is not None:
-            lr_files = list_images(args.lr)
             inputs["lr"] = str(args.lr)
         else:
-            config = load_degradation_config(args.degradation)
             lr_dir = output_dir / "lr"
             lr_dir.mkdir(exist_ok=True)
             lr_files = make_lr_images(hr_files, lr_dir, RealESRGANDegradation(config), args.seed, device)
             crop_hr_to = config.scale
             inputs.update(lr=str(lr_dir), degradation=config.to_dict())
         inputs.update(sr=str(sr_dir), seed=args.seed, dtype=args.dtype)
-        sr_files = run_pipeline(args.model, lr_files, sr_dir, device, getattr(torch, args.dtype), args.seed)
+        sr_files = run_pipeline(pipe, lr_files, sr_dir, args.seed)
     else:
         sr_files = list_images(args.sr)
 

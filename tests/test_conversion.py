@@ -2,6 +2,7 @@
 (diffusers' SD3 model with the LoRA as an unmerged peft adapter, zero-length text context at t=1000), and bad pieces
 are refused with a clear error."""
 
+import re
 import shutil
 
 import pytest
@@ -249,3 +250,53 @@ def test_cli_convert_tsdsr_and_a_bad_piece(tsdsr_release, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "error: ConversionError: LoRA file" in error and "does not match AutoencoderKL" in error
     assert not (tmp_path / "second").exists()
+
+
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _broken_piece(release, tmp_path, broken: str) -> tuple[str, str, str]:
+    """(option, path given for it, what the error says about that file) for one damaged piece of the release."""
+    if broken == "truncated LoRA":
+        lora = tmp_path / "transformer.safetensors"
+        shutil.copy(release.lora_path, lora)
+        _truncate(lora, lora.stat().st_size // 2)
+        return "--lora", str(lora), f"LoRA file {lora} is not a safetensors file (truncated or corrupt"
+    if broken == ".pt given as LoRA":
+        return "--lora", str(release.pool_embeds_path), "is not a safetensors file (it is a torch.save (pickle) file)"
+    if broken == "corrupt weights":
+        folder = _copy(release.transformer_dir, tmp_path)
+        _truncate(folder / "diffusion_pytorch_model.safetensors", 100)
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        return "--transformer", str(folder), f"Transformer weights {weights} is not a safetensors file"
+    if broken == "malformed config.json":
+        folder = _copy(release.vae_dir, tmp_path)
+        (folder / "config.json").write_text('{"_class_name": "AutoencoderTiny",')
+        return "--vae", str(folder), f"VAE config {folder / 'config.json'} is not valid JSON"
+    embedding = tmp_path / "pool_embeds.pt"  # "corrupt embedding": random bytes, not a torch.save file
+    embedding.write_bytes(bytes(range(256)) * 4)
+    return "--pool-embeds", str(embedding), f"Pooled prompt embedding {embedding} is corrupt"
+
+
+@pytest.mark.parametrize(
+    "broken", ["truncated LoRA", ".pt given as LoRA", "corrupt weights", "malformed config.json", "corrupt embedding"]
+)
+def test_cli_convert_names_a_damaged_file_in_one_line(tinysr_release, tmp_path, capsys, broken):
+    option, path, expected = _broken_piece(tinysr_release, tmp_path, broken)
+    argv = _tinysr_argv(tinysr_release, tmp_path / "out")
+    argv[argv.index(option) + 1] = path
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if not line.startswith("[1/2]")]
+    assert len(lines) == 1 and lines[0].startswith("error: ConversionError: "), error
+    assert expected in lines[0]
+    assert "weights_only" not in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_diffusers_cannot_build_from_is_named(tsdsr_release, tmp_path):
+    sd3 = _copy(tsdsr_release.sd3_dir, tmp_path)
+    edit_config(sd3 / "transformer", num_layers="four")
+    with pytest.raises(ConversionError, match=re.escape(f"{sd3 / 'transformer'} is not a loadable SD3Transformer2D")):
+        convert_tsdsr(**{**tsdsr_release.args(), "sd3_dir": sd3})

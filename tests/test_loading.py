@@ -3,6 +3,7 @@ with other code are refused, and `push_to_hub` uploads the same layout (hub clie
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,5 +261,35 @@ def test_loading_from_the_hub_checks_the_code_then_pins_that_commit(saved, hub, 
 
 
 def test_a_missing_local_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="No such folder"):
         TinySRPipeline.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_a_mistyped_local_path_is_not_a_hub_failure(tmp_path, monkeypatch):
+    """`runs/final` could be a Hub repo id, but `runs/` is a folder here: a mistyped path (nothing is fetched)."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for trust_remote_code in (False, True):
+        with pytest.raises(FileNotFoundError, match="No such folder: runs/final"):
+            OneStepSRPipeline.from_pretrained("runs/final", trust_remote_code=trust_remote_code)
+
+
+@pytest.mark.parametrize("index", ['{"_class_name": ["pipeline_tinysr_diffusers", ', "[]", b"\xff\xfe"])
+def test_a_malformed_model_index_is_named(tmp_path, index):
+    tiny_student().save_pretrained(tmp_path)
+    path = tmp_path / "model_index.json"
+    path.write_bytes(index if isinstance(index, bytes) else index.encode())
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} (is not valid JSON|holds a JSON list)"):
+        TinySRPipeline.from_pretrained(tmp_path)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    """`model_index.json` and the shims are readable by whoever may read the folder (mkstemp alone makes 0600)."""
+    previous = os.umask(0o022)
+    try:
+        tiny_student().save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    for name in ("model_index.json", "pipeline_tinysr_diffusers.py", "transformer/tinysr_diffusers.py"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list(tmp_path.rglob(".tmp-*"))

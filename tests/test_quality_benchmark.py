@@ -1,7 +1,9 @@
-"""`python -m benchmarks.quality`: scoring folders, --model with LR folders or seeded degradation, reports, errors."""
+"""`python -m benchmarks.quality`: scoring folders, --model with LR folders or seeded degradation (loaded as the CLI
+loads it), reports, errors."""
 
 import csv
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from PIL import Image
 from skimage import color, data
 
 from benchmarks.quality import image_seed, load_image, main
+from tests.tiny_pipelines import tiny_student
 from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.perceptual import LPIPS
 
@@ -58,7 +61,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def standin_pipeline(tmp_path_factory) -> Path:
-    """A pipeline folder that `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` loads."""
+    """A pipeline folder with its own code: it loads with `--trust-remote-code` only."""
     path = tmp_path_factory.mktemp("pipeline")
     (path / "pipeline_bicubic.py").write_text(textwrap.dedent(STANDIN_PIPELINE))
     (path / "model_index.json").write_text(
@@ -119,8 +122,8 @@ def test_no_reference_only(folders, tmp_path):
 
 def test_model_on_hr_images_degrades_with_a_seed(folders, standin_pipeline, tmp_path):
     out = tmp_path / "run"
-    argv = ["--model", str(standin_pipeline), "--hr", str(folders["hr"]), "--metrics", "psnr,lpips",
-            "--seed", "3", "--output-dir", str(out)]  # fmt: skip
+    argv = ["--model", str(standin_pipeline), "--trust-remote-code", "--hr", str(folders["hr"]),
+            "--metrics", "psnr,lpips", "--seed", "3", "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = read_report(out)
     assert report["inputs"]["degradation"]["noise_range"] == [1.0, 30.0] and report["inputs"]["seed"] == 3
@@ -139,8 +142,8 @@ def test_model_on_hr_images_degrades_with_a_seed(folders, standin_pipeline, tmp_
 
 def test_model_on_lr_folder(folders, standin_pipeline, tmp_path):
     out, sr = tmp_path / "run", tmp_path / "sr"
-    argv = ["--model", str(standin_pipeline), "--lr", str(folders["lr"]), "--hr", str(folders["hr"]),
-            "--sr", str(sr), "--metrics", "psnr", "--output-dir", str(out)]  # fmt: skip
+    argv = ["--model", str(standin_pipeline), "--trust-remote-code", "--lr", str(folders["lr"]),
+            "--hr", str(folders["hr"]), "--sr", str(sr), "--metrics", "psnr", "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = read_report(out)
     # The stand-in does what made the SR fixture folder, so the images are the same.
@@ -150,6 +153,32 @@ def test_model_on_lr_folder(folders, standin_pipeline, tmp_path):
     assert report["metrics"]["psnr"]["status"] == "ok"
     with pytest.raises(SystemExit, match="already holds images"):  # never overwrite earlier results
         main(argv)
+
+
+def test_model_loads_as_the_cli_does(folders, standin_pipeline, tmp_path, monkeypatch):
+    """A folder whose only code is TinySR's shims loads without a flag; a folder with other code is refused without
+    `--trust-remote-code`, before its code runs and before any image is made."""
+    pipeline = tmp_path / "tinysr"
+    tiny_student().save_pretrained(pipeline)
+    out = tmp_path / "run"
+    argv = ["--lr", str(folders["lr"]), "--hr", str(folders["hr"]), "--metrics", "psnr", "--device", "cpu"]
+    assert main(["--model", str(pipeline), *argv, "--output-dir", str(out)]) == 0
+    assert sorted(path.name for path in (out / "sr").iterdir()) == [f"{name}.png" for name in sorted(PHOTOS)]
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(standin_pipeline, foreign)
+    marker = tmp_path / "ran"
+    with open(foreign / "pipeline_bicubic.py", "a") as handle:
+        handle.write(f"open({str(marker)!r}, 'w').close()\n")
+    refused = tmp_path / "refused"
+    with pytest.raises(SystemExit, match="cannot load --model .*not a tinysr_diffusers shim: pipeline_bicubic.py"):
+        main(["--model", str(foreign), *argv, "--output-dir", str(refused)])
+    assert not marker.exists()
+    assert not (refused / "sr").exists()
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="No such folder: runs/final"):  # a mistyped path, not a Hub failure
+        main(["--model", "runs/final", *argv, "--output-dir", str(refused)])
 
 
 def test_bad_inputs_are_named(folders, tmp_path):
@@ -165,12 +194,21 @@ def test_bad_inputs_are_named(folders, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no images"):
         main(["--sr", str(empty), "--metrics", "niqe", "--output-dir", str(tmp_path / "c")])
-    for argv in (["--metrics", "psnr"], ["--sr", str(folders["sr"]), "--metrics", "psnr,vif"], ["--model", "x"]):
+    for argv in (
+        ["--metrics", "psnr"],
+        ["--sr", str(folders["sr"]), "--metrics", "psnr,vif"],
+        ["--model", "x"],
+        ["--sr", str(folders["sr"]), "--trust-remote-code"],
+    ):
         with pytest.raises(SystemExit) as raised:
             main(argv)
         assert raised.value.code == 2
     bad_config = tmp_path / "degradation.json"
     bad_config.write_text(json.dumps({"noise_rnage": [1, 5]}))
     with pytest.raises(SystemExit, match="noise_rnage"):
+        main(["--model", "unused", "--hr", str(folders["hr"]), "--degradation", str(bad_config),
+              "--output-dir", str(tmp_path / "d")])  # fmt: skip
+    bad_config.write_text('{"noise_range": [1, 5]')
+    with pytest.raises(SystemExit, match="degradation.json is not valid JSON"):
         main(["--model", "unused", "--hr", str(folders["hr"]), "--degradation", str(bad_config),
               "--output-dir", str(tmp_path / "d")])  # fmt: skip

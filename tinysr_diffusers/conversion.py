@@ -18,6 +18,8 @@ targets.
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -79,7 +81,45 @@ def _read_config(folder: Path, what: str) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{what} folder {folder} has no config.json: not a diffusers model folder.")
-    return json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{what} config {config_path} is not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{what} config {config_path} holds a JSON {type(config).__name__}, not an object.")
+    return config
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The gist of a library's error, without its advice (torch's suggests `weights_only=False`)."""
+    text = " ".join(str(error).split())
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
+
+
+def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file on the CPU; a truncated, corrupt or foreign file is one clear error naming it."""
+    try:
+        return safetensors.torch.load_file(path)
+    except safetensors.SafetensorError as error:
+        with open(path, "rb") as handle:
+            pickled = handle.read(1) == b"\x80" or zipfile.is_zipfile(handle)
+        reason = "it is a torch.save (pickle) file" if pickled else f"truncated or corrupt: {_first_sentence(error)}"
+        raise ConversionError(f"{what} {path} is not a safetensors file ({reason}).") from None
+
+
+def _load_tensors(path: Path, what: str) -> object:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, so a file cannot run code on loading."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # unreadable (permissions, I/O): the message names the file
+    except pickle.UnpicklingError:
+        raise ConversionError(
+            f"{what} {path} is corrupt or holds objects other than tensors; only tensors are loaded, since "
+            "unpickling anything else could run code."
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a truncated or foreign file
+        raise ConversionError(f"{what} {path} is not a readable torch.save file ({_first_sentence(error)}).") from None
 
 
 def _read_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
@@ -88,10 +128,13 @@ def _read_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
     if shards:
         state_dict = {}
         for shard in shards:
-            state_dict.update(safetensors.torch.load_file(shard))
+            state_dict.update(_load_safetensors(shard, f"{what} weights"))
         return state_dict
     if (folder / WEIGHT_FILES[1]).is_file():
-        return torch.load(folder / WEIGHT_FILES[1], map_location="cpu", weights_only=True)
+        state_dict = _load_tensors(folder / WEIGHT_FILES[1], f"{what} weights")
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise ConversionError(f"{what} weights {folder / WEIGHT_FILES[1]} do not hold a state dict of tensors.")
+        return state_dict
     raise ConversionError(f"{what} folder {folder} holds no weights ({' or '.join(WEIGHT_FILES)}).")
 
 
@@ -99,7 +142,7 @@ def load_embedding(path: Union[str, os.PathLike], shape: Sequence[Optional[int]]
     """A tensor saved with `torch.save` (optionally with a leading batch axis of 1), checked against `shape`
     (`None` accepts any size on that axis)."""
     path = _require(path, what)
-    tensor = torch.load(path, map_location="cpu", weights_only=True)
+    tensor = _load_tensors(path, what)
     if not isinstance(tensor, torch.Tensor):
         raise ConversionError(f"{what} {path} holds a {type(tensor).__name__}, not a tensor.")
     if tensor.ndim == len(shape) + 1 and tensor.shape[0] == 1:
@@ -126,7 +169,7 @@ def load_release_lora(
     adapter parameter must be in the file and every file entry must be used, with matching shapes.
     """
     lora_path = _require(lora_path, "LoRA file")
-    lora = safetensors.torch.load_file(lora_path)
+    lora = _load_safetensors(lora_path, "LoRA file")
     ranks = {tensor.shape[0] for name, tensor in lora.items() if ".lora_A." in name}
     if len(ranks) != 1:
         raise ConversionError(
@@ -189,7 +232,10 @@ def _load_pruned_sd3(folder: Path) -> SD3Transformer2DModel:
             f"({' or '.join(SD3_TRANSFORMER_CLASSES)})."
         )
     config = {key: value for key, value in config.items() if not key.startswith("_")}
-    model = SD3Transformer2DModel.from_config(config).eval()
+    try:
+        model = SD3Transformer2DModel.from_config(config).eval()
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"Transformer config {folder / 'config.json'} is not an SD3 config: {error}") from None
     weights = _read_weights(folder, "Transformer")
     expected = model.state_dict()
 
@@ -261,7 +307,10 @@ def _load_release_vae(folder: Path) -> TinySRAutoencoder:
         else:
             raise ConversionError(f"VAE folder {folder} has no {side}.layers.0 weights: not a TAESD-topology VAE.")
     known = TinySRAutoencoder.extract_init_dict(config)[0]
-    vae = TinySRAutoencoder(**{**known, **sides}).eval()
+    try:
+        vae = TinySRAutoencoder(**{**known, **sides}).eval()
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"VAE config {folder / 'config.json'} is not a tiny-VAE config: {error}") from None
     try:
         vae.load_state_dict({name: tensor.float() for name, tensor in weights.items()}, strict=True)
     except RuntimeError as error:
@@ -282,10 +331,7 @@ def convert_taef2(
     state_dict = {}
     for side, path, shift in (("encoder", encoder_path, 0), ("decoder", decoder_path, 1)):
         path = _require(path, f"TAEF2 {side}")
-        try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - torch raises many kinds for a corrupt or foreign file
-            raise ConversionError(f"TAEF2 {side} {path} is not a readable state dict: {error}") from None
+        weights = _load_tensors(path, f"TAEF2 {side}")
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise ConversionError(f"TAEF2 {side} {path} does not hold a state dict of tensors.")
         for name, tensor in weights.items():
@@ -298,6 +344,16 @@ def convert_taef2(
     except RuntimeError as error:
         raise ConversionError(f"TAEF2 weights do not fit the TAEF2 layout: {error}") from None
     return vae
+
+
+def _load_sd3_component(cls: type, sd3_dir: Path, subfolder: str) -> torch.nn.Module:
+    """diffusers' own loading, in float32; a config it cannot build from is one line naming the folder (an unreadable
+    weights file is diffusers' `OSError`, which names the file)."""
+    try:
+        return cls.from_pretrained(sd3_dir, subfolder=subfolder, torch_dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = _first_sentence(error)
+        raise ConversionError(f"{sd3_dir / subfolder} is not a loadable {cls.__name__}: {reason}.") from None
 
 
 # ----------------------------------------------------------------------------------------------------- conversions
@@ -359,8 +415,8 @@ def convert_tsdsr(
                 f"{sd3_dir / subfolder} holds a {found.get('_class_name')!r}, not an {class_names[0]}: is {sd3_dir} "
                 "an SD3 diffusers folder?"
             )
-    transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer", torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(sd3_dir, subfolder="vae", torch_dtype=torch.float32)
+    transformer = _load_sd3_component(SD3Transformer2DModel, sd3_dir, "transformer")
+    vae = _load_sd3_component(AutoencoderKL, sd3_dir, "vae")
     config = transformer.config
     embeds = load_embedding(prompt_embeds, (None, config.joint_attention_dim), "Prompt embeddings")
     pooled = load_embedding(pool_embeds, (config.pooled_projection_dim,), "Pooled prompt embedding")

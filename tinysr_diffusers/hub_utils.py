@@ -8,7 +8,8 @@ the root and `tinysr_diffusers.py` in each component folder whose class is ours,
 - `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` runs the shims (which import the
   installed package) and returns the real classes;
 - our pipelines' own `from_pretrained` needs no flag: it trusts a folder only if every `.py` file in it is one of
-  these shims, byte for byte, at its expected place, and refuses anything else;
+  these shims, byte for byte, at its expected place, and refuses anything else. The check reads every file where
+  diffusers will import it from: through symlinked files and into symlinked folders, wherever they point;
 - `AutoModel.from_pretrained(folder, subfolder=...)` resolves the class from the imported package.
 
 The shim text never changes between versions (it star-imports the package), so folders stay trusted across upgrades.
@@ -16,11 +17,12 @@ The shim text never changes between versions (it star-imports the package), so f
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from huggingface_hub import snapshot_download
+
+from .utils import atomic_path
 
 
 PACKAGE = "tinysr_diffusers"
@@ -38,17 +40,6 @@ class UntrustedFolderError(ValueError):
     """A pipeline folder holds code other than TinySR's own shims."""
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _is_ours(library: Optional[str]) -> bool:
     return isinstance(library, str) and (library == PACKAGE or library.startswith(PACKAGE + "."))
 
@@ -56,7 +47,7 @@ def _is_ours(library: Optional[str]) -> bool:
 def write_shims(save_directory: str | os.PathLike, pipeline_class_name: str) -> list[str]:
     """Point `model_index.json` at the shims and write them; returns the shim paths relative to the folder."""
     folder = Path(save_directory)
-    index = json.loads((folder / MODEL_INDEX).read_text(encoding="utf-8"))
+    index = read_model_index(folder)
     index["_class_name"] = [PIPELINE_MODULE, pipeline_class_name]
     index.pop("_name_or_path", None)  # a local path of the machine that saved it: not part of the layout
     shims = [PIPELINE_SHIM]
@@ -64,10 +55,11 @@ def write_shims(save_directory: str | os.PathLike, pipeline_class_name: str) -> 
         if isinstance(value, list) and len(value) == 2 and _is_ours(value[0]):
             index[name] = [PACKAGE, value[1]]
             shims.append(f"{name}/{COMPONENT_SHIM}")
-    for shim in shims:
-        (folder / shim).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / shim, SHIM_SOURCE.encode("utf-8"))
-    _atomic_write(folder / MODEL_INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    files = {shim: SHIM_SOURCE for shim in shims}
+    files[MODEL_INDEX] = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    for name, text in files.items():  # bytes, not text mode: the shims are compared byte for byte on loading
+        with atomic_path(folder / name) as temporary, open(temporary, "wb") as handle:
+            handle.write(text.encode("utf-8"))
     return shims
 
 
@@ -81,28 +73,82 @@ def expected_shims(model_index: dict) -> set[str]:
     return {PIPELINE_SHIM} | {f"{name}/{COMPONENT_SHIM}" for name in components}
 
 
-def verify_shims(folder: str | os.PathLike) -> dict:
-    """Raise `UntrustedFolderError` unless every `.py` file under `folder` is one of our shims; return the index."""
-    folder = Path(folder)
-    index_path = folder / MODEL_INDEX
-    if not index_path.is_file():
+def read_model_index(folder: str | os.PathLike) -> dict:
+    """The `model_index.json` of a pipeline folder; one clear error naming the file if it is missing or malformed."""
+    path = Path(folder) / MODEL_INDEX
+    if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {MODEL_INDEX}: not a diffusers pipeline folder.")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save the pipeline with `save_pretrained`.") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} holds a JSON {type(index).__name__}, not an object: not a pipeline index.")
+    return index
+
+
+def _python_files(folder: Path) -> Iterator[tuple[str, Path]]:
+    """(path relative to `folder`, path) of every `.py` file, going into symlinked folders as diffusers does.
+
+    `Path.rglob` does not enter a symlinked folder, but imports from it work; so every folder is listed here, links
+    included, wherever they point. A link to a folder that holds one above it would never end, and is refused.
+    Files come as they are found, so a check can stop at the first foreign one.
+    """
+    pending = [(Path(), (folder.resolve(),))]
+    while pending:
+        relative, ancestors = pending.pop()
+        with os.scandir(folder / relative) as entries:
+            for entry in entries:
+                path = relative / entry.name
+                if entry.is_dir():  # follows links
+                    real = Path(entry.path).resolve()
+                    if any(real == above or real in above.parents for above in ancestors):
+                        raise UntrustedFolderError(
+                            f"{folder}/{path.as_posix()} is a symlink to a folder above it; refusing a folder with "
+                            "a symlink loop."
+                        )
+                    pending.append((path, (*ancestors, real)))
+                elif entry.name.lower().endswith(".py"):  # case-insensitive file systems import `X.PY` as `X.py`
+                    yield path.as_posix(), folder / path
+
+
+def verify_shims(folder: str | os.PathLike) -> dict:
+    """Raise `UntrustedFolderError` unless every `.py` file under `folder` is one of our shims; return the index.
+
+    Each file is read where diffusers imports it from (symlinks followed), so a link cannot bring in other code.
+    """
+    folder = Path(folder)
+    index = read_model_index(folder)
     allowed = expected_shims(index)
     shim = SHIM_SOURCE.encode("utf-8")
-    for path in sorted(folder.rglob("*.py")):
-        relative = path.relative_to(folder).as_posix()
+    for relative, path in _python_files(folder):
         if relative not in allowed:
             raise UntrustedFolderError(
                 f"{folder} contains code that is not a tinysr_diffusers shim: {relative}. Refusing to run it; load "
                 "with `trust_remote_code=True` only if you have read it and trust it."
             )
-        if path.read_bytes() != shim:
+        if not path.is_file() or path.read_bytes() != shim:
             raise UntrustedFolderError(
                 f"{folder}/{relative} differs from the shim tinysr_diffusers writes; refusing to run it. Re-save the "
                 "pipeline with `save_pretrained`, or load with `trust_remote_code=True` only if you trust that code."
             )
     return index
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether `name`, which is not an existing folder, was meant as a local path rather than a Hub repo id.
+
+    A repo id is `org/name` (or a bare legacy `name`); a path is absolute, starts with `.` or `~`, has a backslash or
+    more than one `/`, or starts with a folder that exists here (`runs/final` where `runs/` exists).
+    """
+    parts = name.split("/")
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or len(parts) > 2
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+    )
 
 
 def fetch_code_files(repo_id: str, revision: Optional[str] = None, **hub_kwargs) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from training.data import seeded_generator
 
 
 CACHE_INFO = "cache.json"
+CACHE_INFO_KEYS = ("teacher", "samples", "hr_size")  # what training reads from it
 
 
 def make_batch(hr: torch.Tensor, degrade: RealESRGANDegradation, generator: torch.Generator) -> dict:
@@ -196,5 +197,12 @@ def check_latent_cache(folder: str) -> dict:
             folder + ".tmp") else ""
         raise FileNotFoundError(f"{folder} is not a latent cache written by training/cache_latents.py: no "
                                 f"{CACHE_INFO}{hint}.")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun training/cache_latents.py.") from None
+    missing = [key for key in CACHE_INFO_KEYS if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not the {CACHE_INFO} of a latent cache; rerun cache_latents.py.")
+    return info

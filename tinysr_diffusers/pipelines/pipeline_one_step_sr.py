@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
 from ..color_fix import apply_color_fix, check_color_fix
-from ..hub_utils import MODEL_INDEX, fetch_code_files, verify_shims, write_shims
+from ..hub_utils import MODEL_INDEX, fetch_code_files, looks_like_a_path, verify_shims, write_shims
 from ..image_processing import (
     OUTPUT_TYPES,
     PipelineImageInput,
@@ -351,13 +351,13 @@ class OneStepSRPipeline(DiffusionPipeline):
         and the load is pinned to that commit. Other arguments are those of `DiffusionPipeline.from_pretrained`
         (`torch_dtype`, `revision`, `variant`, ...).
         """
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path) and looks_like_a_path(path):  # not a Hub failure: say which folder is missing
+            raise FileNotFoundError(f"No such folder: {path} (it reads as a local path, not a Hub repo id org/name).")
         if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") is not None:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
             folder = path
-        elif os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-            raise FileNotFoundError(f"Pipeline folder {path!r} does not exist (and is not a Hub repo id 'org/name').")
         else:
             hub_kwargs = {
                 name: kwargs[name]
