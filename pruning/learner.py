@@ -175,6 +175,19 @@ class _Progress:
         self.history = json.loads(state["history"])
 
 
+PROGRESS_FILE = "progress.json"
+
+
+def refuse_pickled_state(checkpoint: PathLike) -> None:
+    """Refuse a checkpoint holding accelerate's `custom_checkpoint_*.pkl` (`register_for_checkpointing`), which
+    accelerate unpickles with `weights_only=False`: state is saved as JSON or safetensors instead, so such a file is
+    from an older version or planted, and is never read."""
+    found = sorted(path.name for path in Path(checkpoint).glob("custom_checkpoint_*.pkl"))
+    if found:
+        raise ValueError(f"{checkpoint} holds {', '.join(found)}: a pickle, which could run code, is never loaded "
+                         f"(checkpoints keep that state as JSON or safetensors); resume from a checkpoint without it.")
+
+
 class MaskLearner:
     r"""
     Learns which layers of an SD3 transformer (or a TinySR student) to keep.
@@ -258,6 +271,7 @@ class MaskLearner:
         gate_learning_rate = config.gate_learning_rate
         if gate_learning_rate is None:  # only None means "default": 0 freezes the gates
             gate_learning_rate = 10 * config.learning_rate
+        self._learning_rates = [config.learning_rate, gate_learning_rate]  # of the param groups, in order
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": lora_parameters, "lr": config.learning_rate},
@@ -267,8 +281,7 @@ class MaskLearner:
             weight_decay=config.weight_decay,
         )
         self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
-        self.progress = _Progress()
-        self.accelerator.register_for_checkpointing(self.progress)
+        self.progress = _Progress()  # saved as JSON by the hooks: `register_for_checkpointing` would unpickle it
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
         self.accelerator.register_load_state_pre_hook(self._load_trainable)
 
@@ -278,20 +291,26 @@ class MaskLearner:
         return self.accelerator.unwrap_model(self.student).gates
 
     def _save_trainable(self, models: list, weights: list, output_dir: str) -> None:
-        """accelerate hook: save only the LoRA weights and the gates, never the frozen transformer."""
-        if self.accelerator.is_main_process:
-            for model in models:
+        """accelerate hook: save only the LoRA weights, the gates and the progress, never the frozen transformer.
+
+        The weights come from `accelerator.get_state_dict`, which every process calls: under FSDP or DeepSpeed it
+        gathers the shards, where the unwrapped module would hold only this process's shard."""
+        for model in models:
+            state = self.accelerator.get_state_dict(model)
+            if self.accelerator.is_main_process:
                 student = self.accelerator.unwrap_model(model)
-                save_file(
-                    get_peft_model_state_dict(student.masked.transformer), os.path.join(output_dir, "lora.safetensors")
-                )
-                save_file(
-                    {k: v.contiguous() for k, v in student.gates.state_dict().items()},
-                    os.path.join(output_dir, "gates.safetensors"),
-                )
+                transformer = {k[len("masked.transformer."):]: v for k, v in state.items()
+                               if k.startswith("masked.transformer.")}
+                lora = get_peft_model_state_dict(student.masked.transformer, state_dict=transformer)
+                save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(output_dir, "lora.safetensors"))
+                gates = {k[len("gates."):]: v.contiguous() for k, v in state.items() if k.startswith("gates.")}
+                save_file(gates, os.path.join(output_dir, "gates.safetensors"))
+        if self.accelerator.is_main_process:
+            atomic_write_text(Path(output_dir) / PROGRESS_FILE, json.dumps(self.progress.state_dict()))
         weights.clear()
 
     def _load_trainable(self, models: list, input_dir: str) -> None:
+        refuse_pickled_state(input_dir)
         while models:
             student = self.accelerator.unwrap_model(models.pop())
             lora = load_file(os.path.join(input_dir, "lora.safetensors"))
@@ -301,6 +320,7 @@ class MaskLearner:
                     f"The checkpoint's LoRA weights do not fit the student: {result.unexpected_keys[:3]}."
                 )
             student.gates.load_state_dict(load_file(os.path.join(input_dir, "gates.safetensors")))
+        self.progress.load_state_dict(json.loads((Path(input_dir) / PROGRESS_FILE).read_text()))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -323,6 +343,17 @@ class MaskLearner:
             raise FileNotFoundError(f"{resume_from} is not a mask-learning checkpoint (no gates.safetensors).")
         checkpoint = resolve_checkpoint(self.checkpoint_dir if self.output_dir else "", resume_from)
         return Path(checkpoint) if checkpoint is not None else None
+
+    def _apply_optimiser_settings(self) -> None:
+        """After a resume: the configured learning rates and weight decay replace the checkpoint's (logged)."""
+        groups = self.optimizer.param_groups
+        before = [(group["lr"], group["weight_decay"]) for group in groups]
+        for group, learning_rate in zip(groups, self._learning_rates):
+            group["lr"], group["weight_decay"] = learning_rate, self.config.weight_decay
+        after = [(group["lr"], group["weight_decay"]) for group in groups]
+        if after != before:
+            logger.info(f"Resumed with the configured (learning rate, weight decay) of the LoRA weights and the gates "
+                        f"{after}, the checkpoint's {before}.")
 
     # ------------------------------------------------------------------------------------------------- training
     def _batches(self, data: Iterable, start: int) -> Iterator[Any]:
@@ -431,6 +462,7 @@ class MaskLearner:
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
             logger.info(f"Resumed mask learning from {checkpoint} at step {self.progress.step}.")
+            self._apply_optimiser_settings()
         if accelerator.is_main_process and config.report_to:
             accelerator.init_trackers("tinysr-prune", config={k: str(v) for k, v in asdict(config).items()})
 

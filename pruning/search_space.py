@@ -63,6 +63,8 @@ class SearchSpace:
         """The layout keeping `num_keep` of `num_layers` layers, the same number in every block of `block_size`."""
         if not 1 <= num_keep <= num_layers:
             raise ValueError(f"Cannot keep {num_keep} of {num_layers} layers.")
+        if block_size < 1:
+            raise ValueError(f"The block size must be a positive integer, got {block_size}.")
         if num_layers % block_size or (num_keep * block_size) % num_layers:
             raise ValueError(
                 f"Keeping {num_keep} of {num_layers} layers is impossible with blocks of {block_size}: the layer count "

@@ -48,6 +48,13 @@ def test_space(capsys):
     assert "2,704,156" in out and "46,656 (1.73%)" in out and "314,432 (11.63%)" in out
 
 
+@pytest.mark.parametrize("block_size", ["0", "-2"])
+def test_space_refuses_a_block_size_below_one(capsys, block_size):
+    assert main(["space", "--layers", "8", "--keep", "4", "--block-size", block_size]) == 2
+    assert capsys.readouterr().err == f"tinysr-prune space: error: The block size must be a positive integer, got " \
+                                      f"{block_size}.\n"
+
+
 def test_score_learn_export(workspace, capsys):
     root = workspace
     teacher = ["--teacher", str(root / "pipeline")]

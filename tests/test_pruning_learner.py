@@ -256,3 +256,68 @@ def test_tinysr_default_finds_the_planted_static_answer_in_most_seeds():
 def test_tinyfusion_finds_planted_layers_in_the_static_space():
     found, decisions = _found([1, 3, 4, 6], [0, 2, 5, 7], "tinyfusion", range(1))
     assert found == 1, [d.keep_layers for d in decisions]
+
+
+class _Payload:
+    """A pickle that runs code when unpickled (it creates `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_resume_reads_no_pickle_and_applies_the_configured_learning_rates(tmp_path, caplog):
+    """The progress is JSON and a planted `custom_checkpoint_0.pkl` is refused unread; resume stays exact; a learning
+    rate changed on resume applies, logged."""
+    teacher = tiny_sd3("sd3.5")
+    cond = conditioning(teacher)
+    data = _data(teacher, batches=3, **cond)
+    config = _config(max_steps=4, checkpointing_steps=2, log_every=1)
+    straight = MaskLearner(teacher, config, output_dir=tmp_path / "straight", **cond)
+    expected = straight.train(data)
+
+    interrupted = MaskLearner(teacher, config, output_dir=tmp_path / "resumed", **cond)
+    with pytest.raises(_Killed):
+        interrupted.train(_DiesAfter(data, 2))
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    planted = checkpoint / "custom_checkpoint_0.pkl"
+    torch.save(_Payload(tmp_path / "pwned"), planted)
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl: a pickle, which could run code, is never loaded"):
+        MaskLearner(teacher, config, output_dir=tmp_path / "resumed", **cond).train(data, resume_from="latest")
+    assert not (tmp_path / "pwned").exists()
+    planted.unlink()
+    resumed = MaskLearner(teacher, config, output_dir=tmp_path / "resumed", **cond)
+    assert resumed.train(data, resume_from="latest").to_dict() == expected.to_dict()
+    assert (tmp_path / "straight" / "keep_probabilities.jsonl").read_text() == (
+        tmp_path / "resumed" / "keep_probabilities.jsonl"
+    ).read_text()
+
+    changed = MaskLearner(teacher, _config(max_steps=4, log_every=1, learning_rate=3e-4, gate_learning_rate=0.5),
+                          output_dir=tmp_path / "resumed", **cond)
+    with caplog.at_level("INFO"):
+        changed.train(data, resume_from=checkpoint)
+    assert [group["lr"] for group in changed.optimizer.param_groups] == [3e-4, 0.5]
+    assert "Resumed with the configured (learning rate, weight decay)" in caplog.text
+
+
+def test_checkpoints_hold_the_gathered_weights(tmp_path, monkeypatch):
+    """The LoRA weights and gates come from `accelerator.get_state_dict` (which gathers FSDP/DeepSpeed shards), not
+    from this process's module."""
+    teacher = tiny_sd3("sd3")
+    learner = MaskLearner(teacher, _config(max_steps=1), output_dir=tmp_path)
+    full = learner.accelerator.get_state_dict(learner.student)
+    gathered = {name: value + 1 for name, value in full.items()}  # what a gather of shards would give
+    monkeypatch.setattr(learner.accelerator, "get_state_dict", lambda model, unwrap=True: gathered)
+    folder = learner.save_checkpoint()
+    from safetensors.torch import load_file
+
+    lora, gates = load_file(folder / "lora.safetensors"), load_file(folder / "gates.safetensors")
+    assert lora and all("lora" in name for name in lora)
+    for name, value in lora.items():
+        stem = name.rsplit(".", 1)[0]  # e.g. transformer_blocks.0.attn.to_q.lora_A + .weight -> adapter "default"
+        assert torch.equal(value, gathered[f"masked.transformer.{stem}.default.weight"]), name
+    assert all(torch.equal(gates[name], gathered[f"gates.{name}"]) for name in gates)

@@ -6,6 +6,7 @@ Every field is a command-line option (`--key value` or `key=value`); fields of t
 """
 
 import argparse
+import math
 import sys
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -22,6 +23,15 @@ STAGES = ("teacher", "vae_encoder", "vae_decoder", "prune", "latent", "pixel")
 LATENT_STAGES = ("teacher", "prune", "latent")  # the stages that can train from a latent cache
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# What a resume may change and still be the same run: its length, the optimiser's settings (applied over the
+# checkpoint's) and bookkeeping. Every other setting (models, data, crops, batch, seed, losses, LoRA, EMA, pruning,
+# degradation, precision) defines the run.
+RESUMABLE_SETTINGS = (
+    "max_steps", "learning_rate", "disc_learning_rate", "gate_learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "weight_decay", "max_grad_norm", "num_workers", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
+    "checkpointing_steps", "checkpoints_total_limit", "logging_steps", "sample_steps", "report_to",
+    "cache_epochs", "cache_shard_size", "cache_teacher_latents",
+)
 
 
 def _help(text: str, default: Any = MISSING, **kwargs):
@@ -124,7 +134,11 @@ class TrainConfig:
 
     checkpointing_steps: int = _help("Save the full training state every N optimizer steps.", 1000)
     checkpoints_total_limit: Optional[int] = _help("Keep at most this many checkpoints (None keeps all).", None)
-    resume_from_checkpoint: Optional[str] = _help("A checkpoint folder, or `latest` in output_dir.", None)
+    resume_from_checkpoint: Optional[str] = _help("A checkpoint folder, or `latest` in output_dir. The settings a "
+                                                  "resume may change (the rest define the run, see training/distill.py "
+                                                  f"`claim_output_dir`): {RESUMABLE_SETTINGS}.", None)
+    overwrite_output_dir: bool = _help("Train into an output_dir that holds another run: its checkpoints, logs and "
+                                       "export are deleted first.", False)
     logging_steps: int = _help("Log losses every N steps.", 10)
     sample_steps: int = _help("Log sample images every N steps (0 disables).", 500)
     report_to: str = _help("accelerate tracker (tensorboard) or `none`.", "tensorboard")
@@ -141,7 +155,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a ValueError naming every problem of the configuration."""
-        problems = []
+        problems = [f"{spec.name} must be a finite number, got {getattr(self, spec.name)}" for spec in fields(self)
+                    if isinstance(getattr(self, spec.name), float) and not math.isfinite(getattr(self, spec.name))]
         if self.stage not in STAGES:
             problems.append(f"stage must be one of {STAGES}, got {self.stage!r}")
         if not self.teacher:
@@ -187,6 +202,8 @@ class TrainConfig:
             DegradationConfig.from_dict(self.degradation)
         except (TypeError, ValueError) as error:
             problems.append(f"degradation: {error}")
+        if len(problems) == 1:
+            raise ValueError(f"Invalid training configuration: {problems[0]}")
         if problems:
             raise ValueError("Invalid training configuration:\n  - " + "\n  - ".join(problems))
         return self
@@ -273,15 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """`key=value` -> `--key value`; `--key=value` stays for argparse, and so does the value after a `--key`
-    (`--output_dir runs/lr=1e-4`)."""
+    """`key=value` -> `--key=value`; `--key=value` stays for argparse, and so does the value after a `--key`
+    (`--output_dir runs/lr=1e-4`). A negative number after a `--key` is joined to it (`--key=-1e-3`): argparse would
+    read `-1e-3` as an option and report the value missing."""
     out = []
     for token in argv:
         is_value = bool(out) and out[-1].startswith("--") and "=" not in out[-1]
-        if not is_value and not token.startswith("-") and "=" in token:
+        if is_value and token.startswith("-") and _is_number(token):
+            out[-1] += f"={token}"
+        elif not is_value and not token.startswith("-") and "=" in token:
             key, value = token.split("=", 1)
-            out += [f"--{key}", value]
+            out.append(f"--{key}={value}")
         else:
             out.append(token)
     return out

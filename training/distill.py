@@ -23,21 +23,40 @@ such a feature-network discriminator.
 
 Checkpoints (`accelerator.save_state`) are written to a temporary folder and renamed, so a kill leaves either the
 previous checkpoint or the new one; `--resume_from_checkpoint latest` continues bit-for-bit (crops, shuffling and
-degradations are seeded per step). A NaN/inf loss saves a checkpoint of the last good state and stops.
+degradations are seeded per step), with the configured optimiser settings (learning rates, schedule, weight decay)
+applied over the checkpoint's. Nothing in a checkpoint is unpickled beyond `torch.load(weights_only=True)`: the EMA
+weights are safetensors. A checkpoint counts as good once the step after it had a finite loss; a NaN/inf loss stops
+the run, renames the checkpoint whose weights gave it to `checkpoint-<step>.nonfinite` (so `latest` skips it) and
+names the last good one, which `checkpoints_total_limit` never deletes before a newer one is good.
+
+`output_dir` holds one run (`run.json`: its id and config); see `claim_output_dir` for what is the same run.
 """
 
 import contextlib
+import copy
+import fnmatch
+import json
 import logging
 import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -46,16 +65,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline  # noqa: E402
 from pruning import DecodedPerceptualLoss, MaskLearner, MaskLearnerConfig, PruningDecision  # noqa: E402
 from pruning.data import LatentPairDataset  # noqa: E402
+from pruning.learner import refuse_pickled_state  # noqa: E402
 from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
 from tinysr_diffusers.perceptual import LPIPS  # noqa: E402
 from tinysr_diffusers.utils import (  # noqa: E402
     atomic_directory,
     checkpoint_step,
     launched_accelerator,
+    list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    write_json,
 )
-from training.config import LATENT_STAGES, TrainConfig, load_config  # noqa: E402
+from training.config import LATENT_STAGES, RESUMABLE_SETTINGS, TrainConfig, load_config  # noqa: E402
 from training.data import build_dataset, seeded_generator  # noqa: E402
 from training.discriminator import PatchDiscriminator, hinge_discriminator_loss  # noqa: E402
 from training.latents import (  # noqa: E402
@@ -370,6 +392,164 @@ def generator_loss(stage: Stage, model, batch: dict, generator, lpips=None, disc
     return sum(weights[name] * value for name, value in terms.items()), terms, outputs
 
 
+# ------------------------------------------------------------------------------------------------------ output_dir
+RUN_RECORD = "run.json"
+# What a run writes into its output_dir (the prune stage's files included): what `overwrite_output_dir` deletes.
+RUN_OUTPUTS = (RUN_RECORD, "checkpoint-*", ".checkpoint-*", "checkpoints", "final", ".final.*", "logs", "pruning.json",
+               "keep_probabilities.*")
+
+
+def _is_run_output(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_OUTPUTS)
+
+
+def _identity(settings: dict) -> dict:
+    return {key: value for key, value in settings.items() if key not in RESUMABLE_SETTINGS}
+
+
+def claim_output_dir(accelerator: Accelerator, config: TrainConfig) -> str:
+    """Make `output_dir` this run's (writing `run.json`) or refuse it with one line; returns the run id.
+
+    The same run is one whose saved config (`run.json`) equals this config in every setting but
+    `RESUMABLE_SETTINGS` (its length, optimiser settings and bookkeeping: `max_steps` or the learning rate may change
+    on resume). It continues under its run id when resumed, or when it has no checkpoint yet. A folder without
+    `run.json` that holds only what a run writes (checkpoints, logs, export: a run from before run records) is taken
+    as the same run when resumed; its saved config cannot be compared, since it has none. Anything else non-empty
+    (another run, this run's checkpoints without a resume, other files) is refused unless `overwrite_output_dir`,
+    which deletes the previous run's outputs (`RUN_OUTPUTS`; other files stay) and starts a new run."""
+    folder = config.output_dir
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    record_path = os.path.join(folder, RUN_RECORD)
+    record = None
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    settings = json.loads(json.dumps(config.to_dict()))
+    has_checkpoints = bool(list_checkpoints(folder) or list_checkpoints(os.path.join(folder, "checkpoints")))
+    problem = None
+    if record is not None:
+        saved, current = _identity(record["config"]), _identity(settings)
+        changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in saved
+                   if key in current and saved[key] != current[key]]
+        if changed:
+            problem = f"holds another run ({RUN_RECORD} differs in {'; '.join(changed)})"
+        elif has_checkpoints and not config.resume_from_checkpoint:
+            problem = "holds checkpoints of this run: resume it with resume_from_checkpoint=latest"
+    elif names and not (config.resume_from_checkpoint and all(map(_is_run_output, names))):
+        problem = (f"is not empty and has no {RUN_RECORD} (contents: {', '.join(names[:5])}"
+                   f"{', ...' if len(names) > 5 else ''})")
+    if problem is not None and not config.overwrite_output_dir:
+        raise FileExistsError(f"output_dir {folder} {problem}; choose another output_dir, or set "
+                              f"overwrite_output_dir=true to replace it.")
+    if problem is not None and config.resume_from_checkpoint not in (None, "latest") and os.path.abspath(
+            config.resume_from_checkpoint).startswith(os.path.abspath(folder) + os.sep):
+        raise ValueError(f"overwrite_output_dir would delete resume_from_checkpoint {config.resume_from_checkpoint}: "
+                         f"resume it into another output_dir.")
+    run_id = record["run_id"] if record is not None and problem is None else uuid.uuid4().hex
+    accelerator.wait_for_everyone()  # every process has read the folder before it changes
+    if accelerator.is_main_process:
+        if problem is not None:
+            logger.warning("overwrite_output_dir: deleting the previous run's outputs in %s.", folder)
+            for name in filter(_is_run_output, names):
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        elif record is None and names:
+            logger.warning("%s holds a run from before run records (no %s): resuming it as this run.", folder,
+                           RUN_RECORD)
+        write_json(record_path, {"run_id": run_id, "config": settings})
+    accelerator.wait_for_everyone()
+    return run_id
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+EMA_FILE = "ema.safetensors"
+
+
+def checkpoint_ema(accelerator: Accelerator, ema) -> None:
+    """Save and load `ema` with every checkpoint as safetensors (tensors, and the settings as JSON metadata):
+    accelerate's `register_for_checkpointing` unpickles with `weights_only=False`, so a replaced checkpoint file
+    would run code on resume."""
+
+    def save(models, weights, folder):
+        if accelerator.is_main_process:
+            state = ema.state_dict()
+            tensors = {f"shadow_params.{i}": p.detach().cpu().contiguous()
+                       for i, p in enumerate(state.pop("shadow_params"))}
+            save_file(tensors, os.path.join(folder, EMA_FILE), metadata={"ema": json.dumps(state)})
+
+    def load(models, folder):
+        refuse_pickled_state(folder)
+        with safe_open(os.path.join(folder, EMA_FILE), "pt") as handle:
+            state = json.loads(handle.metadata()["ema"])
+            state["shadow_params"] = [handle.get_tensor(f"shadow_params.{i}") for i in range(len(handle.keys()))]
+        ema.load_state_dict(state)
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def retire_checkpoint(accelerator: Accelerator, folder: str, step: int) -> Optional[str]:
+    """Rename `checkpoint-<step>` (its weights gave a non-finite loss) out of `latest`'s way; returns the newest
+    remaining checkpoint, the last good one (None if there is none)."""
+    path = os.path.join(folder, f"checkpoint-{step}")
+    if accelerator.is_main_process and os.path.isdir(path):
+        shutil.rmtree(f"{path}.nonfinite", ignore_errors=True)
+        os.replace(path, f"{path}.nonfinite")
+    accelerator.wait_for_everyone()
+    remaining = list_checkpoints(folder)
+    return remaining[-1] if remaining else None
+
+
+def limit_checkpoints(accelerator: Accelerator, folder: str, total_limit: Optional[int]) -> None:
+    """Keep the newest `total_limit` checkpoints (called once the newest is known to be good)."""
+    if accelerator.is_main_process and total_limit:
+        for old in list_checkpoints(folder)[:-total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def apply_optimiser_settings(optimizer, scheduler, learning_rates: list[float], weight_decay: float,
+                             name: str) -> None:
+    """After a resume: the configured learning rates (of the param groups, in order), schedule and weight decay
+    replace the checkpoint's, which `load_state` restored; logged when they differ. The schedule's progress
+    (`last_epoch`) and the optimiser's moments stay the checkpoint's."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the LambdaLR
+    groups = optimizer.param_groups
+    before = [(group["lr"], group["weight_decay"]) for group in groups]
+    for index, (group, base) in enumerate(zip(groups, learning_rates)):
+        group["weight_decay"] = weight_decay
+        if inner is None:
+            group["lr"] = base
+            continue
+        inner.base_lrs[index] = group["initial_lr"] = base
+        group["lr"] = base * inner.lr_lambdas[index](inner.last_epoch)
+    if inner is not None:
+        inner._last_lr = [group["lr"] for group in groups]
+    after = [(group["lr"], group["weight_decay"]) for group in groups]
+    if after != before:
+        logger.info("Resumed %s with the configured settings: (learning rate, weight decay) %s, the checkpoint's %s.",
+                    name, after, before)
+
+
+def full_model(accelerator: Accelerator, model: torch.nn.Module,
+               template: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """The trained module with all its weights, on the main process (None elsewhere); every process must call it.
+
+    Under FSDP or DeepSpeed a process holds only its shard: `accelerator.get_state_dict` gathers the full weights,
+    loaded into `template` (an unsharded copy of the module made before `prepare`)."""
+    if template is None:
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    template.load_state_dict(state)
+    return template
+
+
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def make_accelerator(config: TrainConfig, **kwargs) -> Accelerator:
     """The run's accelerator (one process group for every launched process, see `launched_accelerator`)."""
     accelerator = launched_accelerator(
@@ -416,8 +596,13 @@ def train(config: TrainConfig) -> dict:
     if config.stage == "prune":
         return train_prune(config)
     accelerator = make_accelerator(config, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    run_id = claim_output_dir(accelerator, config)
     set_seed(config.seed)
     device = accelerator.device
+    sharded = accelerator.distributed_type in SHARDED
+    if sharded and config.ema_decay:
+        raise ValueError(f"ema_decay averages whole weights, which {accelerator.distributed_type.value} shards across "
+                         f"processes: train without EMA (ema_decay=0) or with DDP.")
 
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(device)
@@ -429,6 +614,7 @@ def train(config: TrainConfig) -> dict:
         model.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    template = copy.deepcopy(model).cpu() if sharded else None  # the unsharded module the export gathers into
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     # accelerate steps a prepared scheduler once per process at every optimizer step, hence the scaling (as in
     # diffusers' training scripts).
@@ -459,7 +645,7 @@ def train(config: TrainConfig) -> dict:
         ema = EMAModel([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad],
                        decay=config.ema_decay)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
+        checkpoint_ema(accelerator, ema)
 
     degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
     if config.hr_size % degrade.config.scale:
@@ -471,7 +657,12 @@ def train(config: TrainConfig) -> dict:
     if checkpoint is not None:
         accelerator.load_state(checkpoint)
         step = checkpoint_step(checkpoint)
-        logger.info("Resumed from %s at step %d.", checkpoint, step)
+        logger.info("Resumed run %s from %s at step %d.", run_id, checkpoint, step)
+        apply_optimiser_settings(optimizer, scheduler, [config.learning_rate], config.weight_decay, "the optimiser")
+        if uses_gan:
+            apply_optimiser_settings(disc_optimizer, None, [config.disc_learning_rate], config.weight_decay,
+                                     "the discriminator's optimiser")
+    unproven = step if checkpoint is not None else None  # the newest checkpoint, until the step after it is finite
 
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(f"tinysr-{config.stage}", config={k: str(v) for k, v in config.to_dict().items()})
@@ -498,11 +689,13 @@ def train(config: TrainConfig) -> dict:
             checked = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
             checked = accelerator.reduce(checked, "mean")
             if not torch.isfinite(checked).all():
-                path = save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit)
+                good = retire_checkpoint(accelerator, config.output_dir, step) if unproven == step else \
+                    (list_checkpoints(config.output_dir) or [None])[-1]
                 values = dict(zip(["loss", *terms], checked.tolist()))
+                where = f"the last good checkpoint is {good}" if good else "no checkpoint has a finite loss yet"
                 raise NonFiniteLossError(
-                    f"Loss became non-finite at step {step + 1} ({values}); the last good state is saved in {path}. "
-                    f"Lower the learning rate or check the data.")
+                    f"Loss became non-finite at step {step + 1} ({values}); {where}. Lower the learning rate (it "
+                    f"applies on resume) or check the data.")
             micro_losses.append(checked[0].item())
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
@@ -517,6 +710,9 @@ def train(config: TrainConfig) -> dict:
         if not accelerator.sync_gradients:
             continue
         step += 1
+        if unproven is not None:  # its weights gave a finite step: older checkpoints may go
+            limit_checkpoints(accelerator, config.output_dir, config.checkpoints_total_limit)
+            unproven = None
         if ema is not None:
             ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
         losses.append(sum(micro_losses) / len(micro_losses))  # the mean over the accumulated micro-batches
@@ -530,15 +726,17 @@ def train(config: TrainConfig) -> dict:
         if config.sample_steps and step % config.sample_steps == 0 and "fake" in outputs and "lr_up" in batch:
             log_samples(accelerator, batch["lr_up"], outputs["fake"], batch["hr"], step)
         if step % config.checkpointing_steps == 0 or step == config.max_steps:
-            save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit)
+            save_checkpoint(accelerator, config.output_dir, step)  # the limit applies once it is known to be good
+            unproven = step
     progress.close()
+    limit_checkpoints(accelerator, config.output_dir, config.checkpoints_total_limit)
 
-    unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
-        ema.copy_to([p for p in unwrapped.parameters() if p.requires_grad])
-    export = export_final(accelerator, config, lambda folder: stage.export(unwrapped, folder))
+        ema.copy_to([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+    trained = full_model(accelerator, model, template)
+    export = export_final(accelerator, config, lambda folder: stage.export(trained, folder))
     accelerator.end_training()
-    return {"step": step, "losses": losses, "learning_rates": learning_rates, "export": export}
+    return {"step": step, "losses": losses, "learning_rates": learning_rates, "export": export, "run_id": run_id}
 
 
 def export_final(accelerator: Accelerator, config: TrainConfig, save: Callable[[str], None]) -> str:
@@ -555,6 +753,7 @@ def train_prune(config: TrainConfig) -> dict:
     """The `prune` stage: mask learning on the teacher's transformer, then the pruned TinySRPipeline in `final/`."""
     accelerator = make_accelerator(
         config, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # skipped layers
+    run_id = claim_output_dir(accelerator, config)
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(accelerator.device)
     prompt_embeds, pooled = teacher.prompt_embeddings(1)
@@ -601,7 +800,7 @@ def train_prune(config: TrainConfig) -> dict:
         TinySRPipeline.from_teacher(teacher, decision.keep_layers, vae=student_vae).save_pretrained(folder)
 
     export = export_final(accelerator, config, save)
-    return {"step": learner.progress.step, "export": export, "decision": decision}
+    return {"step": learner.progress.step, "export": export, "decision": decision, "run_id": run_id}
 
 
 def log_samples(accelerator: Accelerator, lr_up, fake, hr, step: int) -> None:
