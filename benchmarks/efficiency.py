@@ -183,9 +183,9 @@ def cases(pipelines: dict, output_size: int, device: torch.device, dtype: torch.
             Case("pipeline", model, lambda p=pipe: p(low_res, output_type="pt", tile_size=None).images,
                  [pipe.transformer, pipe.vae])
         )  # fmt: skip
-        result.append(Case("transformer", model, lambda p=pipe: p._predict_velocity(latents), [pipe.transformer]))
+        result.append(Case("transformer", model, lambda p=pipe: p.predict_velocity(latents), [pipe.transformer]))
         if model != STUDENT_FOLDED:
-            result.append(Case("vae", model, lambda p=pipe: p._decode(p._encode(pixels, None, None), None), [pipe.vae]))
+            result.append(Case("vae", model, lambda p=pipe: p.decode_latents(p.encode_latents(pixels)), [pipe.vae]))
     return result
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from pruning.data import LatentBatch, LatentPairDataset
 from pruning.export import prune_sd3
-from pruning.learner import DEFAULT_LORA_TARGETS
+from pruning.config import DEFAULT_LORA_TARGETS, MaskLearnerConfig
 from pruning.losses import PruningLoss
 from pruning.masked import MaskedTransformer
 from pruning.methods import METHODS, get_method
@@ -395,7 +395,8 @@ def main(argv=None) -> None:
         ema_decay=args.ema_decay,
         seed=args.seed,
         log_every=max(1, args.search_steps // 20),
-    )
+    )  # the learned methods' MaskLearnerConfig: these settings, its defaults for the rest
+    MaskLearnerConfig.from_dict({"keep": args.keep, **learned})  # invalid settings stop before any method runs
     rows = []
     for name in args.methods.split(","):
         base, extra = VARIANTS.get(name, (name, {}))

@@ -16,31 +16,38 @@ import ast
 import importlib
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import diffusers
-import torch
-from diffusers import SD3Transformer2DModel
-from safetensors.torch import load_file
+from .config import LOSS_KINDS, NEXT_RULES, SEARCHES, MaskLearnerConfig
 
-from tinysr_diffusers import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
 
-from .data import latent_loader
-from .decision import PruningDecision
-from .inter_block import NEXT_RULES
-from .export import EXPORT_FORMATS, export_pruned, push_to_hub
-from .learner import SEARCHES, MaskLearner, MaskLearnerConfig
-from .losses import LOSS_KINDS, DecodedPerceptualLoss
-from .masked import MaskedTransformer
-from .methods import METHODS, get_method
-from .methods.base import check_keep
-from .search_space import SearchSpace
+if TYPE_CHECKING:
+    import torch
 
 
 PROGRAM = "tinysr-prune"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_LEARNER_FIELDS = {spec.name: spec for spec in fields(MaskLearnerConfig)}
+
+
+class _LazyChoices:
+    """The names in `module.attribute`, imported only when argparse checks a value (the option's `metavar` keeps
+    argparse from listing them while it builds the parser): `--help` and `space` import no torch."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module, self.attribute = module, attribute
+
+    def _names(self) -> Sequence[str]:
+        return list(getattr(importlib.import_module(self.module, __package__), self.attribute))
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -64,6 +71,10 @@ def _model_location(path: str, subfolder: Optional[str]) -> tuple[str, Optional[
 
 
 def _model_class(path: str, subfolder: Optional[str]) -> type:
+    from diffusers import SD3Transformer2DModel
+
+    from tinysr_diffusers import TinySRTransformer2DModel
+
     config = SD3Transformer2DModel.load_config(path, subfolder=subfolder)
     name = config.get("_class_name")
     classes = {cls.__name__: cls for cls in (SD3Transformer2DModel, TinySRTransformer2DModel)}
@@ -74,6 +85,8 @@ def _model_class(path: str, subfolder: Optional[str]) -> type:
 
 def _teacher_layers(args: argparse.Namespace) -> int:
     """Number of layers, read from the config alone (errors about the keep count come before loading weights)."""
+    from diffusers import SD3Transformer2DModel
+
     path, subfolder = _model_location(args.teacher, args.subfolder)
     try:
         config = SD3Transformer2DModel.load_config(path, subfolder=subfolder)
@@ -84,13 +97,19 @@ def _teacher_layers(args: argparse.Namespace) -> int:
 
 
 def load_teacher(args: argparse.Namespace):
+    import torch
+
     path, subfolder = _model_location(args.teacher, args.subfolder)
     cls = _model_class(path, subfolder)
-    return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=DTYPES[args.dtype]).eval()
+    return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, args.dtype)).eval()
 
 
 def load_vae(path: str):
     """A `TinySRAutoencoder` or any diffusers autoencoder (`AutoencoderKL`, `AutoencoderTiny`) from a folder."""
+    import diffusers
+
+    from tinysr_diffusers import TinySRAutoencoder
+
     if not Path(path).exists() and not _REPO_ID.match(path):
         raise FileNotFoundError(f"VAE path {path!r} does not exist.")
     name = TinySRAutoencoder.load_config(path).get("_class_name")
@@ -100,8 +119,11 @@ def load_vae(path: str):
     return cls.from_pretrained(path).eval()
 
 
-def load_tensor(path: Optional[str]) -> Optional[torch.Tensor]:
+def load_tensor(path: Optional[str]) -> Optional["torch.Tensor"]:
     """A tensor from a `.pt` file or a single-tensor `.safetensors` file (e.g. the release's `pool_embeds.pt`)."""
+    import torch
+    from safetensors.torch import load_file
+
     if path is None:
         return None
     if not Path(path).is_file():
@@ -117,8 +139,12 @@ def load_tensor(path: Optional[str]) -> Optional[torch.Tensor]:
     return tensor
 
 
-def _pipeline_prompt(args: argparse.Namespace) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _pipeline_prompt(args: argparse.Namespace) -> Optional[tuple["torch.Tensor", "torch.Tensor"]]:
     """The stored prompt of a TSD-SR pipeline given as `--teacher` (its `prompt_embeddings/`), if it has one."""
+    import torch
+
+    from tinysr_diffusers import PromptEmbeddings
+
     path, subfolder = _model_location(args.teacher, args.subfolder)
     if subfolder != "transformer":
         return None
@@ -135,6 +161,8 @@ def _pipeline_prompt(args: argparse.Namespace) -> Optional[tuple[torch.Tensor, t
 
 def _conditioning(args: argparse.Namespace, teacher) -> dict[str, Any]:
     """The fixed SD3 conditioning: `--prompt-embeds` / `--pooled-projections`, else a TSD-SR pipeline's stored prompt."""
+    from tinysr_diffusers import TinySRTransformer2DModel
+
     if isinstance(teacher, TinySRTransformer2DModel):
         if args.prompt_embeds or args.pooled_projections:
             raise ValueError("A TinySR teacher takes no prompt or pooled embeddings (they are cached in the model).")
@@ -175,20 +203,37 @@ def _parse_layers(text: str, name: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------------- commands
+def learner_config(args: argparse.Namespace) -> MaskLearnerConfig:
+    """The `learn` command's [`MaskLearnerConfig`]: the options given, the config's defaults for the others."""
+    return MaskLearnerConfig.from_dict({name: value for name, value in vars(args).items() if name in _LEARNER_FIELDS})
+
+
 def run_space(args: argparse.Namespace) -> None:
+    from .search_space import SearchSpace
+
     print(SearchSpace.from_keep(args.layers, args.keep, args.block_size, args.delta).summary())
 
 
 def run_score(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import latent_loader
+    from .masked import MaskedTransformer
+    from .methods import get_method
+    from .methods.base import check_keep
+    from .search_space import SearchSpace
+
     num_layers = _teacher_layers(args)
     if args.num_batches is not None and args.num_batches < 1:
         raise ValueError(f"--num-batches must be positive (or left out for all batches), got {args.num_batches}.")
     check_keep(args.keep, num_layers)
     options = _parse_options(args.option)
-    if args.method in ("tinysr", "tinyfusion"):
-        SearchSpace.from_keep(num_layers, args.keep, options.get("block_size", 4), options.get("delta", 1))
     method = get_method(args.method, **options)
-    teacher = load_teacher(args).to(args.device)
+    if args.method in SEARCHES:
+        search = MaskLearnerConfig.from_dict({"keep": args.keep, "search": args.method, **options})
+        SearchSpace.from_keep(num_layers, search.keep, search.block_size, search.delta)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(args).to(device)
     loader = latent_loader(args.data, args.batch_size, shuffle=False)
     batches = [batch for _, batch in zip(range(args.num_batches), loader)] if args.num_batches else loader
     with MaskedTransformer(teacher, **_conditioning(args, teacher)) as masked:
@@ -198,35 +243,16 @@ def run_score(args: argparse.Namespace) -> None:
 
 
 def run_learn(args: argparse.Namespace) -> None:
+    from .data import latent_loader
+    from .learner import MaskLearner
+    from .losses import DecodedPerceptualLoss
+    from .search_space import SearchSpace
+
+    config = learner_config(args)
     num_layers = _teacher_layers(args)
-    SearchSpace.from_keep(num_layers, args.keep, args.block_size, args.delta)
-    if args.loss == "l1_perceptual" and not args.perceptual_loss:
+    SearchSpace.from_keep(num_layers, config.keep, config.block_size, config.delta)
+    if config.loss == "l1_perceptual" and not args.perceptual_loss:
         raise ValueError("--loss l1_perceptual needs --perceptual-loss package.module:callable (and usually --vae).")
-    config = MaskLearnerConfig(
-        keep=args.keep,
-        block_size=args.block_size,
-        search=args.search,
-        delta=args.delta,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        gate_learning_rate=args.gate_learning_rate,
-        lora_rank=args.lora_rank,
-        tau=tuple(args.tau),
-        scale=tuple(args.scale),
-        ema_decay=args.ema_decay,
-        skip_pruned_layers=args.skip_pruned_layers,
-        next_rule=args.next_rule,
-        per_sample_masks=args.per_sample_masks,
-        loss=args.loss,
-        task_weight=args.task_weight,
-        distill_weight=args.distill_weight,
-        perceptual_weight=args.perceptual_weight,
-        seed=args.seed,
-        log_every=args.log_every,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        report_to=args.report_to,
-    )
     perceptual = None
     if args.perceptual_loss:
         perceptual = _import_object(args.perceptual_loss)
@@ -241,10 +267,15 @@ def run_learn(args: argparse.Namespace) -> None:
     loader = latent_loader(args.data, args.batch_size, shuffle=True)
     decision = learner.train(loader, resume_from=args.resume_from)
     if learner.accelerator.is_main_process:
-        print(f"{args.search}: keep {decision.keep_layers} -> {Path(args.output_dir) / 'pruning.json'}")
+        print(f"{config.search}: keep {decision.keep_layers} -> {Path(args.output_dir) / 'pruning.json'}")
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    from .decision import PruningDecision
+    from .export import export_pruned, push_to_hub
+
     num_layers = _teacher_layers(args)
     given = [args.decision is not None, args.keep_layers is not None, args.mask is not None]
     if sum(given) != 1:
@@ -282,13 +313,22 @@ def run_export(args: argparse.Namespace) -> None:
 def _add_teacher(parser: argparse.ArgumentParser, conditioning: bool = True) -> None:
     parser.add_argument("--teacher", required=True, help="Local folder or Hub repo id of the transformer to prune.")
     parser.add_argument("--subfolder", default=None, help="Subfolder of the model (default: auto 'transformer').")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Weights dtype to load.")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="Weights dtype to load.")
     if conditioning:
         parser.add_argument(
             "--prompt-embeds", help="Tensor file (tokens, joint_attention_dim): fixed prompt embeddings."
         )
     parser.add_argument("--pooled-projections", help="Tensor file (pooled_projection_dim,): fixed pooled embedding.")
     parser.add_argument("--timestep", type=float, default=1000.0, help="Timestep of the one-step recipe.")
+
+
+def _add_learner_option(parser, flag: str, text: str = "", **kwargs) -> None:
+    """A `learn` option for the [`MaskLearnerConfig`] field of its name. Left out, the config's default applies, so
+    `learn` and the training prune stage share one set of defaults."""
+    name = kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
+    if kwargs.get("action") not in ("store_true", "store_false"):
+        text = f"{text} (default: {_LEARNER_FIELDS[name].default!r})".strip()
+    parser.add_argument(flag, default=argparse.SUPPRESS, help=text or None, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,19 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     space = commands.add_parser("space", help="Sizes of the full, static and DIA search spaces.")
     space.add_argument("--layers", type=int, required=True)
     space.add_argument("--keep", type=int, required=True)
-    space.add_argument("--block-size", type=int, default=4)
-    space.add_argument("--delta", type=int, default=1)
+    space.add_argument("--block-size", type=int, default=_LEARNER_FIELDS["block_size"].default)
+    space.add_argument("--delta", type=int, default=_LEARNER_FIELDS["delta"].default)
     space.set_defaults(run=run_space)
 
     score = commands.add_parser("score", help="Decide which layers to keep with one method of the paper's Table 2.")
     _add_teacher(score)
     score.add_argument("--data", required=True, help="Latent pairs (safetensors file or folder) for calibration.")
-    score.add_argument("--method", required=True, choices=list(METHODS), help="Pruning method.")
+    score.add_argument("--method", required=True, choices=_LazyChoices(".methods", "METHODS"), metavar="METHOD",
+                       help="Pruning method of `pruning.methods.METHODS`, e.g. shortgpt, tinysr.")
     score.add_argument("--keep", type=int, required=True, help="Number of layers to keep.")
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--num-batches", type=int, default=None, help="Calibration batches to use (default: all).")
     score.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="Method option (repeat).")
-    score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    score.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     score.add_argument("--output", required=True, help="Decision JSON to write.")
     score.set_defaults(run=run_score)
 
@@ -320,45 +361,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher(learn)
     learn.add_argument("--data", required=True, help="Latent pairs (safetensors file or folder of shards).")
     learn.add_argument("--keep", type=int, required=True, help="Number of layers to keep (the paper: 12 of 24).")
-    learn.add_argument("--block-size", type=int, default=4)
-    learn.add_argument("--delta", type=int, default=1)
-    learn.add_argument("--search", choices=SEARCHES, default="tinysr")
-    learn.add_argument("--max-steps", type=int, default=100_000)
+    _add_learner_option(learn, "--block-size", type=int)
+    _add_learner_option(learn, "--delta", type=int)
+    _add_learner_option(learn, "--search", choices=SEARCHES)
+    _add_learner_option(learn, "--max-steps", type=int)
     learn.add_argument("--batch-size", type=int, default=8, help="Per-process batch size.")
-    learn.add_argument("--learning-rate", type=float, default=5e-5)
-    learn.add_argument("--gate-learning-rate", type=float, default=None, help="Default: 10x --learning-rate.")
-    learn.add_argument("--lora-rank", type=int, default=64)
-    learn.add_argument("--tau", type=float, nargs=2, default=(4.0, 0.1), metavar=("START", "END"))
-    learn.add_argument("--scale", type=float, nargs=2, default=(100.0, 100.0), metavar=("START", "END"))
-    learn.add_argument("--ema-decay", type=float, default=0.999)
+    _add_learner_option(learn, "--learning-rate", type=float)
+    _add_learner_option(learn, "--gate-learning-rate", "None: 10x --learning-rate.", type=float)
+    _add_learner_option(learn, "--weight-decay", type=float)
+    _add_learner_option(learn, "--max-grad-norm", type=float)
+    _add_learner_option(learn, "--lora-rank", type=int)
+    _add_learner_option(learn, "--lora-alpha", "None: the rank.", type=int)
+    _add_learner_option(learn, "--lora-target-modules", "Module names LoRA adapts.", nargs="+", metavar="NAME")
+    _add_learner_option(learn, "--tau", type=float, nargs=2, metavar=("START", "END"))
+    _add_learner_option(learn, "--scale", type=float, nargs=2, metavar=("START", "END"))
+    _add_learner_option(learn, "--ema-decay", type=float)
     pruned = learn.add_mutually_exclusive_group()
-    pruned.add_argument(
-        "--skip-pruned-layers", action="store_true",
-        help="Ablation (the paper's text): do not compute the layers a sampled mask prunes; their masks then get no "
-        "gradient. Default: every layer is computed and mixed by its mask.",
+    _add_learner_option(
+        pruned, "--skip-pruned-layers", "Ablation (the paper's text): do not compute the layers a sampled mask "
+        "prunes; their masks then get no gradient. Default: every layer is computed and mixed by its mask.",
+        action="store_true",
     )
-    pruned.add_argument("--compute-pruned-layers", action="store_false", dest="skip_pruned_layers",
-                        help="Compute every layer while learning (the default).")
-    learn.add_argument("--next-rule", choices=NEXT_RULES, default="pattern",
-                       help="Expansion-Corrosion's next pattern: 'pattern' (the authors' code) or 'marginal' (the "
-                       "paper's text).")
+    _add_learner_option(pruned, "--compute-pruned-layers", "Compute every layer while learning (the default).",
+                        action="store_false", dest="skip_pruned_layers")
+    _add_learner_option(learn, "--next-rule", "Expansion-Corrosion's next pattern: 'pattern' (the authors' code) or "
+                        "'marginal' (the paper's text).", choices=NEXT_RULES)
     samples = learn.add_mutually_exclusive_group()
-    samples.add_argument("--per-sample-masks", action="store_true", default=None,
-                         help="One mask per sample (TinyFusion; default for --search tinyfusion).")
-    samples.add_argument("--per-batch-masks", action="store_false", dest="per_sample_masks",
-                         help="One mask per batch (default for --search tinysr).")
-    learn.add_argument("--loss", choices=LOSS_KINDS, default="mse")
-    learn.add_argument("--task-weight", type=float, default=1.0)
-    learn.add_argument("--distill-weight", type=float, default=1.0)
-    learn.add_argument("--perceptual-weight", type=float, default=1.0)
+    _add_learner_option(samples, "--per-sample-masks", "One mask per sample (TinyFusion; the default for "
+                        "--search tinyfusion).", action="store_true", dest="per_sample_masks")
+    _add_learner_option(samples, "--per-batch-masks", "One mask per batch (the default for --search tinysr).",
+                        action="store_false", dest="per_sample_masks")
+    _add_learner_option(learn, "--loss", choices=LOSS_KINDS)
+    _add_learner_option(learn, "--task-weight", type=float)
+    _add_learner_option(learn, "--distill-weight", type=float)
+    _add_learner_option(learn, "--perceptual-weight", type=float)
     learn.add_argument("--perceptual-loss", help="package.module:callable taking (prediction, target) images/latents.")
     learn.add_argument("--vae", help="VAE folder: decode latents before the perceptual loss.")
-    learn.add_argument("--seed", type=int, default=80)
-    learn.add_argument("--log-every", type=int, default=100)
-    learn.add_argument("--checkpointing-steps", type=int, default=None)
-    learn.add_argument("--checkpoints-total-limit", type=int, default=None)
+    _add_learner_option(learn, "--seed", type=int)
+    _add_learner_option(learn, "--log-every", type=int)
+    _add_learner_option(learn, "--checkpointing-steps", type=int)
+    _add_learner_option(learn, "--checkpoints-total-limit", type=int)
     learn.add_argument("--resume-from", default=None, help="'latest' (a new run if none is complete) or a checkpoint.")
-    learn.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard.")
+    _add_learner_option(learn, "--report-to", "accelerate tracker, e.g. tensorboard.")
     learn.add_argument("--output-dir", required=True)
     learn.set_defaults(run=run_learn)
 
@@ -367,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--decision", help="Decision JSON from `score` or `learn`.")
     export.add_argument("--keep-layers", help="Comma-separated layer indices to keep.")
     export.add_argument("--mask", help="Comma-separated 0/1 per layer.")
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="sd3")
+    export.add_argument("--format", choices=_LazyChoices(".export", "EXPORT_FORMATS"), default="sd3", metavar="FORMAT",
+                        help="sd3 (an SD3Transformer2DModel checkpoint) or tinysr (a TinySRTransformer2DModel).")
     export.add_argument("--output", required=True, help="Folder to create.")
     export.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty output folder.")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the exported folder to this Hub repo.")

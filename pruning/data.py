@@ -9,11 +9,11 @@ the clean latents (`z_L - v_teacher`), computed on the fly when absent.
 import bisect
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 
 LATENT_KEYS = ("lr_latents", "hr_latents", "teacher_latents")
@@ -112,3 +112,46 @@ def latent_loader(path: Union[str, Path], batch_size: int, shuffle: bool = True,
     if len(dataset) < batch_size:
         raise ValueError(f"{path} holds {len(dataset)} samples, fewer than one batch of {batch_size}.")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=num_workers)
+
+
+def data_length(data: Iterable) -> Optional[int]:
+    """Batches per epoch, or None for a stream (no length, or a loader over an `IterableDataset`)."""
+    if isinstance(getattr(data, "dataset", None), IterableDataset):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def epoch_batches(
+    data: Iterable, start: int = 0, skip_batches: Optional[Callable[[Iterable, int], Iterable]] = None
+) -> Iterator[tuple[int, int, Any]]:
+    """
+    Yield `(epoch, position, batch)` from batch `start` of a run on, epoch after epoch: what a resumed run reads.
+
+    Before each epoch, `set_epoch(epoch)` is called on `data` and on its `dataset` where they have one (accelerate's
+    loaders give it to their sampler only). Sized data jumps whole epochs unread, then skips the rest of the way with
+    `skip_batches(data, n)` (accelerate's `skip_first_batches`, which does not load them) or by reading; a stream is
+    re-read up to `start`.
+    """
+    length, position, epoch, skip = data_length(data), start, 0, start
+    if length == 0:
+        raise ValueError("The data gives no batch (fewer samples than one batch?).")
+    if length:
+        epoch, skip = divmod(start, length)
+    while True:
+        for target in (data, getattr(data, "dataset", None)):
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(epoch)
+        batches = data
+        if length and skip and skip_batches is not None:
+            batches, skip = skip_batches(data, skip), 0
+        seen = 0
+        for seen, batch in enumerate(batches, 1):
+            if seen > skip:
+                yield epoch, position, batch
+                position += 1
+        if seen == 0:
+            raise ValueError("The data gives no batch.")
+        epoch, skip = epoch + 1, max(0, skip - seen)

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import NEXT_RULES
 from .gates import LocalGates
 from .search_space import SearchSpace
 
 
 OPERATORS = ("T-1", "T0", "T+1")
 KEEP_OPERATOR = OPERATORS.index("T0")
-NEXT_RULES = ("pattern", "marginal")
 
 
 def expansion(current: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:

@@ -5,15 +5,20 @@ samples a mask from the gates, runs the LoRA-adapted student with it (skipped la
 the task + distillation loss against the frozen teacher, so the gates learn which layers the weights can best do
 without. Runs under accelerate (CPU, one or several GPUs; `accelerate launch -m pruning.cli learn ...`); checkpoints
 hold only the gates, the LoRA weights, the optimiser, the random states and the progress, written atomically.
+
+A NaN/inf loss stops training before anything is updated, as in `training/distill.py` (one behaviour, the helpers
+below): a checkpoint counts as good once the step after it had a finite loss, so the checkpoint whose weights gave
+the loss is renamed `checkpoint-<step>.nonfinite` (`latest` skips it), the error names the last good one, and
+`checkpoints_total_limit` never deletes that one before a newer checkpoint is good.
 """
 
 import copy
 import json
-import math
 import os
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from accelerate import Accelerator
@@ -30,119 +35,23 @@ from tinysr_diffusers.utils import (
     PathLike,
     atomic_write_text,
     launched_accelerator,
+    list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
 
-from .data import as_latent_batch
+from .config import MaskLearnerConfig
+from .data import as_latent_batch, epoch_batches
 from .decision import PruningDecision
 from .gates import LinearSchedule, LocalGates
-from .inter_block import NEXT_RULES, InterBlockGates
-from .losses import LOSS_KINDS, PerceptualLoss, PruningLoss
+from .inter_block import InterBlockGates
+from .losses import PerceptualLoss, PruningLoss
 from .masked import MASKABLE_TYPES, MaskableTransformer, MaskedTransformer
 from .plots import plot_keep_probabilities
 from .search_space import SearchSpace
 
 
 logger = logging.get_logger(__name__)
-
-SEARCHES = ("tinysr", "tinyfusion")
-# The LoRA targets of the authors' prune script (attention of both streams, feed-forward `proj`, adaLN `linear`,
-# output projection): the one default of mask learning, for `tinysr-prune learn` and the training prune stage alike.
-DEFAULT_LORA_TARGETS = (
-    "to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj", "linear", "proj_out",
-)  # fmt: skip
-
-
-@dataclass
-class MaskLearnerConfig:
-    r"""
-    Settings of mask learning; defaults are the paper's (appendix A.3) and TinyFusion's release where the paper is
-    silent.
-
-    Attributes:
-        keep (`int`): Layers to keep in total (the paper: 12 of 24).
-        block_size (`int`): Layers per block M (the paper: 4, keeping 2 per block).
-        search (`str`): `"tinysr"` (local gates + Dynamic Inter-block Activation + Expansion-Corrosion) or
-            `"tinyfusion"` (local gates only).
-        delta (`int`): Layers the inter-block operators move (the paper: 1).
-        max_steps (`int`): Optimiser steps (the paper: 100k at batch 8).
-        learning_rate (`float`): AdamW learning rate of the LoRA weights (the paper: 5e-5).
-        gate_learning_rate (`float`, *optional*): Learning rate of the gate logits; `None` (only) means 10x
-            `learning_rate` (TinyFusion's release); 0 freezes the gates.
-        weight_decay (`float`): AdamW weight decay (TinyFusion: 0).
-        max_grad_norm (`float`): Gradient clipping norm (TinyFusion: 1).
-        lora_rank (`int`): LoRA rank (the paper: 64). `lora_alpha` defaults to the rank.
-        lora_target_modules (`tuple[str]`): Module names LoRA adapts.
-        tau (`tuple[float, float]`): Gumbel-softmax temperature, linear from first to second (TinyFusion: 4 -> 0.1).
-        scale (`tuple[float, float]`): Logit scale, linear from first to second (TinyFusion: 100 -> 100).
-        ema_decay (`float`): Moving average of the logits that makes the decision (TinyFusion: 0.999).
-        skip_pruned_layers (`bool`): Do not compute the layers a sampled mask prunes, as the paper's text says
-            ("calculation is bypassed if its mask is 0"). An ablation, off by default: a skipped layer returns its
-            input whatever its mask, so the loss's gradient with respect to a pruned layer's mask is exactly zero and
-            the gates only see the slope at m = 1 of kept layers, which on a real teacher points the wrong way for
-            the most important layers (measured in `docs/method.md` and `benchmarks/results/pruning_planted.md`).
-            The default computes every layer and mixes `m * f(h) + (1 - m) * h`, as both public codes do.
-        next_rule (`str`): How Expansion-Corrosion picks `next` (`"pattern"`: the authors' code; `"marginal"`: the
-            paper's text); see [`pruning.inter_block`].
-        per_sample_masks (`bool`, *optional*): Sample one mask per sample of a batch (TinyFusion's
-            `gate.repeat(N, 1)`) instead of one per batch; `None`: per sample for `tinyfusion`, per batch for
-            `tinysr`.
-        loss (`str`): `"mse"` (paper A.3) or `"l1_perceptual"` (release); see [`PruningLoss`].
-        task_weight, distill_weight, perceptual_weight (`float`): Loss weights (the paper: 1, 1).
-        seed (`int`): Random seed (the paper: 80); each process adds its index.
-        log_every (`int`): Steps between keep-probability records (and tracker logs).
-        checkpointing_steps (`int`, *optional*): Steps between checkpoints (needs an output folder).
-        checkpoints_total_limit (`int`, *optional*): Keep at most this many checkpoints.
-        report_to (`str`, *optional*): accelerate tracker (e.g. `"tensorboard"`) when the learner makes its accelerator.
-    """
-
-    keep: int
-    block_size: int = 4
-    search: str = "tinysr"
-    delta: int = 1
-    max_steps: int = 100_000
-    learning_rate: float = 5e-5
-    gate_learning_rate: Optional[float] = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 64
-    lora_alpha: Optional[int] = None
-    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    tau: tuple[float, float] = (4.0, 0.1)
-    scale: tuple[float, float] = (100.0, 100.0)
-    ema_decay: float = 0.999
-    skip_pruned_layers: bool = False
-    next_rule: str = "pattern"
-    per_sample_masks: Optional[bool] = None
-    loss: str = "mse"
-    task_weight: float = 1.0
-    distill_weight: float = 1.0
-    perceptual_weight: float = 1.0
-    seed: int = 80
-    log_every: int = 100
-    checkpointing_steps: Optional[int] = None
-    checkpoints_total_limit: Optional[int] = None
-    report_to: Optional[str] = None
-
-    def __post_init__(self):
-        if self.search not in SEARCHES:
-            raise ValueError(f"Unknown search {self.search!r}; choose one of {SEARCHES}.")
-        if self.loss not in LOSS_KINDS:
-            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSS_KINDS}.")
-        for name in ("max_steps", "lora_rank", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
-            raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
-        if self.next_rule not in NEXT_RULES:
-            raise ValueError(f"Unknown next_rule {self.next_rule!r}; choose one of {NEXT_RULES}.")
-        if self.gate_learning_rate is not None and not self.gate_learning_rate >= 0:
-            raise ValueError(f"`gate_learning_rate` must be >= 0 (or None), got {self.gate_learning_rate}.")
-        if self.per_sample_masks is None:
-            self.per_sample_masks = self.search == "tinyfusion"
-        self.tau, self.scale = tuple(self.tau), tuple(self.scale)
-        self.lora_target_modules = tuple(self.lora_target_modules)
 
 
 class GatedStudent(nn.Module):
@@ -186,6 +95,38 @@ def refuse_pickled_state(checkpoint: PathLike) -> None:
     if found:
         raise ValueError(f"{checkpoint} holds {', '.join(found)}: a pickle, which could run code, is never loaded "
                          f"(checkpoints keep that state as JSON or safetensors); resume from a checkpoint without it.")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names the last checkpoint whose weights gave a finite loss."""
+
+
+def non_finite_loss_error(
+    accelerator: Accelerator, folder: Optional[PathLike], step: int, unproven: Optional[int], losses: dict
+) -> NonFiniteLossError:
+    """The error of a non-finite loss at step `step + 1` (`losses`: the loss terms), for the checkpoints in `folder`.
+
+    If `checkpoint-<step>` is `unproven` (no finite step since it was saved), its weights gave the loss: it is renamed
+    `checkpoint-<step>.nonfinite`, so that `latest` skips it. The newest remaining checkpoint is the last good one.
+    """
+    path = os.path.join(folder, f"checkpoint-{step}") if folder else None
+    if unproven == step and path is not None:
+        if accelerator.is_main_process and os.path.isdir(path):
+            shutil.rmtree(f"{path}.nonfinite", ignore_errors=True)
+            os.replace(path, f"{path}.nonfinite")
+        accelerator.wait_for_everyone()
+    good = (list_checkpoints(folder) or [None])[-1] if folder else None
+    where = f"the last good checkpoint is {good}" if good else "no checkpoint has a finite loss yet"
+    return NonFiniteLossError(f"Loss became non-finite at step {step + 1} ({losses}); {where}. Lower the learning "
+                              f"rate (it applies on resume) or check the data.")
+
+
+def limit_checkpoints(accelerator: Accelerator, folder: PathLike, total_limit: Optional[int]) -> None:
+    """Keep the newest `total_limit` checkpoints (called once the newest is known to be good)."""
+    if accelerator.is_main_process and total_limit:
+        for old in list_checkpoints(folder)[:-total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 class MaskLearner:
@@ -327,12 +268,9 @@ class MaskLearner:
         return self.output_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-<step>` atomically (see [`tinysr_diffusers.utils.save_checkpoint`])."""
-        return Path(
-            save_checkpoint(
-                self.accelerator, self.checkpoint_dir, self.progress.step, self.config.checkpoints_total_limit
-            )
-        )
+        """Write `checkpoints/checkpoint-<step>` atomically (see [`tinysr_diffusers.utils.save_checkpoint`]);
+        `checkpoints_total_limit` applies once the step after it had a finite loss (see `train`)."""
+        return Path(save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress.step))
 
     def resolve_checkpoint(self, resume_from: PathLike) -> Optional[Path]:
         """`"latest"` (the highest step under `output_dir/checkpoints`, None if there is none yet) or a checkpoint
@@ -356,26 +294,6 @@ class MaskLearner:
                         f"{after}, the checkpoint's {before}.")
 
     # ------------------------------------------------------------------------------------------------- training
-    def _batches(self, data: Iterable, start: int) -> Iterator[Any]:
-        """Cycle over `data` epoch after epoch from batch `start` on (whole epochs of sized data skipped unread)."""
-        epoch, skip = 0, start
-        try:
-            length = len(data)
-        except TypeError:  # a stream: skip by reading
-            length = 0
-        if start and length:
-            epoch, skip = divmod(start, length)
-        while True:
-            if hasattr(data, "set_epoch"):
-                data.set_epoch(epoch)
-            seen = 0
-            for seen, item in enumerate(data, 1):
-                if seen > skip:
-                    yield item
-            if seen == 0:
-                raise ValueError("The data yielded no batch.")
-            epoch, skip = epoch + 1, max(0, skip - seen)
-
     @torch.no_grad()
     def _teacher_estimate(self, latents: torch.Tensor) -> torch.Tensor:
         with self.accelerator.autocast():
@@ -468,7 +386,9 @@ class MaskLearner:
 
         self._teacher_masked = MaskedTransformer(self.teacher, **self._conditioning)
         device = accelerator.device
-        batches = self._batches(data, self.progress.step)
+        batches = epoch_batches(data, self.progress.step)
+        checkpoints = self.checkpoint_dir if self.output_dir is not None else None
+        unproven = self.progress.step if checkpoint is not None else None  # the newest checkpoint, until a finite step
         bar = tqdm(
             total=config.max_steps,
             initial=self.progress.step,
@@ -480,13 +400,14 @@ class MaskLearner:
             self.student.train()
             while self.progress.step < config.max_steps:
                 step = self.progress.step
-                batch = as_latent_batch(next(batches)).to(device)
+                batch = as_latent_batch(next(batches)[2]).to(device)
                 teacher = batch.teacher if batch.teacher is not None else self._teacher_estimate(batch.lr)
                 tau, scale = self.tau(step), self.scale(step)
                 prediction, mask = self.student(batch.lr, tau, scale)
                 loss, parts = self.loss(prediction.float(), batch.hr.float(), teacher.float())
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"Mask learning diverged: loss {loss.item()} at step {step}.")
+                if not torch.isfinite(accelerator.reduce(loss.detach().float().reshape(1), "mean")).all():
+                    raise non_finite_loss_error(accelerator, checkpoints, step, unproven,
+                                                {"loss": loss.item(), **parts})
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(self._trainable, config.max_grad_norm)
@@ -494,6 +415,9 @@ class MaskLearner:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.gates.update_ema()
                 self.progress.step = step + 1
+                if unproven is not None:  # its weights gave a finite step: older checkpoints may go
+                    limit_checkpoints(accelerator, checkpoints, config.checkpoints_total_limit)
+                    unproven = None
 
                 for key, value in {"loss": loss.item(), **parts}.items():
                     running[key] = running.get(key, 0.0) + value
@@ -508,9 +432,12 @@ class MaskLearner:
                 if config.checkpointing_steps and self.progress.step % config.checkpointing_steps == 0:
                     self.save_checkpoint()
                     self.plot()
+                    unproven = self.progress.step
         finally:
             bar.close()
             self._teacher_masked.remove()
+        if checkpoints is not None:
+            limit_checkpoints(accelerator, checkpoints, config.checkpoints_total_limit)
 
         decision = self.decision()
         if self.output_dir is not None and accelerator.is_main_process:

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LOSS_KINDS
 
-LOSS_KINDS = ("mse", "l1_perceptual")
+
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -20,6 +20,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from tinysr_diffusers.models.transformer_tinysr import TinySRTransformer2DModel, TinySRTransformerBlock
+from tinysr_diffusers.pipelines.pipeline_one_step_sr import step_latents
 
 
 logger = logging.get_logger(__name__)
@@ -234,8 +235,8 @@ class MaskedTransformer(nn.Module):
         )[0]
 
     def predict_clean(self, latents: torch.Tensor, layer_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The one-step estimate of the clean latents, `z - sigma * v` with sigma = timestep / 1000 (TinySR: 1)."""
-        return latents - (self.timestep / 1000.0) * self(latents, layer_mask)
+        """The one-step estimate of the clean latents (the pipelines' step), sigma = timestep / 1000 (TinySR: 1)."""
+        return step_latents(latents, self(latents, layer_mask), self.timestep / 1000.0)
 
     @contextmanager
     def observe(self, observer: BlockObserver) -> Iterator[None]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pruning.learner import MaskLearner, MaskLearnerConfig
+from pruning.learner import MaskLearner, MaskLearnerConfig, NonFiniteLossError
 from pruning.losses import DecodedPerceptualLoss, PruningLoss
 from pruning.masked import MaskedTransformer
 from tinysr_diffusers import TinySRTransformer2DModel
@@ -223,6 +223,26 @@ def test_checkpoint_limit_and_errors(tmp_path):
         _config(search="magic")
     with pytest.raises(FileNotFoundError, match="not a mask-learning checkpoint"):
         MaskLearner(teacher, _config()).train(_data(teacher), resume_from=tmp_path)
+
+
+def test_a_non_finite_loss_stops_naming_the_last_good_checkpoint(tmp_path):
+    """As `training/distill.py`: step 5, the first on the weights of checkpoint-4, gives NaN: checkpoint-4 is retired,
+    checkpoint-2 outlived the limit of 1 and is named, and `latest` resumes from it."""
+    teacher = tiny_sd3("sd3")
+    clean = _data(teacher, batches=6)
+    poisoned = [item if index != 4 else (item[0] * float("nan"), item[1]) for index, item in enumerate(clean)]
+    config = _config(max_steps=6, checkpointing_steps=2, checkpoints_total_limit=1)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(NonFiniteLossError, match=f"at step 5 .*'loss': nan.*the last good checkpoint is "
+                                                 f"{folder / 'checkpoint-2'}\\. Lower the learning rate"):
+        MaskLearner(teacher, config, output_dir=tmp_path).train(poisoned)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4.nonfinite"]
+    resumed = MaskLearner(teacher, config, output_dir=tmp_path)
+    resumed.train(clean, resume_from="latest")
+    assert resumed.progress.step == 6
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4.nonfinite", "checkpoint-6"]
+    with pytest.raises(NonFiniteLossError, match="at step 1 .*no checkpoint has a finite loss yet"):
+        MaskLearner(teacher, _config(max_steps=2)).train([poisoned[4]])
 
 
 PLANTED = dict(max_steps=120, lora_rank=4, learning_rate=1e-4, gate_learning_rate=1e-3, log_every=20, ema_decay=0.95)

@@ -15,8 +15,9 @@ TRAINING_STAGES = ("teacher", "vae_encoder", "prune", "latent", "pixel")
 @pytest.mark.parametrize("name", TRAINING_STAGES)
 def test_every_stage_config_is_a_valid_training_config(name, tmp_path):
     recipe = mini.load_recipe()
+    keep = {"prune.keep": recipe["keep_layers"]} if name == "prune" else {}  # what `stage_prune` adds
     argv = mini.distill_argv(recipe, tmp_path, name, teacher="teacher", student="student", train_data=["photos"],
-                             latent_cache="cache", output_dir=str(tmp_path / name))
+                             latent_cache="cache", output_dir=str(tmp_path / name), **keep)
     config = load_config(argv)
     assert config.seed == recipe["seed"] and config.resume_from_checkpoint == "latest"
     assert config.degradation == recipe["degradation"]

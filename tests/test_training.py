@@ -70,8 +70,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "hr_size=100", "batch_size=0"])
     with pytest.raises(ValueError, match="max_steps: expected int"):
         load_config(["--config", str(ROOT / "training/configs/latent.yaml"), "max_steps=ten"])
-    with pytest.raises(ValueError, match="prune_search must be one of.*\n.*gradient_accumulation_steps=1"):
-        load_config(["--config", str(ROOT / "training/configs/prune.yaml"), "prune_search=random",
+    with pytest.raises(ValueError, match="prune: Unknown search 'random'.*\n.*gradient_accumulation_steps=1"):
+        load_config(["--config", str(ROOT / "training/configs/prune.yaml"), "prune.search=random",
                      "gradient_accumulation_steps=2"])
     with pytest.raises(ValueError, match="or latent_cache for the prune stage"):
         load_config(["--config", str(ROOT / "training/configs/prune.yaml"), "train_data=null"])
@@ -192,7 +192,7 @@ def test_two_process_ddp_run(assets, tmp_path, stage):
         "--config", f"training/configs/{stage}.yaml", f"teacher={assets['teacher']}",
         f"train_data=[{assets['images']}]", f"output_dir={tmp_path / 'ddp'}", "hr_size=64", "batch_size=1",
         "max_steps=2", "checkpointing_steps=1", "report_to=none", "lora_rank=4", "mixed_precision=no",
-        *(["prune_keep=2", "prune_block_size=2"] if stage == "prune" else
+        *(["prune.keep=2", "prune.block_size=2"] if stage == "prune" else
           ["keep_layers=[0,2]", f"student_vae={assets['student_vae']}", "student=null", "lpips_net=alex"]),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -277,7 +277,7 @@ def test_datasets_image_dataset_gives_seeded_crops_and_skips_corrupt_images(asse
     assert not all(torch.equal(a, b) for a, b in zip(crops, (dataset[i] for i in range(len(dataset)))))
 
 
-PRUNE = ["prune_keep=2", "prune_block_size=2", "gate_scale=[1,1]", "gate_tau=[1,0.5]", "logging_steps=1",
+PRUNE = ["prune.keep=2", "prune.block_size=2", "prune.scale=[1,1]", "prune.tau=[1,0.5]", "logging_steps=1",
          "checkpointing_steps=2", "weight_decay=0", "hr_size=64"]
 
 
@@ -350,7 +350,7 @@ def test_latent_cache_feeds_the_prune_and_latent_stages(assets, tmp_path):
     with safe_open(str(shards[0]), framework="pt") as handle:
         lr, target = handle.get_tensor("lr_latents"), handle.get_tensor("teacher_latents")
     with torch.no_grad():
-        estimate = lr - teacher.sigma * teacher._predict_velocity(lr)
+        estimate = lr - teacher.sigma * teacher.predict_velocity(lr)  # the recipe's step, written out
     torch.testing.assert_close(estimate, target, rtol=1e-4, atol=1e-5)
 
     latent = train(config_for(assets, "latent", tmp_path / "latent", f"latent_cache={cache}", "train_data=null",
@@ -486,10 +486,10 @@ def test_pixel_stage_can_encode_with_the_students_own_vae(assets, tmp_path):
         hr = torch.stack([random_crop(photo("astronaut"), 64, torch.Generator().manual_seed(0))])
         batch = make_batch(hr, RealESRGANDegradation(), torch.Generator().manual_seed(0))
         with torch.no_grad():
-            z_student, z_teacher = stage._latents(model, batch, torch.Generator().manual_seed(0))
-            # the teacher's VAE samples its posterior: the first draw of the same seeded generator
-            teacher_latents = teacher._encode(batch["lr_up"], torch.Generator().manual_seed(0), None)
-            student_latents = stage.student._encode(batch["lr_up"], None, None)
+            z_student, z_teacher = stage._latents(model, batch)
+            # training takes the teacher VAE's (an AutoencoderKL's) posterior mode, not a sample
+            teacher_latents = teacher.vae.encode(batch["lr_up"]).latent_dist.mode() * teacher.vae.config.scaling_factor
+            student_latents = stage.student.encode_latents(batch["lr_up"])
         handle.remove()
         torch.testing.assert_close(z_teacher, teacher_estimate(teacher, teacher_latents))
         torch.testing.assert_close(seen[-1], student_latents if flag == "true" else teacher_latents)

@@ -34,10 +34,10 @@ def cache_latents(config) -> str:
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(accelerator.device)
     cast_frozen_teacher(accelerator, config, teacher)
-    dataset, loader = build_data(config, from_cache=False)
+    _, loader = build_data(config, from_cache=False)
     degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
     with torch.no_grad():
-        folder = write_latent_cache(config, accelerator, teacher, accelerator.prepare(loader), dataset, degrade)
+        folder = write_latent_cache(config, accelerator, teacher, accelerator.prepare(loader), degrade)
     accelerator.print(f"Latent cache written to {folder}.")
     return folder
 

@@ -1,8 +1,9 @@
 """The training configuration: one dataclass, loaded from a stage's YAML, overridable from the command line.
 
-Every field is a command-line option (`--key value` or `key=value`); fields of the Real-ESRGAN degradation are
-`degradation.<field>`. Values are parsed as YAML (`keep_layers=[0,2,5]`) and coerced to the field's type, so
-`learning_rate=1e-4` is a float even though YAML 1.1 reads it as a string.
+Every field is a command-line option (`--key value` or `key=value`); the fields of two sections are
+`degradation.<field>` (the Real-ESRGAN degradation, `DegradationConfig`) and `prune.<field>` (the prune stage's
+search, `pruning.config.MaskLearnerConfig`). Values are parsed as YAML (`keep_layers=[0,2,5]`) and coerced to the
+field's type, so `learning_rate=1e-4` is a float even though YAML 1.1 reads it as a string.
 """
 
 import argparse
@@ -14,8 +15,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from pruning.learner import SEARCHES
-from pruning.losses import LOSS_KINDS
+from pruning.config import MaskLearnerConfig
 from tinysr_diffusers.degradations import DegradationConfig
 
 
@@ -27,11 +27,20 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # checkpoint's) and bookkeeping. Every other setting (models, data, crops, batch, seed, losses, LoRA, EMA, pruning,
 # degradation, precision) defines the run.
 RESUMABLE_SETTINGS = (
-    "max_steps", "learning_rate", "disc_learning_rate", "gate_learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "max_steps", "learning_rate", "disc_learning_rate", "prune.gate_learning_rate", "lr_scheduler", "lr_warmup_steps",
     "weight_decay", "max_grad_norm", "num_workers", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
     "checkpointing_steps", "checkpoints_total_limit", "logging_steps", "sample_steps", "report_to",
     "cache_epochs", "cache_shard_size", "cache_teacher_latents",
 )
+# The fields of a MaskLearnerConfig that are the training run's own settings (field -> TrainConfig field): the prune
+# stage takes them from the run, and its `prune` section holds every other field.
+PRUNE_RUN_SETTINGS = {
+    "max_steps": "max_steps", "learning_rate": "learning_rate", "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "lora_rank": "lora_rank", "seed": "seed", "log_every": "logging_steps",
+    "checkpointing_steps": "checkpointing_steps", "checkpoints_total_limit": "checkpoints_total_limit",
+    "report_to": "report_to",
+}  # fmt: skip
+SECTIONS = {"degradation": DegradationConfig, "prune": MaskLearnerConfig}
 
 
 def _help(text: str, default: Any = MISSING, **kwargs):
@@ -88,8 +97,8 @@ class TrainConfig:
     seed: int = _help("Seed of initialisation, crops, shuffling and degradations.", 80)
 
     lora_rank: int = _help("LoRA rank of the student transformer (peft); 0 = full fine-tuning.", 64)
-    lora_target_modules: list = _help("Module names that get LoRA adapters.",
-                                      None)
+    lora_target_modules: list = _help("Module names that get LoRA adapters (the prune stage's are "
+                                      "prune.lora_target_modules).", None)
     ema_decay: float = _help("EMA decay of the trained weights (0 disables); the export uses the EMA weights.", 0.0)
 
     latent_weight: float = _help("Weight of the latent MSE (distillation, or L2 for vae_decoder).", 1.0)
@@ -108,30 +117,6 @@ class TrainConfig:
                                   "transformer learns around its encoder's errors; the target stays the teacher's "
                                   "estimate from the teacher's latents. False: both from the teacher's latents.", False)
 
-    prune_keep: int = _help("prune: layers to keep (the paper: 12 of 24).", 12)
-    prune_block_size: int = _help("prune: layers per block M (the paper: 4, so 2 kept per block).", 4)
-    prune_search: str = _help(f"prune: one of {SEARCHES} (local gates + inter-block activation, or local "
-                              "gates only).", "tinysr")
-    prune_delta: int = _help("prune: layers the inter-block operators move between the blocks of a pair.", 1)
-    prune_loss: str = _help(f"prune: one of {LOSS_KINDS}: MSE task + distillation (paper A.3), or the release's "
-                            "L1 on latents + LPIPS on decoded images (weight lpips_weight).", "mse")
-    task_weight: float = _help("prune: weight of the task term against the HR latents (distillation: "
-                               "latent_weight).", 1.0)
-    gate_learning_rate: Optional[float] = _help("prune: learning rate of the gate logits; default 10x "
-                                                "learning_rate.", None)
-    gate_tau: list = _help("prune: Gumbel-softmax temperature, linear from the first to the second value.",
-                           None)
-    gate_scale: list = _help("prune: gate logit scale, linear from the first to the second value.", None)
-    gate_ema_decay: float = _help("prune: moving average of the gate logits that makes the decision.", 0.999)
-    prune_skip_pruned_layers: bool = _help("prune: ablation (the paper's text): do not compute the layers a sampled "
-                                           "mask prunes (their masks then get no gradient).", False)
-    prune_next_rule: str = _help("prune: Expansion-Corrosion's next pattern, 'pattern' (the authors' code) or "
-                                 "'marginal' (the paper's text).", "pattern")
-    prune_per_sample_masks: Optional[bool] = _help("prune: one mask per sample (default: per sample for tinyfusion, "
-                                                   "per batch for tinysr).", None)
-    prune_lora_target_modules: Optional[list] = _help("prune: LoRA targets of mask learning; default: the pruning "
-                                                      "package's (the authors' prune script).", None)
-
     checkpointing_steps: int = _help("Save the full training state every N optimizer steps.", 1000)
     checkpoints_total_limit: Optional[int] = _help("Keep at most this many checkpoints (None keeps all).", None)
     resume_from_checkpoint: Optional[str] = _help("A checkpoint folder, or `latest` in output_dir. The settings a "
@@ -144,12 +129,14 @@ class TrainConfig:
     report_to: str = _help("accelerate tracker (tensorboard) or `none`.", "tensorboard")
 
     degradation: dict = _help("Real-ESRGAN degradation parameters (fields of DegradationConfig).", None)
+    prune: dict = _help("prune: the search, fields of pruning.MaskLearnerConfig (`keep` required) but the run's own "
+                        f"settings {sorted(PRUNE_RUN_SETTINGS)}, which come from this config's "
+                        f"{sorted(set(PRUNE_RUN_SETTINGS.values()))}.", None)
 
     def __post_init__(self):
         self.vae_config = dict(self.vae_config or {})
         self.degradation = dict(self.degradation or {})
-        self.gate_tau = list(self.gate_tau or [4.0, 0.1])
-        self.gate_scale = list(self.gate_scale or [100.0, 100.0])
+        self.prune = dict(self.prune or {})
         if self.lora_target_modules is None:
             self.lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
@@ -208,28 +195,39 @@ class TrainConfig:
             raise ValueError("Invalid training configuration:\n  - " + "\n  - ".join(problems))
         return self
 
+    def mask_learner_config(self) -> MaskLearnerConfig:
+        """The prune stage's search: the `prune` section, and this run's own settings (`PRUNE_RUN_SETTINGS`)."""
+        misplaced = sorted(set(self.prune) & set(PRUNE_RUN_SETTINGS))
+        if misplaced:
+            names = ", ".join(f"prune.{name} (set {PRUNE_RUN_SETTINGS[name]})" for name in misplaced)
+            raise ValueError(f"the run's own settings do not go into the prune section: {names}")
+        run = {name: getattr(self, key) for name, key in PRUNE_RUN_SETTINGS.items()}
+        run["report_to"] = None if self.report_to == "none" else self.report_to
+        return MaskLearnerConfig.from_dict({**self.prune, **run})
+
     def _prune_problems(self) -> list[str]:
         problems = []
-        if self.prune_search not in SEARCHES:
-            problems.append(f"prune_search must be one of {SEARCHES}, got {self.prune_search!r}")
-        if self.prune_loss not in LOSS_KINDS:
-            problems.append(f"prune_loss must be one of {LOSS_KINDS}, got {self.prune_loss!r}")
+        try:
+            self.mask_learner_config()
+        except (TypeError, ValueError) as error:
+            problems.append(f"prune: {error}")
         if self.gradient_accumulation_steps != 1:
             problems.append("the prune stage takes one batch per step: set gradient_accumulation_steps=1")
         if self.ema_decay:
-            problems.append("ema_decay averages trained weights; the prune stage's gates use gate_ema_decay")
+            problems.append("ema_decay averages trained weights; the prune stage's gates use prune.ema_decay")
         if self.lr_scheduler != "constant" or self.lr_warmup_steps:
             problems.append("the prune stage's gates follow the tau/scale schedules: keep lr_scheduler=constant and "
                             "lr_warmup_steps=0")
         if not self.lora_rank:
             problems.append("the prune stage trains LoRA adapters with the gates: lora_rank must be positive")
-        for name in ("gate_tau", "gate_scale"):
-            if len(getattr(self, name)) != 2:
-                problems.append(f"{name} must be [start, end], got {getattr(self, name)}")
         return problems
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _field_names(cls) -> set[str]:
+    return {spec.name for spec in fields(cls)}
 
 
 def _field_type(cls, name: str):
@@ -278,15 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="Stage YAML, e.g. training/configs/latent.yaml.")
     for spec in fields(TrainConfig):
-        if spec.name == "degradation":
+        if spec.name in SECTIONS:
             continue
         default = spec.default if spec.default is not MISSING else None
         parser.add_argument(f"--{spec.name}", default=argparse.SUPPRESS, metavar="VALUE",
                             help=f"{spec.metadata['help']} (default: {default!r})")
-    defaults = DegradationConfig()
     for spec in fields(DegradationConfig):
         parser.add_argument(f"--degradation.{spec.name}", default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"Real-ESRGAN degradation (default: {getattr(defaults, spec.name)!r})")
+                            help=f"Real-ESRGAN degradation (default: {spec.default!r})")
+    for spec in fields(MaskLearnerConfig):
+        if spec.name not in PRUNE_RUN_SETTINGS:
+            default = "required" if spec.default is MISSING else f"default: {spec.default!r}"
+            parser.add_argument(f"--prune.{spec.name}", default=argparse.SUPPRESS, metavar="VALUE",
+                                help=f"prune: mask learning, see pruning.MaskLearnerConfig ({default})")
     return parser
 
 
@@ -330,15 +332,21 @@ def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}; see --help.")
-    values["degradation"] = dict(values.get("degradation") or {})
+    for section in SECTIONS:
+        given = values.get(section) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: {section} must be a mapping of settings, got {given!r}.")
+        values[section] = dict(given)
     for key, text in args.items():
-        if key.startswith("degradation."):
-            values["degradation"][key.split(".", 1)[1]] = _parse_value(text)
-        else:
-            values[key] = _parse_value(text)
-            if isinstance(values[key], bool) and _field_type(TrainConfig, key) is str:
-                values[key] = text  # as written: `mixed_precision=no` is the string "no", not YAML 1.1's False
+        section, _, name = key.rpartition(".")
+        target, cls = (values[section], SECTIONS[section]) if section else (values, TrainConfig)
+        target[name] = _parse_value(text)
+        if isinstance(target[name], bool) and name in _field_names(cls) and _field_type(cls, name) is str:
+            target[name] = text  # as written: `mixed_precision=no` is the string "no", not YAML 1.1's False
     for key in list(values):
-        if key != "degradation":
+        if key not in SECTIONS:
             values[key] = _coerce(values[key], _field_type(TrainConfig, key), key)
+    prune = values["prune"]  # the degradation's own from_dict reads its values; unknown keys are reported later
+    for name in set(prune) & _field_names(MaskLearnerConfig):
+        prune[name] = _coerce(prune[name], _field_type(MaskLearnerConfig, name), f"prune.{name}")
     return TrainConfig(**values).validate()

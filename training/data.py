@@ -84,6 +84,10 @@ class HRCropDataset(Dataset):
         self.hf_dataset, self.image_column = hf_dataset, image_column
         self.epoch = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the crops for `epoch` (`pruning.data.epoch_batches` calls it)."""
+        self.epoch = epoch
+
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.hf_dataset)
 
@@ -110,6 +114,10 @@ class StreamingCropDataset(IterableDataset):
     def __init__(self, hf_dataset, size: int, seed: int, image_column: str = "image"):
         self.hf_dataset, self.size, self.seed, self.image_column = hf_dataset, size, seed, image_column
         self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the crops for `epoch` (`pruning.data.epoch_batches` calls it)."""
+        self.epoch = epoch
 
     def __iter__(self):
         if hasattr(self.hf_dataset, "set_epoch"):

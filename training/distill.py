@@ -27,7 +27,8 @@ degradations are seeded per step), with the configured optimiser settings (learn
 applied over the checkpoint's. Nothing in a checkpoint is unpickled beyond `torch.load(weights_only=True)`: the EMA
 weights are safetensors. A checkpoint counts as good once the step after it had a finite loss; a NaN/inf loss stops
 the run, renames the checkpoint whose weights gave it to `checkpoint-<step>.nonfinite` (so `latest` skips it) and
-names the last good one, which `checkpoints_total_limit` never deletes before a newer one is good.
+names the last good one, which `checkpoints_total_limit` never deletes before a newer one is good; the prune stage's
+`pruning.MaskLearner` (and `tinysr-prune learn`) does the same, with the same helpers.
 
 `output_dir` holds one run (`run.json`: its id and config); see `claim_output_dir` for what is the same run.
 """
@@ -63,11 +64,18 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
 
 from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline  # noqa: E402
-from pruning import DecodedPerceptualLoss, MaskLearner, MaskLearnerConfig, PruningDecision  # noqa: E402
-from pruning.data import LatentPairDataset  # noqa: E402
-from pruning.learner import refuse_pickled_state  # noqa: E402
+from pruning import DecodedPerceptualLoss, MaskLearner, PruningDecision  # noqa: E402
+from pruning.data import LatentPairDataset, epoch_batches  # noqa: E402
+from pruning.learner import (  # noqa: E402
+    NonFiniteLossError,  # noqa: F401 (the error a run of this script stops with)
+    limit_checkpoints,
+    non_finite_loss_error,
+    refuse_pickled_state,
+)
+from tinysr_diffusers.conversion import merge_lora  # noqa: E402
 from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
 from tinysr_diffusers.perceptual import LPIPS  # noqa: E402
+from tinysr_diffusers.pipelines.pipeline_one_step_sr import step_latents  # noqa: E402
 from tinysr_diffusers.utils import (  # noqa: E402
     atomic_directory,
     checkpoint_step,
@@ -84,17 +92,13 @@ from training.latents import (  # noqa: E402
     EncodedBatches,
     check_latent_cache,
     encode_batch,
-    epoch_batches,
     make_batch,
     teacher_estimate,
+    training_latents,
 )
 
 
 logger = logging.getLogger("tinysr.distill")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def default_discriminator(config: TrainConfig) -> torch.nn.Module:
@@ -159,13 +163,8 @@ def add_lora(transformer: torch.nn.Module, config: TrainConfig) -> None:
 
 def merged_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
     """A plain copy of `transformer` with its LoRA (if any) merged into the base weights."""
-    import copy
-
     transformer = copy.deepcopy(transformer)
-    if getattr(transformer, "_hf_peft_config_loaded", False):
-        transformer.fuse_lora()
-        transformer.unload_lora()
-    return transformer
+    return merge_lora(transformer) if getattr(transformer, "_hf_peft_config_loaded", False) else transformer
 
 
 # ------------------------------------------------------------------------------------------------------------ stages
@@ -207,17 +206,17 @@ class TeacherStage(Stage):
     def trainable(self):
         return self.transformer
 
-    def _latents(self, batch, generator):
-        latents = batch if "lr_latents" in batch else encode_batch(self.teacher, batch, generator, with_teacher=False)
+    def _latents(self, batch):
+        latents = batch if "lr_latents" in batch else encode_batch(self.teacher, batch, with_teacher=False)
         return latents["lr_latents"], latents["hr_latents"]
 
     def generator_outputs(self, model, batch, generator):
-        z_low, z_high = self._latents(batch, generator)
-        velocity = self.teacher._predict_velocity(z_low, model)
+        z_low, z_high = self._latents(batch)
+        velocity = self.teacher.predict_velocity(z_low, model)
         target = (z_low - z_high).float() / self.teacher.sigma  # the velocity that gives z_H in one step
         outputs = {"loss_terms": {"latent": F.mse_loss(velocity.float(), target)}}
         if self.config.lpips_weight or self.config.pixel_weight:
-            z_pred = z_low - self.teacher.sigma * velocity
+            z_pred = step_latents(z_low, velocity, self.teacher.sigma)
             count = self.config.decode_samples or len(z_pred)
             windows = latent_windows(z_pred.shape, self.config.decode_crop, count, generator)
             outputs["fake"] = decode_windows(self.teacher, z_pred[:count], windows)
@@ -251,11 +250,11 @@ def decode_windows(pipe, latents: torch.Tensor, windows) -> torch.Tensor:
     """Decoded images of the latent windows (each decoded with its margin, which is then cropped off)."""
     factor = pipe.vae_scale_factor
     if windows[0] is None:
-        return pipe._decode(latents, None)
+        return pipe.decode_latents(latents)
     m = WINDOW_MARGIN
     padded = torch.stack([z[:, top - m: top + size + m, left - m: left + size + m]
                           for z, (top, left, size) in zip(latents, windows)])
-    return pipe._decode(padded, None)[..., m * factor: -m * factor, m * factor: -m * factor]
+    return pipe.decode_latents(padded)[..., m * factor: -m * factor, m * factor: -m * factor]
 
 
 def crop_windows(images: torch.Tensor, windows, factor: int) -> torch.Tensor:
@@ -268,7 +267,7 @@ def crop_windows(images: torch.Tensor, windows, factor: int) -> torch.Tensor:
 
 def unscaled_latents(vae, images: torch.Tensor) -> torch.Tensor:
     """The teacher VAE's latents of `images` as its encoder gives them: the posterior mode of an `AutoencoderKL`,
-    the latents of a tiny autoencoder (e.g. TAEF2)."""
+    the latents of a tiny autoencoder (e.g. TAEF2); unscaled, the `training_latents` of the other stages."""
     encoded = vae.encode(images)
     return encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
 
@@ -317,20 +316,22 @@ class LatentStage(Stage):
     def trainable(self):
         return self.student.transformer
 
-    def _latents(self, model, batch, generator):
+    def _latents(self, model, batch):
         if "lr_latents" in batch:  # from the latent cache (teacher latents computed here if it has none)
             z_low = batch["lr_latents"]
             z_teacher = batch["teacher_latents"] if "teacher_latents" in batch else teacher_estimate(self.teacher,
                                                                                                         z_low)
         else:
             with torch.no_grad():
-                z_low = self.teacher._encode(batch["lr_up"], generator, None)
+                z_low = training_latents(self.teacher, batch["lr_up"])
             z_teacher = teacher_estimate(self.teacher, z_low)
-        z_student = z_low - self.student.sigma * model(z_low).sample
-        return z_student, z_teacher
+        return self._student_estimate(model, z_low), z_teacher
+
+    def _student_estimate(self, model, z_low: torch.Tensor) -> torch.Tensor:
+        return step_latents(z_low, self.student.predict_velocity(z_low, model), self.student.sigma)
 
     def generator_outputs(self, model, batch, generator):
-        z_student, z_teacher = self._latents(model, batch, generator)
+        z_student, z_teacher = self._latents(model, batch)
         return {"loss_terms": {"latent": F.mse_loss(z_student.float(), z_teacher.float())}, "z_student": z_student}
 
     def export(self, model, folder):
@@ -342,17 +343,17 @@ class PixelStage(LatentStage):
     uses_gan = True
     uses_lpips = True
 
-    def _latents(self, model, batch, generator):
+    def _latents(self, model, batch):
         if not self.config.student_encodes:
-            return super()._latents(model, batch, generator)
+            return super()._latents(model, batch)
         with torch.no_grad():
-            z_teacher = teacher_estimate(self.teacher, self.teacher._encode(batch["lr_up"], generator, None))
-            z_low = self.student._encode(batch["lr_up"], generator, None)
-        return z_low - self.student.sigma * model(z_low).sample, z_teacher
+            z_teacher = teacher_estimate(self.teacher, training_latents(self.teacher, batch["lr_up"]))
+            z_low = training_latents(self.student, batch["lr_up"])
+        return self._student_estimate(model, z_low), z_teacher
 
     def generator_outputs(self, model, batch, generator):
         outputs = super().generator_outputs(model, batch, generator)
-        outputs["fake"] = self.student._decode(outputs["z_student"], None)
+        outputs["fake"] = self.student.decode_latents(outputs["z_student"])
         return outputs
 
 
@@ -404,7 +405,9 @@ def _is_run_output(name: str) -> bool:
 
 
 def _identity(settings: dict) -> dict:
-    return {key: value for key, value in settings.items() if key not in RESUMABLE_SETTINGS}
+    """The settings that define a run: all but `RESUMABLE_SETTINGS` (`<section>.<key>` for a key of a section)."""
+    return {key: {name: v for name, v in value.items() if f"{key}.{name}" not in RESUMABLE_SETTINGS}
+            if isinstance(value, dict) else value for key, value in settings.items() if key not in RESUMABLE_SETTINGS}
 
 
 def claim_output_dir(accelerator: Accelerator, config: TrainConfig) -> str:
@@ -487,26 +490,6 @@ def checkpoint_ema(accelerator: Accelerator, ema) -> None:
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
-
-
-def retire_checkpoint(accelerator: Accelerator, folder: str, step: int) -> Optional[str]:
-    """Rename `checkpoint-<step>` (its weights gave a non-finite loss) out of `latest`'s way; returns the newest
-    remaining checkpoint, the last good one (None if there is none)."""
-    path = os.path.join(folder, f"checkpoint-{step}")
-    if accelerator.is_main_process and os.path.isdir(path):
-        shutil.rmtree(f"{path}.nonfinite", ignore_errors=True)
-        os.replace(path, f"{path}.nonfinite")
-    accelerator.wait_for_everyone()
-    remaining = list_checkpoints(folder)
-    return remaining[-1] if remaining else None
-
-
-def limit_checkpoints(accelerator: Accelerator, folder: str, total_limit: Optional[int]) -> None:
-    """Keep the newest `total_limit` checkpoints (called once the newest is known to be good)."""
-    if accelerator.is_main_process and total_limit:
-        for old in list_checkpoints(folder)[:-total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def apply_optimiser_settings(optimizer, scheduler, learning_rates: list[float], weight_decay: float,
@@ -625,7 +608,7 @@ def train(config: TrainConfig) -> dict:
     from_cache = bool(config.latent_cache) and config.stage in LATENT_STAGES
     if config.latent_cache and not from_cache:
         raise ValueError(f"The {config.stage} stage needs images, not a latent cache: unset latent_cache.")
-    dataset, loader = build_data(config, from_cache)
+    _, loader = build_data(config, from_cache)
     uses_gan = stage.uses_gan and config.gan_weight > 0
     discriminator = None
     lpips = LPIPS(config.lpips_net).to(device) if config.lpips_weight > 0 and stage.uses_lpips else None
@@ -670,8 +653,7 @@ def train(config: TrainConfig) -> dict:
     losses, learning_rates, micro_losses = [], [], []
     progress = tqdm(total=config.max_steps, initial=step, desc=config.stage,
                     disable=not accelerator.is_local_main_process)
-    batches = epoch_batches(loader, dataset, step * config.gradient_accumulation_steps,
-                            accelerator.skip_first_batches)
+    batches = epoch_batches(loader, step * config.gradient_accumulation_steps, accelerator.skip_first_batches)
     critic = accelerator.unwrap_model(discriminator) if uses_gan else None  # the generator's GAN term: no DDP sync
     for _, position, data in batches:
         if step >= config.max_steps:  # resumed from the last checkpoint: nothing left to train
@@ -689,13 +671,8 @@ def train(config: TrainConfig) -> dict:
             checked = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
             checked = accelerator.reduce(checked, "mean")
             if not torch.isfinite(checked).all():
-                good = retire_checkpoint(accelerator, config.output_dir, step) if unproven == step else \
-                    (list_checkpoints(config.output_dir) or [None])[-1]
-                values = dict(zip(["loss", *terms], checked.tolist()))
-                where = f"the last good checkpoint is {good}" if good else "no checkpoint has a finite loss yet"
-                raise NonFiniteLossError(
-                    f"Loss became non-finite at step {step + 1} ({values}); {where}. Lower the learning rate (it "
-                    f"applies on resume) or check the data.")
+                raise non_finite_loss_error(accelerator, config.output_dir, step, unproven,
+                                            dict(zip(["loss", *terms], checked.tolist())))
             micro_losses.append(checked[0].item())
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
@@ -757,26 +734,12 @@ def train_prune(config: TrainConfig) -> dict:
     with accelerator.main_process_first():  # diffusers copies the pipelines' code modules: one process at a time
         teacher = load_teacher(config).to(accelerator.device)
     prompt_embeds, pooled = teacher.prompt_embeddings(1)
+    learner_config = config.mask_learner_config()
     perceptual = None
-    if config.prune_loss == "l1_perceptual":
+    if learner_config.loss == "l1_perceptual":
         lpips = LPIPS(config.lpips_net).to(accelerator.device)
-        perceptual = DecodedPerceptualLoss(lambda latents: teacher._decode(latents, None),
+        perceptual = DecodedPerceptualLoss(teacher.decode_latents,
                                            lambda fake, real: lpips(fake.float(), real.float()).mean())
-    learner_config = MaskLearnerConfig(
-        keep=config.prune_keep, block_size=config.prune_block_size, search=config.prune_search,
-        delta=config.prune_delta, max_steps=config.max_steps, learning_rate=config.learning_rate,
-        gate_learning_rate=config.gate_learning_rate, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, lora_rank=config.lora_rank,
-        **({"lora_target_modules": tuple(config.prune_lora_target_modules)} if config.prune_lora_target_modules
-           else {}),
-        skip_pruned_layers=config.prune_skip_pruned_layers, next_rule=config.prune_next_rule,
-        per_sample_masks=config.prune_per_sample_masks, tau=tuple(config.gate_tau),
-        scale=tuple(config.gate_scale), ema_decay=config.gate_ema_decay, loss=config.prune_loss,
-        task_weight=config.task_weight, distill_weight=config.latent_weight, perceptual_weight=config.lpips_weight,
-        seed=config.seed, log_every=config.logging_steps, checkpointing_steps=config.checkpointing_steps,
-        checkpoints_total_limit=config.checkpoints_total_limit,
-        report_to=None if config.report_to == "none" else config.report_to,
-    )
     learner = MaskLearner(
         teacher.transformer, learner_config, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
         timestep=teacher.timestep, perceptual_loss=perceptual, output_dir=config.output_dir, accelerator=accelerator,
@@ -789,7 +752,7 @@ def train_prune(config: TrainConfig) -> dict:
         degrade = RealESRGANDegradation(DegradationConfig.from_dict(config.degradation))
         data = EncodedBatches(accelerator.prepare(loader), dataset, teacher, degrade, config.seed, accelerator)
     decision: PruningDecision = learner.train(data, resume_from=config.resume_from_checkpoint)
-    accelerator.print(f"{config.prune_search}: keep layers {decision.keep_layers} "
+    accelerator.print(f"{learner_config.search}: keep layers {decision.keep_layers} "
                       f"(-> {os.path.join(config.output_dir, 'pruning.json')})")
     # The student is cut from the teacher's full-precision weights (the search's LoRA is discarded, as in TinyFusion):
     # the learner's float32 copy of them, since the teacher itself may have been cast to the mixed-precision dtype.

@@ -2,6 +2,11 @@
 
 A crop batch becomes scaled teacher-VAE latents `lr_latents` (z_L of the degraded, upscaled image), `hr_latents`
 (z_H of the HR crop) and, for the cache, `teacher_latents` (the teacher's one-step estimate `z_L - sigma * v`).
+
+Training encodes with the posterior mode of an `AutoencoderKL` teacher VAE, never a sample: the student meets, at
+inference, its tiny encoder's latents, which the `vae_encoder` stage fits to that mode; so every stage (and the
+cache) learns from the latents the student will see, and a pair no longer depends on the random generator. The
+teacher pipeline's inference keeps the releases' posterior sample (`encode_latents(sample_posterior=True)`).
 `training/cache_latents.py` writes them once as safetensors shards in the layout `pruning.data.LatentPairDataset`
 reads, so a cache also serves `tinysr-prune score|learn --data`.
 """
@@ -9,15 +14,15 @@ reads, so a cache also serves `tinysr-prune score|learn --data`.
 import json
 import os
 import shutil
-from typing import Iterator, Optional
-
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tinysr_diffusers import TSDSRPipeline
+from pruning.data import data_length, epoch_batches
+from tinysr_diffusers import OneStepSRPipeline, TSDSRPipeline
 from tinysr_diffusers.degradations import RealESRGANDegradation
 from tinysr_diffusers.image_processing import bicubic_upscale
+from tinysr_diffusers.pipelines.pipeline_one_step_sr import step_latents
 from tinysr_diffusers.utils import atomic_path, write_json
 from training.data import seeded_generator
 
@@ -33,60 +38,25 @@ def make_batch(hr: torch.Tensor, degrade: RealESRGANDegradation, generator: torc
     return {"lr_up": lr_up * 2 - 1, "hr": hr * 2 - 1}
 
 
+def training_latents(pipe: OneStepSRPipeline, images: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of images in [-1, 1] as training uses them: an `AutoencoderKL`'s posterior mode."""
+    return pipe.encode_latents(images, sample_posterior=False)
+
+
 @torch.no_grad()
 def teacher_estimate(teacher: TSDSRPipeline, lr_latents: torch.Tensor) -> torch.Tensor:
     """The teacher's one-step estimate of the clean latents, `z_L - sigma * v`."""
-    return lr_latents - teacher.sigma * teacher._predict_velocity(lr_latents)
+    return step_latents(lr_latents, teacher.predict_velocity(lr_latents), teacher.sigma)
 
 
 @torch.no_grad()
-def encode_batch(teacher: TSDSRPipeline, batch: dict, generator: torch.Generator, with_teacher: bool) -> dict:
+def encode_batch(teacher: TSDSRPipeline, batch: dict, with_teacher: bool) -> dict:
     """Image batch (`make_batch`) -> latent batch with the keys of `pruning.data.LATENT_KEYS`."""
-    lr_latents = teacher._encode(batch["lr_up"], generator, None)
-    latents = {"lr_latents": lr_latents, "hr_latents": teacher._encode(batch["hr"], generator, None)}
+    lr_latents = training_latents(teacher, batch["lr_up"])
+    latents = {"lr_latents": lr_latents, "hr_latents": training_latents(teacher, batch["hr"])}
     if with_teacher:
         latents["teacher_latents"] = teacher_estimate(teacher, lr_latents)
     return latents
-
-
-def data_length(loader) -> Optional[int]:
-    """Batches per epoch, or None for a stream (a loader over an `IterableDataset`)."""
-    if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
-        return None
-    return len(loader)
-
-
-def epoch_batches(loader, dataset, start: int, skip_batches=None) -> Iterator[tuple[int, int, object]]:
-    """
-    Yield `(epoch, position, batch)` from batch `start` of the run on, epoch after epoch (each epoch reseeds crops).
-
-    A sized loader jumps to `start` with `skip_batches` (accelerate's, which does not load the skipped batches); a
-    stream has no length, so it is re-read up to `start`.
-    """
-    length, position, epoch = data_length(loader), start, 0
-    if length == 0:
-        raise ValueError("The training data gives no batch (fewer images than one batch?).")
-    if length:
-        epoch, start = divmod(start, length)
-    while True:
-        dataset.epoch = epoch
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        if length:
-            for batch in skip_batches(loader, start) if start and skip_batches else loader:
-                yield epoch, position, batch
-                position += 1
-            start = 0
-        else:
-            seen = 0
-            for seen, batch in enumerate(loader, 1):
-                if seen > start:
-                    yield epoch, position, batch
-                    position += 1
-            if seen == 0:
-                raise ValueError("The training data stream gives no batch.")
-            start = max(0, start - seen)
-        epoch += 1
 
 
 class EncodedBatches:
@@ -120,12 +90,11 @@ class EncodedBatches:
             generator = seeded_generator(self.seed, self.epoch, index, accelerator.process_index,
                                          device=accelerator.device)
             batch = make_batch(crops.to(accelerator.device), self.degrade, generator)
-            latents = encode_batch(self.teacher, batch, generator, with_teacher=False)
+            latents = encode_batch(self.teacher, batch, with_teacher=False)
             yield latents["lr_latents"], latents["hr_latents"]
 
 
-def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, dataset,
-                       degrade: RealESRGANDegradation) -> str:
+def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, degrade: RealESRGANDegradation) -> str:
     """
     Encode `config.cache_epochs` passes over the images into `config.latent_cache` (float32 safetensors shards of
     `cache_shard_size` samples, one series per process, and `cache.json`). Written into `<folder>.tmp` and renamed
@@ -153,14 +122,14 @@ def write_latent_cache(config, accelerator, teacher: TSDSRPipeline, loader, data
     total = config.cache_epochs * length if length else None
     progress = tqdm(total=total, desc="Encoding latents", disable=not accelerator.is_local_main_process)
     buffered = 0
-    for epoch, position, crops in epoch_batches(loader, dataset, 0):
+    for epoch, position, crops in epoch_batches(loader):
         if epoch >= config.cache_epochs:
             break
         progress.update(1)
         generator = seeded_generator(config.seed, position, rank, device=accelerator.device)
         batch = make_batch(crops.to(accelerator.device), degrade, generator)
         with accelerator.autocast():  # the teacher transformer may be in the mixed-precision dtype
-            latents = encode_batch(teacher, batch, generator, with_teacher=config.cache_teacher_latents)
+            latents = encode_batch(teacher, batch, with_teacher=config.cache_teacher_latents)
         pending.append({key: value.float().cpu() for key, value in latents.items()})
         buffered += len(crops)
         samples += len(crops)

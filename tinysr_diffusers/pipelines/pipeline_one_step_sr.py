@@ -3,7 +3,8 @@
 The recipe (DESIGN section 2): LR image in [0, 1] -> bicubic x4 in torch -> reflect-pad to what the VAE and the patch
 size need -> [-1, 1] -> `z_L = encode(x) * scaling_factor` -> `z_H = z_L - sigma * v` with sigma(t=1000) = 1 ->
 `decode(z_H / scaling_factor)` -> crop back to exactly 4x -> clamp -> colour fix against the LR image. Subclasses only
-say how the velocity `v` is predicted.
+say how the velocity `v` is predicted. The steps are public (`encode_latents`, `predict_velocity`, `step_latents`,
+`decode_latents`) so that training and pruning run exactly the inference path.
 """
 
 import os
@@ -36,6 +37,11 @@ from ..tiling import tiled_map
 SUPPORTED_VAES = (TinySRAutoencoder, AutoencoderTiny, AutoencoderKL)
 
 
+def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The one step of the recipe: the clean latents `z_H = z_L - sigma * v` (flow matching, sigma = t / 1000)."""
+    return latents - sigma * velocity
+
+
 class OneStepSRPipeline(DiffusionPipeline):
     r"""
     Base class of the one-step 4x super-resolution pipelines ([`TinySRPipeline`], [`TSDSRPipeline`]).
@@ -43,7 +49,7 @@ class OneStepSRPipeline(DiffusionPipeline):
     It runs the shared recipe in `__call__` (any image size, batches, latent tiling with Gaussian blending plus VAE
     tiling, colour fix) and saves folders that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
     this class's own `from_pretrained` (no flag needed) and `AutoModel` load with the installed classes. Subclasses
-    implement `_predict_velocity`.
+    implement `predict_velocity`.
     """
 
     upscale_factor = 4
@@ -71,18 +77,30 @@ class OneStepSRPipeline(DiffusionPipeline):
         # The TSD-SR/TinySR releases use no shift factor even with SD3's VAE (whose config has 0.0609).
         return (self.vae.config.shift_factor or 0.0) if self.config.use_shift_factor else 0.0
 
-    def _predict_velocity(self, latents: torch.Tensor) -> torch.Tensor:
-        """The transformer's velocity `v` for scaled latents `z_L` (batch of images or of latent tiles)."""
+    def predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """The velocity `v` for scaled latents `z_L` (a batch of images or of latent tiles), by `transformer`
+        (default: the pipeline's; training passes its wrapped, e.g. DDP, copy)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------------- VAE calls
-    def _encode(
-        self, pixels: torch.Tensor, generator: Optional[torch.Generator], vae_tile: Optional[tuple[int, int]]
+    def encode_latents(
+        self,
+        pixels: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        vae_tile: Optional[tuple[int, int]] = None,
+        sample_posterior: bool = True,
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents z_L (sampled from the posterior for AutoencoderKL)."""
+        """Images in [-1, 1] -> scaled latents z_L.
+
+        An `AutoencoderKL`'s posterior is sampled with `generator` (inference, as the releases do) or, with
+        `sample_posterior=False`, its mode is taken (training: the latents the student's tiny encoder learns, see
+        `training/latents.py`); the tiny VAEs are deterministic. `vae_tile` = (tile, overlap) image pixels tiles an
+        `AutoencoderTiny` here (the other VAEs tile themselves, see `_vae_tiling`).
+        """
         vae = self.vae
         if isinstance(vae, AutoencoderKL):
-            latents = vae.encode(pixels).latent_dist.sample(generator)
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.sample(generator) if sample_posterior else posterior.mode()
         elif self._tiles_tiny_vae(vae_tile):
             # AutoencoderTiny's own tiled encoder hard-codes 4 latent channels (SD3 has 16): tile its encode here.
             tile, overlap = vae_tile
@@ -92,7 +110,7 @@ class OneStepSRPipeline(DiffusionPipeline):
             latents = vae.encode(pixels).latents
         return (latents - self._latent_shift()) * vae.config.scaling_factor
 
-    def _decode(self, latents: torch.Tensor, vae_tile: Optional[tuple[int, int]]) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, vae_tile: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Scaled latents z_H -> images in [-1, 1] (not clamped)."""
         vae = self.vae
         latents = latents / vae.config.scaling_factor + self._latent_shift()
@@ -109,8 +127,8 @@ class OneStepSRPipeline(DiffusionPipeline):
     def _vae_tiling(self, vae_tile: Optional[tuple[int, int]]) -> Iterator[None]:
         """Tile the VAE with `vae_tile` = (tile, overlap) image pixels for one call, then restore its settings.
 
-        `TinySRAutoencoder` and `AutoencoderKL` use their own tiling; `AutoencoderTiny` is tiled in `_encode` and
-        `_decode`. A VAE on which the user already enabled tiling keeps the user's settings.
+        `TinySRAutoencoder` and `AutoencoderKL` use their own tiling; `AutoencoderTiny` is tiled in `encode_latents`
+        and `decode_latents`. A VAE on which the user already enabled tiling keeps the user's settings.
         """
         vae = self.vae
         if vae_tile is None or vae.use_tiling or isinstance(vae, AutoencoderTiny):
@@ -178,13 +196,13 @@ class OneStepSRPipeline(DiffusionPipeline):
             vae_tile = (tile_size * self.vae_scale_factor, tile_overlap * self.vae_scale_factor)
 
         with self._vae_tiling(vae_tile):
-            latents = self._encode(pixels.to(self.vae.dtype), generator, vae_tile)
+            latents = self.encode_latents(pixels.to(self.vae.dtype), generator, vae_tile)
             latents = latents.to(self.transformer.dtype)
             if tile_size is None:
-                velocity = self._predict_velocity(latents)
+                velocity = self.predict_velocity(latents)
             else:
                 velocity = tiled_map(
-                    self._predict_velocity,
+                    self.predict_velocity,
                     latents,
                     tile_size,
                     tile_overlap,
@@ -193,10 +211,10 @@ class OneStepSRPipeline(DiffusionPipeline):
                     blend="gaussian",
                     progress=self.progress_bar,
                 )
-            latents = latents - self.sigma * velocity
+            latents = step_latents(latents, velocity, self.sigma)
             if output_type == "latent":
                 return latents
-            decoded = self._decode(latents.to(self.vae.dtype), vae_tile)
+            decoded = self.decode_latents(latents.to(self.vae.dtype), vae_tile)
 
         image = (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2
         return apply_color_fix(image, low_res, upscaled, color_fix)

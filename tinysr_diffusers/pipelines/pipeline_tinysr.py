@@ -48,8 +48,9 @@ class TinySRPipeline(OneStepSRPipeline):
         self.register_modules(transformer=transformer, vae=vae)
         self.register_to_config(use_shift_factor=use_shift_factor)
 
-    def _predict_velocity(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.transformer(latents).sample
+    def predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """`transformer` (default: the pipeline's) on `z_L` alone: no timestep, no text."""
+        return (transformer if transformer is not None else self.transformer)(latents).sample
 
     @classmethod
     def from_teacher(

@@ -128,12 +128,11 @@ class TSDSRPipeline(OneStepSRPipeline):
         self._check_prompt_embeddings(embeddings)
         self.register_modules(prompt_embeddings=embeddings.to(self.transformer.device))
 
-    def _predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
-        """`transformer` (default: the pipeline's) at t=1000 on the stored embeddings; training passes its wrapped
-        (DDP) copy."""
+    def predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """`transformer` (default: the pipeline's) at t=1000 on the stored embeddings."""
         prompt_embeds, pooled_prompt_embeds = self.prompt_embeddings(latents.shape[0])
         timestep = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=latents.dtype)
-        return (transformer or self.transformer)(
+        return (transformer if transformer is not None else self.transformer)(
             hidden_states=latents,
             encoder_hidden_states=prompt_embeds.to(latents),
             pooled_projections=pooled_prompt_embeds.to(latents),
