@@ -3,38 +3,46 @@
 - `search_space`: sizes of the full, static (block-wise) and Dynamic-Inter-block-Activation search spaces.
 - `masked`: per-layer masks on any `SD3Transformer2DModel` / `TinySRTransformer2DModel` (diffusers hooks).
 - `gates`, `inter_block`: TinyFusion's local gates; TinySR's pair gates with Expansion-Corrosion.
+- `config`: `MaskLearnerConfig`, the settings of a mask search (import-light).
 - `learner`: mask learning jointly with LoRA under accelerate, checkpoint/resume, keep-probability log and heatmap.
 - `methods`: random-min, Flux-Lite, ShortGPT, sensitivity, SnapFusion, BK-SDM, TinyFusion, TinySR on one interface.
 - `export`: renumbered SD3 checkpoints or TinySR students with `pruning.json`; Hub upload.
 - `cli`: `tinysr-prune {space,score,learn,export}`.
+
+The namespace is lazy: `import pruning` imports nothing heavy until a name is used.
 """
 
-from .decision import PruningDecision
-from .export import export_pruned, prune_sd3, push_to_hub
-from .gates import LinearSchedule, LocalGates
-from .inter_block import InterBlockGates
-from .learner import MaskLearner, MaskLearnerConfig
-from .losses import DecodedPerceptualLoss, PruningLoss
-from .masked import MaskedTransformer
-from .methods import METHODS, get_method
-from .search_space import SearchSpace, local_patterns
+import sys
+from typing import TYPE_CHECKING
+
+from tinysr_diffusers.import_utils import _LazyModule
 
 
-__all__ = [
-    "METHODS",
-    "DecodedPerceptualLoss",
-    "InterBlockGates",
-    "LinearSchedule",
-    "LocalGates",
-    "MaskLearner",
-    "MaskLearnerConfig",
-    "MaskedTransformer",
-    "PruningDecision",
-    "PruningLoss",
-    "SearchSpace",
-    "export_pruned",
-    "get_method",
-    "local_patterns",
-    "prune_sd3",
-    "push_to_hub",
-]
+_import_structure = {
+    "config": ["MaskLearnerConfig"],
+    "decision": ["PruningDecision"],
+    "export": ["export_pruned", "prune_sd3", "push_to_hub"],
+    "gates": ["LinearSchedule", "LocalGates"],
+    "inter_block": ["InterBlockGates"],
+    "learner": ["MaskLearner"],
+    "losses": ["DecodedPerceptualLoss", "PruningLoss"],
+    "masked": ["MaskedTransformer"],
+    "methods": ["METHODS", "get_method"],
+    "search_space": ["SearchSpace", "local_patterns"],
+}
+
+if TYPE_CHECKING:
+    from .config import MaskLearnerConfig
+    from .decision import PruningDecision
+    from .export import export_pruned, prune_sd3, push_to_hub
+    from .gates import LinearSchedule, LocalGates
+    from .inter_block import InterBlockGates
+    from .learner import MaskLearner
+    from .losses import DecodedPerceptualLoss, PruningLoss
+    from .masked import MaskedTransformer
+    from .methods import METHODS, get_method
+    from .search_space import SearchSpace, local_patterns
+else:
+    sys.modules[__name__] = _LazyModule(
+        __name__, globals()["__file__"], _import_structure, module_spec=__spec__, doc=__doc__
+    )

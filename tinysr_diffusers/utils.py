@@ -11,8 +11,6 @@ import shutil
 import tempfile
 from typing import Any, Iterator, Optional, Union
 
-import torch
-
 
 PathLike = Union[str, "os.PathLike[str]"]
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -95,6 +93,7 @@ def launched_accelerator(**kwargs):
     On a machine without CUDA, accelerate forms a gloo (MULTI_CPU) group only with `cpu=True`; otherwise each process
     would train alone and all would write the same checkpoints. Refuses a launch whose processes did not join up.
     """
+    import torch
     from accelerate import Accelerator
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
