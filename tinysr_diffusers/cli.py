@@ -4,8 +4,10 @@
     tinysr convert tinysr --transformer DIR --vae DIR --lora FILE --pool-embeds FILE -o OUT
     tinysr convert tsdsr --sd3 DIR --transformer-lora FILE --vae-lora FILE --prompt-embeds FILE --pool-embeds FILE
         -o OUT
+    tinysr demo [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860] [--share]
 
-Subcommands register themselves in `main` through an `add_<name>_parser(subparsers)` function.
+Subcommands register themselves in `main` through an `add_<name>_parser(subparsers)` function. torch, diffusers and
+the pipelines are imported only when a subcommand runs, so `--help` and argument errors come at once.
 """
 
 import argparse
@@ -17,16 +19,20 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import PIL.Image
 import PIL.ImageOps
-import torch
-from tqdm.auto import tqdm
+
+from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
 # Raw modes of more than 8 bits per sample (I;16B, RGB;16B, RGBA;16L, ...; not BMP's packed 5-6-5 BGR;16).
 SIXTEEN_BIT_RAWMODE = re.compile(r"I;16|;16[A-Z]")
 # The ICC colour space of each PIL mode that a profile can describe.
@@ -55,6 +61,8 @@ class Job:
 
 
 def _default_device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -62,9 +70,11 @@ def _default_device() -> str:
     return "cpu"
 
 
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
+def _resolve_dtype(name: str, device: str) -> "torch.dtype":
+    import torch
+
     if name != "auto":
-        return DTYPES[name]
+        return getattr(torch, name)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -205,6 +215,9 @@ def _one_line(error: BaseException) -> str:
 
 def upscale(args: argparse.Namespace) -> int:
     """Run `tinysr upscale`; returns the exit code (1 if any input failed)."""
+    import torch
+    from tqdm.auto import tqdm
+
     from .pipelines import OneStepSRPipeline
 
     extension = "." + args.format
@@ -347,11 +360,13 @@ def add_upscale_parser(subparsers) -> None:
     parser.set_defaults(func=upscale)
 
 
-CONVERT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CONVERT_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
 
 
 def convert(args: argparse.Namespace) -> int:
     """Run `tinysr convert tinysr|tsdsr`: build the pipeline, save it into a temporary folder beside OUT, rename."""
+    import torch
+
     from .conversion import ConversionError, convert_tinysr, convert_tsdsr
     from .utils import atomic_directory
 
@@ -359,7 +374,7 @@ def convert(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         print(f"error: {output} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    dtype = CONVERT_DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     print(f"[1/2] Converting the {args.release} release (LoRA merged) ...", file=sys.stderr)
     try:
         if args.release == "tinysr":
@@ -418,6 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_upscale_parser(subparsers)
     add_convert_parser(subparsers)
+    add_demo_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "upscale":
         if args.batch_size < 1:
