@@ -1,0 +1,154 @@
+"""ONNX export (`tinysr export onnx`) and `OnnxTinySRPipeline`: same recipe, same tiling, same outputs within 1e-3."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from tests.tiny_pipelines import photo, tiny_autoencoder_tiny, tiny_student, tiny_teacher
+from tinysr_diffusers.onnx_export import CONFIG_NAME, COMPONENTS, MODEL_FILE, add_export_parser, export_onnx
+from tinysr_diffusers.pipelines import OnnxTinySRPipeline
+
+
+def _export_cli(*argv: str) -> int:
+    """`tinysr export ...` through the parser `add_export_parser` registers, as `cli.main` does."""
+    parser = argparse.ArgumentParser(prog="tinysr")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny student saved as a pipeline folder and exported by the command line; the torch pipeline to compare."""
+    root = tmp_path_factory.mktemp("onnx")
+    tiny_student().save_pretrained(root / "pipeline")
+    assert _export_cli("onnx", str(root / "pipeline"), "-o", str(root / "onnx")) == 0
+    pipe = OnnxTinySRPipeline.from_pretrained(root / "onnx")
+    pipe.set_progress_bar_config(disable=True)
+    return tiny_student(), pipe, root
+
+
+@pytest.fixture(scope="module")
+def exported_int8(exported):
+    torch_pipe, _, root = exported
+    export_onnx(torch_pipe, str(root / "int8"), int8=True)
+    pipe = OnnxTinySRPipeline.from_pretrained(root / "int8")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, root / "int8"
+
+
+def _outputs(pipe, images, **kwargs) -> torch.Tensor:
+    result = pipe(images, output_type="pt", **kwargs).images
+    return torch.stack(result) if isinstance(result, list) else result
+
+
+def test_the_folder_holds_three_graphs_with_dynamic_batch_height_and_width(exported):
+    _, pipe, root = exported
+    config = json.loads((root / "onnx" / CONFIG_NAME).read_text())
+    assert config["_class_name"] == "OnnxTinySRPipeline" and config["source_class_name"] == "TinySRPipeline"
+    assert config["int8"] is False and config["max_latent_size"] == 96
+    for name in COMPONENTS:
+        onnx.checker.check_model(str(root / "onnx" / name / MODEL_FILE))
+    for model in (pipe.vae.encoder, pipe.vae.decoder, pipe.transformer):
+        batch, channels, height, width = model.session.get_inputs()[0].shape
+        assert isinstance(channels, int)
+        assert all(isinstance(dim, str) for dim in (batch, height, width))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tile_size": None},
+        {"tile_size": 4, "tile_overlap": 2},
+        {"tile_size": 6, "tile_overlap": 2, "tile_batch_size": 3},
+        {"tile_size": 4, "tile_overlap": 0, "color_fix": "wavelet"},
+    ],
+    ids=["untiled", "tiled", "tiled-batched", "tiled-wavelet"],
+)
+@pytest.mark.parametrize("size", [(40, 24), (18, 30)], ids=["40x24", "18x30"])  # latents 20x12 and 9x15 (padded)
+def test_outputs_match_the_torch_pipeline(exported, kwargs, size):
+    torch_pipe, pipe, _ = exported
+    images = [photo(size=size), photo("coffee", size=size)]
+    expected = _outputs(torch_pipe, images, **kwargs)
+    got = _outputs(pipe, images, **kwargs)
+    assert got.shape == expected.shape == (2, 3, 4 * size[1], 4 * size[0])
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    latents = pipe(images, output_type="latent", **kwargs).images
+    torch.testing.assert_close(latents, torch_pipe(images, output_type="latent", **kwargs).images, atol=1e-3, rtol=0)
+
+
+def test_pil_outputs_and_greyscale_go_through_the_same_call(exported):
+    torch_pipe, pipe, _ = exported
+    grey = photo(size=(16, 16)).convert("L")
+    expected, got = torch_pipe(grey).images[0], pipe(grey).images[0]
+    assert got.mode == "L" and got.size == expected.size == (64, 64)
+    difference = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 1
+
+
+def test_autoencoder_tiny_pipelines_export_too(tmp_path):
+    torch_pipe = tiny_student(vae=tiny_autoencoder_tiny())
+    pipe = OnnxTinySRPipeline.from_pretrained(export_onnx(torch_pipe, str(tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    image = photo(size=(24, 16))
+    for kwargs in ({"tile_size": None}, {"tile_size": 4, "tile_overlap": 2}):
+        expected = _outputs(torch_pipe, image, **kwargs)
+        torch.testing.assert_close(_outputs(pipe, image, **kwargs), expected, atol=1e-3, rtol=0)
+
+
+def test_int8_transformer_is_close_but_not_identical(exported, exported_int8):
+    """The quantisation's cost as a property: the output moves, but stays near the float32 one."""
+    _, pipe, root = exported
+    pipe_int8, folder = exported_int8
+    ops = {node.op_type for node in onnx.load(str(folder / "transformer" / MODEL_FILE)).graph.node}
+    float_ops = {node.op_type for node in onnx.load(str(root / "onnx" / "transformer" / MODEL_FILE)).graph.node}
+    assert "MatMulInteger" in ops and "MatMulInteger" not in float_ops
+    assert json.loads((folder / CONFIG_NAME).read_text())["int8"] is True
+    image = photo(size=(40, 24))
+    for kwargs in ({"tile_size": None}, {"tile_size": 4, "tile_overlap": 2}):
+        reference, quantised = _outputs(pipe, image, **kwargs), _outputs(pipe_int8, image, **kwargs)
+        difference = (quantised - reference).abs()
+        assert difference.max() > 1e-5  # quantised, so not the float32 graph
+        assert difference.mean() < 0.02 and difference.max() < 0.2
+
+
+def test_latents_beyond_the_position_embedding_need_tiles(exported):
+    _, pipe, _ = exported
+    image = photo(size=(200, 8))  # latent width 100 > 96
+    with pytest.raises(ValueError, match="exceeds the transformer's 96"):
+        pipe(image, tile_size=None)
+    assert pipe(image, tile_size=16, tile_overlap=4).images[0].size == (800, 32)
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path):
+    with pytest.raises(TypeError, match="TinySRPipeline with a tiny VAE"):
+        export_onnx(tiny_teacher(), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        OnnxTinySRPipeline.from_pretrained(tmp_path)
+
+
+def test_cli_keeps_an_existing_folder_unless_overwrite(exported, capsys):
+    _, _, root = exported
+    assert _export_cli("onnx", str(root / "pipeline"), "-o", str(root / "onnx")) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (root / "onnx" / CONFIG_NAME).is_file()
+
+
+def test_importing_the_export_module_and_the_pipelines_loads_no_onnxruntime():
+    code = (
+        "import json, sys; import tinysr_diffusers.onnx_export; torch_on_import = 'torch' in sys.modules; "
+        "from tinysr_diffusers.pipelines import OnnxTinySRPipeline; "
+        "print(json.dumps([torch_on_import, 'onnxruntime' in sys.modules, 'onnx' in sys.modules]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [False, False, False]
