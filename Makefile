@@ -2,13 +2,18 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: run test
+.PHONY: run test architecture
 
 $(VENV)/.installed: setup.py scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
+# Upscale a real held-out photo with the default model shipped in the package (result + comparison strip).
 run: $(VENV)/.installed
+	$(PYTHON) -m benchmarks.showcase
+
+# The paper's parameter/MAC figures from the configs alone.
+architecture: $(VENV)/.installed
 	$(PYTHON) -m benchmarks.architecture
 
 test: $(VENV)/.installed

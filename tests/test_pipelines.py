@@ -384,3 +384,62 @@ def test_teacher_embeddings_are_checked():
     with pytest.raises(ValueError, match="one prompt"):
         PromptEmbeddings.from_tensors(torch.zeros(2, 5, JOINT_DIM), torch.zeros(2, POOLED_DIM))
     assert tiny_prompt_embeddings()(3)[0].shape == (3, 7, JOINT_DIM)
+
+
+# ------------------------------------------------------------------------------------------- out-of-memory fallback
+def _raise_oom_above(pipe, max_batch: int, max_side: int) -> list:
+    """Make the transformer raise CUDA's out-of-memory error for tile batches above `max_batch` tiles or `max_side`
+    latent pixels (as a GPU would), recording the batch shapes that ran."""
+    shapes, predict = [], pipe.predict_velocity
+
+    def predict_velocity(latents, transformer=None):
+        if latents.shape[0] > max_batch or max(latents.shape[-2:]) > max_side:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        shapes.append(tuple(latents.shape))
+        return predict(latents, transformer)
+
+    pipe.predict_velocity = predict_velocity
+    return shapes
+
+
+def test_out_of_memory_halves_the_tile_batch_then_the_tile_and_warns():
+    image = photo("astronaut", (64, 48))  # 32x24 latents
+    expected = tiny_student()(image, output_type="np", tile_size=16, tile_overlap=4, tile_batch_size=1).images
+    pipe = tiny_student()
+    shapes = _raise_oom_above(pipe, max_batch=1, max_side=16)
+    with pytest.warns(RuntimeWarning) as caught:
+        output = pipe(image, output_type="np", tile_size=32, tile_overlap=4, tile_batch_size=4).images
+    assert [str(warning.message) for warning in caught] == [
+        "Out of memory with tile_size=32, tile_batch_size=4: retrying with tile_size=32, tile_overlap=4, "
+        "tile_batch_size=2.",
+        "Out of memory with tile_size=32, tile_batch_size=2: retrying with tile_size=32, tile_overlap=4, "
+        "tile_batch_size=1.",
+        "Out of memory with tile_size=32, tile_batch_size=1: retrying with tile_size=16, tile_overlap=4, "
+        "tile_batch_size=1.",
+    ]
+    assert set(shapes) == {(1, 16, 16, 16)}
+    np.testing.assert_array_equal(output, expected)  # what the smaller tiles give when asked for directly
+
+
+def test_out_of_memory_untiled_starts_tiling_and_gives_up_below_the_smallest_tile():
+    image = photo("astronaut", (64, 48))
+    pipe = tiny_student()
+    _raise_oom_above(pipe, max_batch=4, max_side=16)
+    with pytest.warns(RuntimeWarning, match="tile_size=None, tile_batch_size=4: retrying with tile_size=16"):
+        assert pipe(image, tile_size=None).images[0].size == (256, 192)
+    _raise_oom_above(pipe, max_batch=4, max_side=8)
+    with pytest.raises(torch.cuda.OutOfMemoryError), pytest.warns(RuntimeWarning):
+        pipe(image, tile_size=None)
+
+
+def test_auto_tile_size_is_one_tile_on_cuda_and_64_elsewhere(monkeypatch):
+    pipe = tiny_student()
+    image = photo("astronaut", (64, 48))
+    assert pipe._auto_tile_size((48, 64)) == 64
+    np.testing.assert_array_equal(
+        pipe(image, output_type="np", tile_size="auto").images, pipe(image, output_type="np", tile_size=64).images
+    )
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("cuda")))
+    assert pipe._auto_tile_size((48, 64)) == 32  # the whole 32x24 latent image; halved by the fallback if too big
+    with pytest.raises(ValueError, match="'auto' or None"):
+        pipe(image, tile_size="big")

@@ -4,6 +4,7 @@ The namespace is lazy (as diffusers' own): `import tinysr_diffusers` imports nei
 pipeline class is used, so the command line starts at once.
 """
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,10 @@ from .import_utils import _LazyModule
 
 
 __version__ = "0.1.0"
+
+# The model shipped inside the package (trained on a CPU by `python -m training.recipes.mini`, see its model card):
+# `TinySRPipeline.from_pretrained()` and `tinysr upscale` without `--model` load it.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 
 _import_structure = {
     "models": ["PromptEmbeddings", "TinySRAutoencoder", "TinySRTransformer2DModel"],
@@ -26,6 +31,6 @@ else:
         globals()["__file__"],
         _import_structure,
         module_spec=__spec__,
-        extra_objects={"__version__": __version__},
+        extra_objects={"__version__": __version__, "DEFAULT_MODEL": DEFAULT_MODEL},
         doc=__doc__,
     )

@@ -1,10 +1,11 @@
 """The `tinysr` command line.
 
-    tinysr upscale INPUT... --model PATH_OR_REPO -o OUT_DIR [--overwrite | --skip-existing]
+    tinysr upscale INPUT... [--model PATH_OR_REPO] -o OUT_DIR [--overwrite | --skip-existing]
     tinysr convert tinysr --transformer DIR --vae DIR --lora FILE --pool-embeds FILE -o OUT
     tinysr convert tsdsr --sd3 DIR --transformer-lora FILE --vae-lora FILE --prompt-embeds FILE --pool-embeds FILE
         -o OUT
     tinysr demo [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860] [--share]
+    tinysr export onnx PIPELINE -o DIR [--int8]
 
 Subcommands register themselves in `main` through an `add_<name>_parser(subparsers)` function. torch, diffusers and
 the pipelines are imported only when a subcommand runs, so `--help` and argument errors come at once.
@@ -12,26 +13,43 @@ the pipelines are imported only when a subcommand runs, so `--help` and argument
 
 import argparse
 import io
+import math
 import os
 import re
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
+from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
 
 
 if TYPE_CHECKING:
     import torch
 
 
-OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
+OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG", "tiff": "TIFF"}
+DEEP_FORMATS = ("png", "tiff")  # the output formats that keep 16 bits per sample
+# PIL format -> (module, package) that reads and writes it at 16 bits (PIL keeps only 8 bits of 16-bit colour).
+SIXTEEN_BIT_CODECS = {"PNG": ("cv2", "opencv-python-headless"), "TIFF": ("tifffile", "tifffile")}
+# EXIF orientation -> the numpy transform of an (H, W, ...) array that PIL.ImageOps.exif_transpose applies.
+EXIF_TRANSFORMS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a),
+}
 DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
 # Raw modes of more than 8 bits per sample (I;16B, RGB;16B, RGBA;16L, ...; not BMP's packed 5-6-5 BGR;16).
 SIXTEEN_BIT_RAWMODE = re.compile(r"I;16|;16[A-Z]")
@@ -58,6 +76,7 @@ class Job:
 
     source: Path
     target: Path
+    deep: bool = False  # write 16 bits per sample (the input has more than 8)
 
 
 def _default_device() -> str:
@@ -142,22 +161,75 @@ def _collect_jobs(
     return kept, skipped, errors
 
 
-def _read_image(path: Path) -> tuple[PIL.Image.Image, list[str]]:
+def _read_image(path: Path, deep: bool = False) -> tuple[Union[PIL.Image.Image, np.ndarray], list[str]]:
     """Open and fully decode an image (so truncated files fail here), applying its EXIF orientation and converting
-    it to sRGB; returns it and warnings (PIL's, and what the 8-bit, one-frame output cannot keep)."""
+    it to sRGB; returns it and warnings (PIL's, and what the one-frame output cannot keep).
+
+    With `deep` (the output format keeps 16 bits), a file of more than 8 bits per sample comes back as a uint16
+    numpy array (H, W[, C]) in RGB(A) order, read by OpenCV (PNG) or tifffile (TIFF) because PIL truncates 16-bit
+    colour to 8 bits; otherwise as a PIL image, with a warning that the output is 8-bit.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with PIL.Image.open(path) as image:
             bits = _bits_per_sample(image)  # before load(), which drops the tiles
             frames = getattr(image, "n_frames", 1)
+            image_format = image.format
+            orientation = image.getexif().get(0x0112, 1)  # before load(), which applies and drops a TIFF's
             image.load()
             image = PIL.ImageOps.exif_transpose(image)
     notes = [" ".join(str(warning.message).split()) for warning in caught]
     if frames > 1:
         notes.append(f"it has {frames} frames (animated or multi-page): only the first is upscaled")
     if bits > 8:
-        notes.append(f"{bits}-bit input: the output is 8-bit")
+        reason = _deep_problem(image, image_format) if deep else None
+        array = _read_16_bit(path, image_format, orientation) if deep and not reason else None
+        if array is not None:
+            return array, notes
+        notes.append(f"{bits}-bit input: the output is 8-bit" + (f" ({reason})" if reason else ""))
     return _to_srgb(image, notes), notes
+
+
+def _deep_problem(image: PIL.Image.Image, image_format: Optional[str]) -> Optional[str]:
+    """Why a more-than-8-bit input cannot give a 16-bit output (None if it can)."""
+    if image_format not in SIXTEEN_BIT_CODECS:
+        return f"16-bit {image_format} files are read at 8 bits; PNG and TIFF keep 16"
+    if image.info.get("icc_profile"):
+        return "its ICC profile is converted to sRGB in 8 bits"
+    return _codec_problem(image_format)
+
+
+def _codec_problem(image_format: str) -> Optional[str]:
+    module, package = SIXTEEN_BIT_CODECS[image_format]
+    try:
+        __import__(module)
+    except ImportError:
+        return f"install {package} to keep 16 bits"
+    return None
+
+
+def _read_16_bit(path: Path, image_format: str, orientation: int) -> Optional[np.ndarray]:
+    """The first image of a 16-bit PNG or TIFF as uint16 (H, W[, C]) RGB(A), EXIF-oriented as PIL orients the 8-bit
+    image; None if it is stored at another depth or the reader fails (the caller then falls back to 8 bits)."""
+    if image_format == "TIFF":
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            array = page.asarray()
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
+                array = np.moveaxis(array, 0, -1)
+    else:
+        import cv2
+
+        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # BGR(A); ignores the EXIF orientation
+        if array is not None and array.ndim == 3 and array.shape[-1] in (3, 4):
+            array = array[..., [2, 1, 0, 3][: array.shape[-1]]]
+    if array is None or array.dtype != np.uint16 or array.ndim not in (2, 3):
+        return None
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
+        return None
+    return np.ascontiguousarray(EXIF_TRANSFORMS.get(orientation, lambda a: a)(array))
 
 
 def _bits_per_sample(image: PIL.Image.Image) -> int:
@@ -198,14 +270,59 @@ def _to_srgb(image: PIL.Image.Image, notes: list[str]) -> PIL.Image.Image:
     return converted
 
 
-def _write_atomically(image: PIL.Image.Image, target: Path, image_format: str) -> None:
-    """Write through a temporary file beside `target` (ordinary permissions), so no partial output is ever left."""
+def _write_atomically(
+    image: "Union[PIL.Image.Image, torch.Tensor]", target: Path, image_format: str, deep: bool = False
+) -> None:
+    """Write a PIL output, or a (C, H, W) one in [0, 1], through a temporary file beside `target` (ordinary
+    permissions), so no partial output is ever left; `deep` writes 16 bits per sample
+    (PNG by OpenCV, TIFF by tifffile)."""
+    from .image_processing import to_pil
     from .utils import atomic_path
 
+    if deep:
+        array = (image.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 65535).round().astype(np.uint16)
+        array = array[..., 0] if array.shape[-1] == 1 else array
+        with atomic_path(target) as temporary:
+            _write_16_bit(array, temporary, image_format)
+        return
+    if not isinstance(image, PIL.Image.Image):
+        image = to_pil(image)
     if image_format == "JPEG" and image.mode in ("RGBA", "LA"):
         image = image.convert("RGB")
     with atomic_path(target) as temporary:
         image.save(temporary, format=image_format)
+
+
+def _write_16_bit(array: np.ndarray, path: str, image_format: str) -> None:
+    """Write uint16 (H, W[, C]) RGB(A) as a 16-bit PNG or TIFF (zlib-compressed, alpha as unassociated)."""
+    problem = _codec_problem(image_format)
+    if problem:
+        raise RuntimeError(problem)
+    if image_format == "TIFF":
+        import tifffile
+
+        extras = {"extrasamples": ["unassalpha"]} if array.ndim == 3 and array.shape[-1] == 4 else {}
+        photometric = "rgb" if array.ndim == 3 else "minisblack"
+        tifffile.imwrite(path, array, photometric=photometric, compression="zlib", **extras)
+        return
+    import cv2
+
+    if array.ndim == 3:
+        array = array[..., [2, 1, 0, 3][: array.shape[-1]]]
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError("OpenCV could not encode a 16-bit PNG")
+    Path(path).write_bytes(encoded.tobytes())
+
+
+def _tile_size(value: str) -> "int | str":
+    """--tile-size: a number of latent pixels or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {value!r}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -230,12 +347,17 @@ def upscale(args: argparse.Namespace) -> int:
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     total = len(jobs) + skipped + len(errors)
+    times: list[tuple[Job, float]] = []  # seconds per written image (a batch's time shared by its images)
 
     def summary(written: int, failed: int) -> int:
         print(
             f"Upscaled {written} of {total} input(s) into {out_dir}; {skipped} skipped (output exists), "
             f"{failed} failed."
         )
+        if times:
+            slowest, seconds = max(times, key=lambda item: item[1])
+            mean = sum(seconds for _, seconds in times) / len(times)
+            print(f"Time per image: mean {mean:.2f} s, slowest {seconds:.2f} s ({slowest.source}).")
         return 1 if failed else 0
 
     if not jobs:
@@ -247,32 +369,43 @@ def upscale(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     dtype = _resolve_dtype(args.dtype, device)
     try:
-        pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        if args.model is None:
+            from .pipelines import TinySRPipeline
+
+            pipe = TinySRPipeline.from_pretrained(dtype=dtype)
+        else:
+            pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
         pipe = pipe.to(device)
     except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
-        print(f"error: cannot load --model {args.model}: {_one_line(error)}", file=sys.stderr)
+        model = "the default model" if args.model is None else f"--model {args.model}"
+        print(f"error: cannot load {model}: {_one_line(error)}", file=sys.stderr)
         return 2
-    pipe.set_progress_bar_config(disable=True)
+    # The pipeline's bar over tile batches, under the bar over files; it appears only for images of several tiles.
+    pipe.set_progress_bar_config(desc="Tiles", unit="batch", position=1, leave=False)
     call_kwargs = {
         "color_fix": None if args.color_fix == "none" else args.color_fix,
-        "tile_size": args.tile_size if args.tile_size > 0 else None,
+        "tile_size": args.tile_size or None,  # 0: no tiling
         "tile_overlap": args.tile_overlap,
+        "outscale": args.outscale,
         "generator": torch.Generator(device="cpu").manual_seed(args.seed),
     }
 
     failed = len(errors)
     written = 0
-    progress = tqdm(total=len(jobs), desc="Upscaling", unit="image")
+    progress = tqdm(total=len(jobs), desc="Upscaling", unit="image", position=0)
 
     def report(job: Job, error: BaseException) -> None:
         nonlocal failed
         failed += 1
         progress.write(f"error: {job.source}: {_one_line(error)}", file=sys.stderr)
 
-    def run(batch: list[tuple[Job, PIL.Image.Image]]) -> None:
+    def run(batch: list[tuple[Job, Union[PIL.Image.Image, np.ndarray]]]) -> None:
         nonlocal written
+        start = time.perf_counter()
         try:
-            outputs = pipe([image for _, image in batch], **call_kwargs).images
+            # PIL outputs keep the streamed pipeline's memory at its least; 16-bit ones need the floats.
+            output_type = "pt" if any(job.deep for job, _ in batch) else "pil"
+            outputs = pipe([image for _, image in batch], output_type=output_type, **call_kwargs).images
         except Exception as error:  # noqa: BLE001 - isolate the failing image, keep going
             if len(batch) > 1:
                 for item in batch:
@@ -281,18 +414,24 @@ def upscale(args: argparse.Namespace) -> int:
             report(batch[0][0], error)
             progress.update(1)
             return
+        seconds = (time.perf_counter() - start) / len(batch)
         for (job, _), output in zip(batch, outputs):
             try:
-                _write_atomically(output, job.target, OUTPUT_FORMATS[args.format])
+                _write_atomically(output, job.target, OUTPUT_FORMATS[args.format], job.deep)
                 written += 1
+                times.append((job, seconds))
+                if args.verbose:
+                    depth = "16-bit" if job.deep else "8-bit"
+                    progress.write(f"{job.source} -> {job.target} ({depth}, {seconds:.2f} s)")
             except Exception as error:  # noqa: BLE001
                 report(job, error)
             progress.update(1)
 
-    batch: list[tuple[Job, PIL.Image.Image]] = []
+    batch: list[tuple[Job, Union[PIL.Image.Image, np.ndarray]]] = []
     for job in jobs:
         try:
-            image, notes = _read_image(job.source)
+            image, notes = _read_image(job.source, deep=args.format in DEEP_FORMATS)
+            job.deep = isinstance(image, np.ndarray)
         except Exception as error:  # noqa: BLE001 - unreadable, truncated, empty, not an image
             report(job, error)
             progress.update(1)
@@ -319,19 +458,41 @@ def add_upscale_parser(subparsers) -> None:
         "Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files and folders of images.")
-    parser.add_argument("--model", required=True, help="Pipeline folder or Hub repo id (saved by save_pretrained).")
+    parser.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (saved by save_pretrained); "
+                        "default: the model shipped with the package (tinysr_diffusers.DEFAULT_MODEL).")
     parser.add_argument("-o", "--output-dir", required=True, help="Folder for the upscaled images (created).")
     parser.add_argument(
-        "--tile-size", type=int, default=64, help="Latent tile size (64 = 512 output pixels); 0 disables tiling."
+        "--tile-size",
+        type=_tile_size,
+        default=64,
+        help="Latent tile size (64 = 512 output pixels); 0 disables tiling; auto: the largest that fits on CUDA "
+        "(halved after an out-of-memory error), else 64.",
     )
     parser.add_argument("--tile-overlap", type=int, default=8, help="Latent tile overlap in latent pixels.")
-    parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
+    parser.add_argument("--color-fix", choices=["default", "adain", "wavelet", "none"], default="default",
+                        help="default: the model's own (saved with it; adain for the releases).")
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16/float16 on CUDA, else float32."
     )
     parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
-    parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default="png", help="Output file format.")
+    parser.add_argument(
+        "--outscale",
+        type=float,
+        default=None,
+        metavar="F",
+        help="Output size as F times the input (any F > 0, e.g. 2 or 3.5): super-resolve 4x, then resample with "
+        "Lanczos to round(F * size), as Real-ESRGAN's --outscale (default: 4x).",
+    )
+    parser.add_argument(
+        "--format",
+        choices=sorted(OUTPUT_FORMATS),
+        default="png",
+        help="Output file format. png and tiff keep 16 bits per sample for 16-bit inputs; 8-bit stays 8-bit.",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="List each written file with its bit depth and time."
+    )
     parser.add_argument(
         "--recursive", action="store_true", help="Descend into sub-folders (layout kept; OUT_DIR itself excluded)."
     )
@@ -434,11 +595,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_upscale_parser(subparsers)
     add_convert_parser(subparsers)
     add_demo_parser(subparsers)
+    add_export_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "upscale":
         if args.batch_size < 1:
             parser.error("--batch-size must be at least 1")
-        if args.tile_size < 0 or args.tile_overlap < 0 or (args.tile_size and args.tile_overlap >= args.tile_size):
+        if args.outscale is not None and not (math.isfinite(args.outscale) and args.outscale > 0):
+            parser.error(f"--outscale must be a number > 0, got {args.outscale:g}")
+        tile = 16 if args.tile_size == "auto" else args.tile_size  # auto tiles are at least 16 (MIN_TILE_SIZE)
+        if tile < 0 or args.tile_overlap < 0 or (tile and args.tile_overlap >= tile):
             parser.error("need --tile-size >= 0 (0: no tiling) and 0 <= --tile-overlap < --tile-size")
     return args.func(args)
 

@@ -33,9 +33,35 @@ def _mean_std(image: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, tor
     return flat.mean(dim=2)[..., None, None], var.sqrt()[..., None, None]
 
 
-def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Give `image` the per-channel mean and standard deviation of `reference` (any size, same batch and channels)."""
-    image_mean, image_std = _mean_std(image)
+class ChannelStatistics:
+    """Per-channel mean and standard deviation of an image seen in pieces (float64 sums), as `_mean_std` gives for the
+    whole: the first pass of the streaming AdaIN fix."""
+
+    def __init__(self):
+        self.count, self.total, self.squares = 0, 0.0, 0.0
+
+    def update(self, piece: torch.Tensor) -> None:
+        """Add a (B, C, h, w) piece of the image: row sums in its dtype (no copy of the piece), totals in float64."""
+        self.count += piece.shape[-2] * piece.shape[-1]
+        self.total = self.total + piece.sum(dim=-1).double().sum(dim=-1)
+        self.squares = self.squares + torch.linalg.vector_norm(piece, dim=-1).double().square().sum(dim=-1)
+
+    def mean_std(self, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        var = (self.squares - self.count * mean * mean).clamp(min=0) / max(self.count - 1, 1) + eps
+        return mean.float()[..., None, None], var.sqrt().float()[..., None, None]
+
+
+def adain_color_fix(
+    image: torch.Tensor,
+    reference: torch.Tensor,
+    image_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Give `image` the per-channel mean and standard deviation of `reference` (any size, same batch and channels).
+
+    `image_statistics` (mean, std) of the whole image lets a band of it be corrected alone (streaming).
+    """
+    image_mean, image_std = image_statistics if image_statistics is not None else _mean_std(image)
     reference_mean, reference_std = _mean_std(reference)
     return ((image - image_mean) / image_std * reference_std + reference_mean).clamp(0, 1)
 
@@ -50,7 +76,13 @@ def _wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(padded, kernel, groups=channels, dilation=radius)
 
 
-def _wavelet_split(image: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+WAVELET_LEVELS = 5
+# How far a pixel of the wavelet fix sees: the dilations 1 + 2 + 4 + 8 + 16 of its blurs. A band of rows corrected
+# with this many rows above and below it equals the same rows of the whole image corrected.
+WAVELET_HALO = 2**WAVELET_LEVELS - 1
+
+
+def _wavelet_split(image: torch.Tensor, levels: int = WAVELET_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `image` into (high frequencies, low frequencies) with `levels` a-trous levels; high + low == image."""
     low = image
     for level in range(levels):

@@ -35,7 +35,7 @@ DEFAULT_MAX_PIXELS = 512 * 512  # input pixels; the 4x output has 16 times as ma
 OUTSCALE_RANGE = (1.0, 4.0)
 TILE_SIZES = (0, 32, 48, 64, 96, 128)  # latent pixels (x8 = output pixels of a tile); 0: no tiling
 TILE_OVERLAP = 8  # latent pixels, as `tinysr upscale`
-COLOR_FIXES = ("adain", "wavelet", "none")
+COLOR_FIXES = ("default", "adain", "wavelet", "none")  # default: the model's own
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 RESULT_MAX_AGE_S = 3600  # downloadable PNGs older than this are deleted at the next run
 INSTALL_HINT = 'pip install "tinysr-diffusers[demo]"'
@@ -50,20 +50,10 @@ class ModelLoadError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------- the work
-def output_size(size: tuple[int, int], outscale: float) -> tuple[int, int]:
-    """(width, height) of the output for an input of `size` at `outscale`: Python's round(outscale * side) (halves to
-    even), at least 1."""
-    return tuple(max(1, round(outscale * side)) for side in size)
-
-
 def super_resolve(pipe, image, outscale: float, **call_kwargs):
-    """Super-resolve `image` by `outscale`: the pipeline's 4x, then a Lanczos resample to `output_size` (Real-ESRGAN's
-    `--outscale`). The one place to switch to the pipeline's own `outscale=` once it has one."""
-    import PIL.Image
-
-    output = pipe(image, **call_kwargs).images[0]
-    target = output_size(image.size, outscale)
-    return output if output.size == target else output.resize(target, PIL.Image.Resampling.LANCZOS)
+    """Super-resolve `image` by `outscale` with the pipeline's `outscale=` (Real-ESRGAN's `--outscale`): its 4x, then
+    a Lanczos resample to round(outscale * side) pixels (halves to even), at least 1."""
+    return pipe(image, outscale=outscale, **call_kwargs).images[0]
 
 
 @contextmanager
@@ -153,7 +143,7 @@ def upscale_file(
     pipe,
     path: Path,
     outscale: float = 4.0,
-    color_fix: str = "adain",
+    color_fix: str = "default",
     tile_size: int = 64,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     seed: int = 0,
@@ -297,7 +287,7 @@ def build_demo(
                 )
                 color_fix = gr.Radio(
                     list(COLOR_FIXES),
-                    value="adain",
+                    value="default",
                     label="Colour fix",
                     info="Match the input's colours: adain (channel statistics), wavelet (low frequencies) or none.",
                 )

@@ -172,6 +172,80 @@ def reflect_pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     return image
 
 
+def bicubic_crop(image: torch.Tensor, scale: int, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Rows [top, bottom) and columns [left, right) of `bicubic_upscale(image, scale)`, computed from the crop of
+    `image` they depend on (the 4-tap kernel reaches 2 input pixels beyond), so equal to the crop of the full upscale
+    without making it."""
+    height, width = image.shape[-2:]
+    low_top, low_bottom = max(0, top // scale - 2), min(height, (bottom - 1) // scale + 3)
+    low_left, low_right = max(0, left // scale - 2), min(width, (right - 1) // scale + 3)
+    upscaled = bicubic_upscale(image[..., low_top:low_bottom, low_left:low_right], scale)
+    rows = slice(top - scale * low_top, bottom - scale * low_top)
+    return upscaled[..., rows, left - scale * low_left : right - scale * low_left]
+
+
+def padded_index(length: int, multiple: int) -> torch.Tensor:
+    """For each position of a side of `length` padded by `reflect_pad_to_multiple`, the position it copies."""
+    index = torch.arange(length, dtype=torch.float64).view(1, 1, length, 1)
+    return reflect_pad_to_multiple(index, multiple)[0, 0, :, 0].long()
+
+
+class UpscaledPixels:
+    """The model's input, `reflect_pad_to_multiple(bicubic_upscale(low_res), multiple) * 2 - 1`, made crop by crop.
+
+    It has the `shape`, `device`, `dtype` and `[..., rows, cols]` crops that `tiled_map` uses, so VAE tiles are
+    encoded from the low-resolution image without the full-resolution float image ever existing.
+    """
+
+    def __init__(self, low_res: torch.Tensor, scale: int, multiple: int, dtype: torch.dtype):
+        self.low_res, self.scale, self.dtype, self.device = low_res, scale, dtype, low_res.device
+        height, width = low_res.shape[-2] * scale, low_res.shape[-1] * scale
+        self.rows, self.cols = padded_index(height, multiple), padded_index(width, multiple)
+        self.shape = (*low_res.shape[:-2], len(self.rows), len(self.cols))
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        _, row_slice, col_slice = key  # (..., rows, cols), as tiled_map crops
+        rows, cols = self.rows[row_slice], self.cols[col_slice]
+        top, left = int(rows.min()), int(cols.min())
+        crop = bicubic_crop(self.low_res, self.scale, top, int(rows.max()) + 1, left, int(cols.max()) + 1)
+        crop = crop.index_select(-2, (rows - top).to(self.device)).index_select(-1, (cols - left).to(self.device))
+        return (crop * 2 - 1).to(self.dtype)
+
+
+def check_outscale(outscale: Union[float, None]) -> None:
+    """Raise a clear error unless `outscale` is None (the model's own 4x) or a finite number > 0."""
+    if outscale is None:
+        return
+    if isinstance(outscale, bool) or not isinstance(outscale, (int, float)) or not math.isfinite(outscale):
+        raise ValueError(f"`outscale` must be a finite number > 0 or None, got {outscale!r}.")
+    if outscale <= 0:
+        raise ValueError(f"`outscale` must be > 0, got {outscale!r}.")
+
+
+def outscale_size(height: int, width: int, outscale: float) -> tuple[int, int]:
+    """(height, width) of an output at `outscale` times an input of `height` x `width`: Python's round (halves to
+    even), at least 1 pixel, as Real-ESRGAN's `--outscale`."""
+    return max(1, round(outscale * height)), max(1, round(outscale * width))
+
+
+def lanczos_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resample (C, H, W) in [0, 1] to `height` x `width` with PIL's Lanczos filter, channel by channel in float32.
+
+    Float PIL images keep the precision of the model's output (16-bit outputs, numpy and torch outputs). Lanczos
+    overshoots at edges, so each pass (horizontal, then vertical) is clamped to [0, 1], as PIL's 8-bit resampling
+    clips between its passes: a PIL output equals PIL's own Lanczos of the 4x PIL output within one level.
+    """
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    resized = []
+    for channel in image.detach().float().cpu().numpy():
+        for size in ((width, channel.shape[0]), (width, height)):
+            channel = PIL.Image.fromarray(channel).resize(size, PIL.Image.Resampling.LANCZOS)
+            channel = np.clip(np.asarray(channel), 0, 1)
+        resized.append(channel)
+    return torch.from_numpy(np.stack(resized)).to(image.device)
+
+
 def to_pil(image: torch.Tensor) -> PIL.Image.Image:
     """(C, H, W) in [0, 1] -> PIL image of mode L, RGB or RGBA."""
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 255).round().astype(np.uint8)
@@ -183,8 +257,8 @@ def postprocess(images: list[torch.Tensor], output_type: str):
 
     numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list.
     """
-    if output_type == "pil":
-        return [to_pil(image) for image in images]
+    if output_type == "pil":  # the streaming pipeline makes its PIL images itself
+        return [image if isinstance(image, PIL.Image.Image) else to_pil(image) for image in images]
     same_shape = all(image.shape == images[0].shape for image in images)
     if output_type == "np":
         arrays = [image.permute(1, 2, 0).cpu().float().numpy() for image in images]

@@ -2,13 +2,17 @@
 
 One mechanism serves every tiled path of the toolkit: the tiny VAE's tiled encode (pixels -> latents, scale 1/8) and
 decode (latents -> pixels, scale 8), and the pipelines' latent tiles (scale 1). Peak memory is bounded by the tile
-size and the number of tiles run together, not by the image size; only the blended output is full size.
+size and the number of tiles run together, not by the image size; only the blended output is full size, and
+`tiled_rows` hands even that out in finished bands of rows (the streaming pipeline).
 """
 
 import math
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+
+
+YIELD_ROWS = 64  # output rows per piece that `tiled_rows` yields
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -76,11 +80,43 @@ def tiled_map(
 
     `fn` maps (N, C, t, t) to (N, C', t * scale, t * scale); `tiles_per_batch` tiles are concatenated along the batch
     dimension for one call. `progress` wraps the iterable of tile batches (e.g. a pipeline's `progress_bar`).
-    Inputs no larger than one tile are passed to `fn` whole.
+    Inputs no larger than one tile are passed to `fn` whole. `x` may be any object with `shape`, `device`, `dtype`
+    and `x[..., rows, cols]` crops (e.g. an image computed on demand, see `tiled_rows`).
     """
     height, width = x.shape[-2:]
     if height <= tile_size and width <= tile_size:
         return fn(x)
+    output = None
+    for top, rows in tiled_rows(fn, x, tile_size, overlap, scale, align, tiles_per_batch, blend, progress):
+        if output is None:
+            size = (_scaled(height, scale), _scaled(width, scale))
+            output = torch.empty(*rows.shape[:-2], *size, device=rows.device, dtype=rows.dtype)
+        output[..., top : top + rows.shape[-2], :] = rows
+    return output
+
+
+def tiled_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile_size: int,
+    overlap: int,
+    scale: float = 1.0,
+    align: int = 1,
+    tiles_per_batch: int = 1,
+    blend: str = "linear",
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """`tiled_map` in bands: yield (first output row, blended rows (B, C', n, W * scale)) top to bottom, as soon as
+    no later tile reaches them, in pieces of at most `YIELD_ROWS` rows.
+
+    Only one band of tiles (plus the overlap with the next) is held, so a consumer that writes the rows away (the
+    streaming pipeline) never holds the full-size float output. The sums are the ones `tiled_map` makes, in the same
+    order, so the two agree exactly.
+    """
+    height, width = x.shape[-2:]
+    if height <= tile_size and width <= tile_size:
+        yield 0, fn(x)
+        return
     tile_h, tile_w = min(tile_size, height), min(tile_size, width)
     starts = [
         (top, left)
@@ -91,23 +127,40 @@ def tiled_map(
     weight = blend_weights(
         out_tile_h, out_tile_w, _scaled(overlap, scale), _scaled(overlap, scale), blend
     ).to(x.device)
-    output = None
-    total_weight = torch.zeros(_scaled(height, scale), _scaled(width, scale), device=x.device)
+    out_width = _scaled(width, scale)
+    band = band_weight = None
+    band_top = 0  # output row of the band's first row
 
     batches = [starts[i : i + tiles_per_batch] for i in range(0, len(starts), tiles_per_batch)]
     for batch in progress(batches) if progress is not None else batches:
         tiles = torch.cat([x[..., top : top + tile_h, left : left + tile_w] for top, left in batch])
         results = fn(tiles).split(x.shape[0])
         for (top, left), result in zip(batch, results):
-            if output is None:
-                output = torch.zeros(
-                    *result.shape[:-2], total_weight.shape[0], total_weight.shape[1], device=x.device, dtype=torch.float32
-                )
             out_top, out_left = _scaled(top, scale), _scaled(left, scale)
-            region = (..., slice(out_top, out_top + out_tile_h), slice(out_left, out_left + out_tile_w))
-            output[region] += result.float() * weight
-            total_weight[region[1:]] += weight
-    return (output / total_weight).to(x.dtype)
+            if band is None:
+                band = torch.zeros(*result.shape[:-2], out_tile_h, out_width, device=x.device, dtype=torch.float32)
+                band_weight = torch.zeros(out_tile_h, out_width, device=x.device, dtype=torch.float32)
+            elif out_top > band_top:  # a new row of tiles: the rows above it are final
+                done = out_top - band_top
+                yield from _normalised_rows(band[..., :done, :], band_weight[:done], band_top, x.dtype)
+                for buffer in (band, band_weight):  # shift the overlap up in place: one band is ever allocated
+                    buffer[..., : out_tile_h - done, :] = buffer[..., done:, :].clone()
+                    buffer[..., out_tile_h - done :, :] = 0
+                band_top = out_top
+            rows = slice(out_top - band_top, out_top - band_top + out_tile_h)
+            region = (..., rows, slice(out_left, out_left + out_tile_w))
+            band[region] += result.float() * weight
+            band_weight[region[1:]] += weight
+    yield from _normalised_rows(band, band_weight, band_top, x.dtype)
+
+
+def _normalised_rows(
+    band: torch.Tensor, weight: torch.Tensor, top: int, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Blended rows in pieces of `YIELD_ROWS`, so that neither this nor the consumer makes a band-sized temporary."""
+    for start in range(0, band.shape[-2], YIELD_ROWS):
+        rows = slice(start, start + YIELD_ROWS)
+        yield top + start, (band[..., rows, :] / weight[rows]).to(dtype)
 
 
 def _scaled(value: int, scale: float) -> int:

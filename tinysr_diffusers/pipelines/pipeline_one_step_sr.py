@@ -4,27 +4,44 @@ The recipe (DESIGN section 2): LR image in [0, 1] -> bicubic x4 in torch -> refl
 size need -> [-1, 1] -> `z_L = encode(x) * scaling_factor` -> `z_H = z_L - sigma * v` with sigma(t=1000) = 1 ->
 `decode(z_H / scaling_factor)` -> crop back to exactly 4x -> clamp -> colour fix against the LR image. Subclasses only
 say how the velocity `v` is predicted. The steps are public (`encode_latents`, `predict_velocity`, `step_latents`,
-`decode_latents`) so that training and pruning run exactly the inference path.
+`decode_latents`) so that training and pruning run exactly the inference path. Tiled calls with a tiny VAE run the
+same recipe streamed, tile by tile (`_upscale_streamed`), so that no full-resolution float tensor is made.
 """
 
+import functools
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
+import numpy as np
+import PIL.Image
 import torch
 from huggingface_hub import create_repo
 
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..color_fix import apply_color_fix, check_color_fix
+from ..color_fix import (
+    WAVELET_HALO,
+    ChannelStatistics,
+    adain_color_fix,
+    apply_color_fix,
+    check_color_fix,
+    wavelet_color_fix,
+)
 from ..hub_utils import MODEL_INDEX, fetch_code_files, looks_like_a_path, verify_shims, write_shims
 from ..image_processing import (
     OUTPUT_TYPES,
     PipelineImageInput,
+    UpscaledPixels,
+    bicubic_crop,
     bicubic_upscale,
+    check_outscale,
+    lanczos_resize,
     merge_channels,
+    outscale_size,
     postprocess,
     reflect_pad_to_multiple,
     split_alpha,
@@ -32,9 +49,13 @@ from ..image_processing import (
 )
 from ..model_cards import pipeline_card
 from ..models import TinySRAutoencoder
-from ..tiling import tiled_map
+from ..tiling import tiled_map, tiled_rows
 
 SUPPORTED_VAES = (TinySRAutoencoder, AutoencoderTiny, AutoencoderKL)
+STREAMED_VAES = (TinySRAutoencoder, AutoencoderTiny)  # VAEs tiled by `tiled_map`, whose tiles can be streamed
+DEFAULT_TILE_SIZE = 64  # latent pixels (512 output pixels), as the releases
+MIN_TILE_SIZE = 16  # the out-of-memory fallback halves tiles down to this many latent pixels (128 output pixels)
+STREAM_BAND_ROWS = 64  # output rows colour-fixed and written at a time in the streaming pipeline's second pass
 
 
 def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -159,20 +180,27 @@ class OneStepSRPipeline(DiffusionPipeline):
         self,
         output_type: str,
         color_fix: Optional[str],
-        tile_size: Optional[int],
+        tile_size: Union[int, str, None],
         tile_overlap: int,
         tile_batch_size: int,
+        outscale: Optional[float] = None,
     ) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         check_color_fix(color_fix)
+        check_outscale(outscale)
+        if output_type == "latent" and outscale not in (None, self.upscale_factor):
+            raise ValueError("`outscale` resamples images, so it cannot be used with `output_type='latent'`.")
         if tile_size is not None:
-            if not isinstance(tile_size, int) or tile_size <= 0 or tile_size % self.patch_size:
+            if tile_size != "auto" and (
+                not isinstance(tile_size, int) or tile_size <= 0 or tile_size % self.patch_size
+            ):
                 raise ValueError(
                     f"`tile_size` (latent pixels) must be a positive multiple of the patch size {self.patch_size}, "
-                    f"or None to disable tiling; got {tile_size!r}."
+                    f"'auto' or None to disable tiling; got {tile_size!r}."
                 )
-            if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+            largest = MIN_TILE_SIZE if tile_size == "auto" else tile_size
+            if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < largest:
                 raise ValueError(f"`tile_overlap` must be an integer in [0, tile_size), got {tile_overlap!r}.")
         if not isinstance(tile_batch_size, int) or tile_batch_size < 1:
             raise ValueError(f"`tile_batch_size` must be a positive integer, got {tile_batch_size!r}.")
@@ -219,16 +247,118 @@ class OneStepSRPipeline(DiffusionPipeline):
         image = (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2
         return apply_color_fix(image, low_res, upscaled, color_fix)
 
+    def _streams(self, low_res_size: tuple[int, int], output_type: str, tile_size: Optional[int]) -> bool:
+        """Whether a group is upscaled tile by tile (`_upscale_streamed`): tiled, a tiny VAE that the user has not
+        tiled with settings of their own, and more than one latent tile (an image of one tile runs as before)."""
+        if tile_size is None or output_type == "latent" or not isinstance(self.vae, STREAMED_VAES):
+            return False
+        return not self.vae.use_tiling and self._latent_side(low_res_size) > tile_size
+
+    def _upscale_streamed(
+        self,
+        low_res: torch.Tensor,
+        alphas: list[Optional[torch.Tensor]],
+        channels: list[int],
+        output_type: str,
+        color_fix: Optional[str],
+        tile_size: int,
+        tile_overlap: int,
+        tile_batch_size: int,
+    ) -> list[Union[PIL.Image.Image, torch.Tensor]]:
+        """`_upscale` plus `merge_channels` without a full-resolution float tensor: the same tiles, blended the same.
+
+        The VAE encodes tiles made on demand from the LR image (`UpscaledPixels`); latents (1 byte per output pixel
+        in float32) are tiled as before; decoded tiles are blended in bands of rows (`tiled_rows`), and each finished
+        band is clamped, stored in a uint16 buffer and added to the AdaIN statistics. A second pass colour-fixes
+        bands of that buffer (the wavelet fix with `WAVELET_HALO` rows around each band) into the output: uint8
+        for PIL images, float32 for numpy and torch. Returns one image per input: PIL, or (C, H, W) float32.
+        """
+        factor = self.vae_scale_factor
+        vae, scale = self.vae, self.upscale_factor
+        batch, height, width = low_res.shape[0], low_res.shape[-2] * scale, low_res.shape[-1] * scale
+        pixels = UpscaledPixels(low_res, scale, factor * self.patch_size, vae.dtype)
+        tile, overlap = tile_size * factor, tile_overlap * factor
+
+        def encode(tiles: torch.Tensor) -> torch.Tensor:
+            return vae.encode(tiles).latents
+
+        def decode(tiles: torch.Tensor) -> torch.Tensor:
+            return vae.decode(tiles).sample
+
+        # Latent-sized tensors (1 byte per output pixel each, in float32) are updated in place where the recipe allows:
+        # every extra one stays resident in the allocator's heap at the sizes where it keeps them (below 32 MiB).
+        latents = tiled_map(encode, pixels, tile, overlap, scale=1 / factor, align=factor, progress=self.progress_bar)
+        latents = latents.sub_(self._latent_shift()).mul_(vae.config.scaling_factor).to(self.transformer.dtype)
+        velocity = tiled_map(
+            self.predict_velocity,
+            latents,
+            tile_size,
+            tile_overlap,
+            align=self.patch_size,
+            tiles_per_batch=tile_batch_size,
+            blend="gaussian",
+            progress=self.progress_bar,
+        )
+        latents = step_latents(latents, velocity, self.sigma)
+        del velocity
+        latents = latents.div_(vae.config.scaling_factor).add_(self._latent_shift()).to(vae.dtype)
+
+        # Pass 1: decoded bands -> uint16 on the CPU (a 16-bit output loses nothing; the AdaIN sums see the floats).
+        # One allocation, committed as it is written and handed back whole (pieces freed early stay resident).
+        decoded = torch.empty(batch, 3, height, width, dtype=torch.uint16)
+        statistics = ChannelStatistics()
+        bands = tiled_rows(decode, latents, tile_size, tile_overlap, scale=factor, progress=self.progress_bar)
+        for top, rows in bands:
+            rows = rows[..., : max(0, height - top), :width].float()
+            if rows.shape[-2]:
+                rows = rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
+                statistics.update(rows)
+                decoded[..., top : top + rows.shape[-2], :] = rows.mul_(65535).round_().to(torch.uint16).cpu()
+        del latents, bands
+        image_statistics = statistics.mean_std()
+
+        # Pass 2: colour fix and channel layout, band by band, into the output.
+        dtype = np.uint8 if output_type == "pil" else np.float32
+        outputs = [np.empty((height, width, count), dtype=dtype) for count in channels]
+        halo = WAVELET_HALO if color_fix == "wavelet" else 0
+        for top in range(0, height, STREAM_BAND_ROWS):
+            bottom = min(height, top + STREAM_BAND_ROWS)
+            first, last = max(0, top - halo), min(height, bottom + halo)
+            rgb = decoded[..., first:last, :].to(low_res.device).float() / 65535
+            if color_fix == "adain":
+                rgb = adain_color_fix(rgb, low_res, image_statistics)
+            elif color_fix == "wavelet":
+                rgb = wavelet_color_fix(rgb, bicubic_crop(low_res, scale, first, last, 0, width))
+            else:
+                rgb = rgb.clamp(0, 1)
+            rgb = rgb[..., top - first : bottom - first, :]
+            for index, output in enumerate(outputs):
+                alpha = alphas[index]
+                if alpha is not None:
+                    alpha = bicubic_crop(alpha[None].to(rgb.device), scale, top, bottom, 0, width)[0]
+                band = merge_channels(rgb[index], alpha, channels[index]).permute(1, 2, 0)
+                output[top:bottom] = (band.mul(255).round_() if output_type == "pil" else band).cpu().numpy()
+        del decoded  # before the PIL images are made: the uint8 arrays and their PIL copies are the peak
+        if output_type == "pil":
+            images = []
+            while outputs:  # each array is freed once PIL has copied it
+                array = outputs.pop(0)
+                images.append(PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array))
+                del array
+            return images
+        return [torch.from_numpy(output).permute(2, 0, 1).to(low_res.device) for output in outputs]
+
     @torch.no_grad()
     def __call__(
         self,
         image: PipelineImageInput,
         *,
         output_type: str = "pil",
-        color_fix: Optional[str] = "adain",
-        tile_size: Optional[int] = 64,
+        color_fix: Optional[str] = "default",
+        tile_size: Union[int, str, None] = DEFAULT_TILE_SIZE,
         tile_overlap: int = 8,
         tile_batch_size: int = 4,
+        outscale: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         return_dict: bool = True,
     ) -> Union[ImagePipelineOutput, tuple]:
@@ -243,51 +373,135 @@ class OneStepSRPipeline(DiffusionPipeline):
                 (z_H of the padded image). Outputs keep the input's channels: greyscale stays greyscale, RGBA keeps a
                 bicubically upscaled alpha. numpy/torch outputs of different shapes come back as a list.
             color_fix: `"adain"` (match the LR image's channel statistics), `"wavelet"` (take the low frequencies of
-                the bicubic upscale) or `None`.
+                the bicubic upscale), `None`, or `"default"`: the pipeline's own (`pipe.config.color_fix`, saved with
+                it; `"adain"`, the releases' recipe, for folders saved without one).
             tile_size: Latent tile side in latent pixels (64 = 512 output pixels, as the releases); larger latents are
                 processed in overlapping tiles blended with Gaussian weights, and the VAE is tiled with the same
-                geometry, so peak memory depends on the tile size, not the image size. `None` disables tiling.
+                geometry, so peak memory depends on the tile size, not the image size. With a tiny VAE the whole
+                call is streamed tile by tile (no full-resolution float tensor for PIL outputs). `None` disables
+                tiling; `"auto"` takes the largest tile that fits on CUDA (the whole image, halved while it runs out
+                of memory), else 64. On a CUDA out-of-memory error the tile batch, then the tile, is halved and the
+                group retried, with a warning.
             tile_overlap: Minimum overlap of neighbouring latent tiles, in latent pixels.
             tile_batch_size: Latent tiles run through the transformer together.
+            outscale: Output size as a multiple of the input size (any number > 0, e.g. 2 or 3.5): the image is
+                super-resolved 4x, then resampled with Lanczos to `round(outscale * side)` pixels per side, as
+                Real-ESRGAN's `--outscale`. `None` (or 4) keeps the model's 4x.
             generator: Random generator for the posterior sample of an `AutoencoderKL` (unused by the tiny VAEs).
             return_dict: Return an [`~pipelines.ImagePipelineOutput`] rather than a tuple.
 
         Returns:
-            [`~pipelines.ImagePipelineOutput`] with the images, exactly 4x the input size (or a tuple).
+            [`~pipelines.ImagePipelineOutput`] with the images, exactly 4x (or `outscale` times) the input size (or
+            a tuple).
         """
-        self._check_call_arguments(output_type, color_fix, tile_size, tile_overlap, tile_batch_size)
+        if color_fix == "default":
+            color_fix = self.config.get("color_fix", "adain")
+        self._check_call_arguments(output_type, color_fix, tile_size, tile_overlap, tile_batch_size, outscale)
         images = to_tensors(image)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, tensor in enumerate(images):
             groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
 
         device = self._execution_device
-        outputs: list[Optional[torch.Tensor]] = [None] * len(images)
-        for indices in groups.values():
+        outputs: list[Union[PIL.Image.Image, torch.Tensor, None]] = [None] * len(images)
+        for size, indices in groups.items():
             rgb, alpha = zip(*(split_alpha(images[index]) for index in indices))
-            result = self._upscale(
-                torch.stack(rgb).to(device),
-                output_type,
-                color_fix,
-                tile_size,
-                tile_overlap,
-                tile_batch_size,
-                generator,
-            )
-            for position, index in enumerate(indices):
-                if output_type == "latent":
-                    outputs[index] = result[position]
-                    continue
-                upscaled_alpha = None
-                if alpha[position] is not None:
-                    upscaled_alpha = bicubic_upscale(alpha[position][None].to(device), self.upscale_factor)[0]
-                outputs[index] = merge_channels(result[position], upscaled_alpha, images[index].shape[0])
+            channels = [images[index].shape[0] for index in indices]
+            group = (torch.stack(rgb).to(device), list(alpha), channels, size, output_type, color_fix, generator)
+            run = functools.partial(self._upscale_group, *group)
+            tiles = self._auto_tile_size(size) if tile_size == "auto" else tile_size
+            results = self._with_oom_fallback(run, size, tiles, tile_overlap, tile_batch_size)
+            for index, result in zip(indices, results):
+                outputs[index] = result if output_type == "latent" else self._resample(result, size, outscale)
 
         self.maybe_free_model_hooks()
         output = postprocess(outputs, output_type)
         if not return_dict:
             return (output,)
         return ImagePipelineOutput(images=output)
+
+    def _upscale_group(
+        self,
+        low_res: torch.Tensor,
+        alphas: list[Optional[torch.Tensor]],
+        channels: list[int],
+        size: tuple[int, int],
+        output_type: str,
+        color_fix: Optional[str],
+        generator: Optional[torch.Generator],
+        tile_size: Optional[int],
+        tile_overlap: int,
+        tile_batch_size: int,
+    ) -> list[Union[PIL.Image.Image, torch.Tensor]]:
+        """One same-size group at 4x, in the input's channel layout: streamed where `_streams` says so."""
+        if self._streams(size, output_type, tile_size):
+            streamed = (output_type, color_fix, tile_size, tile_overlap, tile_batch_size)
+            return self._upscale_streamed(low_res, alphas, channels, *streamed)
+        result = self._upscale(low_res, output_type, color_fix, tile_size, tile_overlap, tile_batch_size, generator)
+        if output_type == "latent":
+            return list(result)
+        merged = []
+        for image, alpha, count in zip(result, alphas, channels):
+            if alpha is not None:
+                alpha = bicubic_upscale(alpha[None].to(image.device), self.upscale_factor)[0]
+            merged.append(merge_channels(image, alpha, count))
+        return merged
+
+    def _auto_tile_size(self, size: tuple[int, int]) -> int:
+        """`tile_size="auto"`: on CUDA the whole latent image as one tile, which `_with_oom_fallback` halves until it
+        fits the free memory (the largest tile that fits, found by the allocator rather than by an estimate); elsewhere
+        the releases' 64, as no out-of-memory error comes before the system starts swapping."""
+        return self._latent_side(size) if self._execution_device.type == "cuda" else DEFAULT_TILE_SIZE
+
+    def _latent_side(self, size: tuple[int, int]) -> int:
+        """The longer side of the (padded) latents of an input of `size` (height, width)."""
+        multiple = self.vae_scale_factor * self.patch_size
+        return max(-(-side * self.upscale_factor // multiple) * multiple for side in size) // self.vae_scale_factor
+
+    def _with_oom_fallback(
+        self,
+        run: Callable[[Optional[int], int, int], list],
+        size: tuple[int, int],
+        tile_size: Optional[int],
+        tile_overlap: int,
+        tile_batch_size: int,
+    ) -> list:
+        """`run(tile_size, tile_overlap, tile_batch_size)`, retried after a CUDA out-of-memory error with half the tile
+        batch, then half the tile (no smaller than `MIN_TILE_SIZE`), with a warning, as ComfyUI's tiled upscaler."""
+        while True:
+            try:
+                return run(tile_size, tile_overlap, tile_batch_size)
+            except torch.cuda.OutOfMemoryError:
+                if tile_size is not None and tile_batch_size > 1:
+                    smaller = (tile_size, tile_overlap, tile_batch_size // 2)
+                else:
+                    whole = tile_size is None or tile_size >= self._latent_side(size)  # untiled: halve the image
+                    half = (self._latent_side(size) if whole else tile_size) // 2 // self.patch_size * self.patch_size
+                    if half < MIN_TILE_SIZE:
+                        raise
+                    smaller = (half, min(tile_overlap, half // 4), 1)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                warnings.warn(
+                    f"Out of memory with tile_size={tile_size}, tile_batch_size={tile_batch_size}: retrying with "
+                    f"tile_size={smaller[0]}, tile_overlap={smaller[1]}, tile_batch_size={smaller[2]}.",
+                    RuntimeWarning,
+                    stacklevel=4,  # the caller of __call__ (through torch.no_grad's wrapper)
+                )
+                tile_size, tile_overlap, tile_batch_size = smaller
+
+    @staticmethod
+    def _resample(
+        image: Union[PIL.Image.Image, torch.Tensor], size: tuple[int, int], outscale: Optional[float]
+    ) -> Union[PIL.Image.Image, torch.Tensor]:
+        """The 4x output of an input of `size` (height, width) resampled to `outscale` with Lanczos."""
+        if outscale is None:
+            return image
+        height, width = outscale_size(*size, outscale)
+        if isinstance(image, PIL.Image.Image):  # a streamed 8-bit output: PIL's own Lanczos
+            same = image.size == (width, height)
+            return image if same else image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        return lanczos_resize(image, height, width)
 
     # ---------------------------------------------------------------------------------------------- saving, loading
     def save_pretrained(

@@ -8,6 +8,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 from diffusers import AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
+from ..color_fix import check_color_fix
 from ..models import TinySRAutoencoder
 from ..models.prompt_embeddings import DEFAULT_SR_PROMPT, PromptEmbeddings
 from .pipeline_one_step_sr import OneStepSRPipeline
@@ -32,6 +33,8 @@ class TSDSRPipeline(OneStepSRPipeline):
         text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3 (*optional*): SD3's CLIP-L,
             CLIP-G and T5 encoders and tokenizers, only needed to (re)compute the embeddings.
         use_shift_factor (`bool`, defaults to `False`): Subtract the VAE's `shift_factor`; the release does not.
+        color_fix (`str`, *optional*, defaults to `"adain"`): The colour fix a call uses unless it names one (saved
+            with the pipeline: a model ships with the fix it was measured with).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
@@ -51,8 +54,10 @@ class TSDSRPipeline(OneStepSRPipeline):
         text_encoder_3: Optional[T5EncoderModel] = None,
         tokenizer_3: Optional[T5TokenizerFast] = None,
         use_shift_factor: bool = False,
+        color_fix: Optional[str] = "adain",
     ):
         super().__init__()
+        check_color_fix(color_fix)
         if not isinstance(transformer, SD3Transformer2DModel):
             raise TypeError(f"`transformer` must be an SD3Transformer2DModel, got {type(transformer).__name__}.")
         self._check_vae(vae)
@@ -67,7 +72,7 @@ class TSDSRPipeline(OneStepSRPipeline):
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
-        self.register_to_config(use_shift_factor=use_shift_factor)
+        self.register_to_config(use_shift_factor=use_shift_factor, color_fix=color_fix)
         if prompt_embeddings is None:
             if not self._has_text_encoders():
                 raise ValueError(
