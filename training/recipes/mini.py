@@ -142,6 +142,29 @@ def heldout_lr(hr, degradation: dict, seed: int, index: int):
     return (lr.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def crop_to_scale(image):
+    """The photo cropped to a multiple of the 4x scale (top-left kept), as every held-out HR photo is."""
+    return image.crop((0, 0, image.width // 4 * 4, image.height // 4 * 4))
+
+
+def heldout_pair(name: str, recipe: dict | None = None):
+    """A held-out photo (`source:name`, one of `heldout` in `recipe.yaml`) and its LR version, exactly as the data
+    stage makes them: for checks of the shipped model on a machine without the recipe's outputs."""
+    import PIL.Image
+
+    recipe = recipe or load_recipe()
+    source, _, key = name.partition(":")
+    if source == "skimage":
+        hr = _skimage_photo(key)
+    elif source == "pyiqa":
+        hr = PIL.Image.open(_pyiqa_folder() / f"{key}.jpg").convert("RGB")
+    else:
+        hr = _wallpaper_photo(key, recipe["wallpaper_scale"])
+    hr = crop_to_scale(hr)
+    index = recipe["heldout"].index(name)
+    return hr, PIL.Image.fromarray(heldout_lr(hr, recipe["degradation"], recipe["heldout_seed"], index))
+
+
 def stage_data(recipe: dict, folder: Path) -> None:
     import PIL.Image
 
@@ -158,8 +181,7 @@ def stage_data(recipe: dict, folder: Path) -> None:
     for split in ("train", "heldout/hr", "heldout/lr"):
         (folder / split).mkdir(parents=True)
     for index, name in enumerate(recipe["heldout"]):
-        hr = photos.pop(name)
-        hr = hr.crop((0, 0, hr.width // 4 * 4, hr.height // 4 * 4))
+        hr = crop_to_scale(photos.pop(name))
         file = name.replace(":", "_") + ".png"
         hr.save(folder / "heldout" / "hr" / file)
         lr = heldout_lr(hr, recipe["degradation"], recipe["heldout_seed"], index)
@@ -263,7 +285,7 @@ def stage_vae_encoder(recipe: dict, folder: Path, out: Path) -> None:
 
 def stage_prune(recipe: dict, folder: Path, out: Path) -> None:
     run_distill(recipe, out, "prune", folder, teacher=str(out / "teacher"), latent_cache=str(out / "latents"),
-                student_vae=str(out / "vae_encoder"), prune_keep=recipe["keep_layers"])
+                student_vae=str(out / "vae_encoder"), **{"prune.keep": recipe["keep_layers"]})
     for name in ("pruning.json", "keep_probabilities.png"):
         shutil.copy(out / "prune-run" / name, out / f"prune.{name}")
 
@@ -317,7 +339,8 @@ SHIPPED_PRECISIONS = (("float16", "float16", "float16"), ("float16 transformer, 
 
 def stage_export(recipe: dict, folder: Path, out: Path) -> None:
     """The trained student as the shipped default model: the smallest precision whose float32 outputs stay within
-    1e-3 of the float32 weights' on a held-out photo (and that fits 20 MiB), plus the TAEF2 licence."""
+    1e-3 of the float32 weights' on a held-out photo (and that fits 20 MiB), with the recipe's colour fix as the
+    pipeline's own (`color_fix` in `recipe.yaml`), plus the TAEF2 licence."""
     import numpy as np
     import torch
 
@@ -327,7 +350,8 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
     full = TinySRPipeline.from_pretrained(out / "pixel")
     full.set_progress_bar_config(disable=True)
     lr = load_rgb(sorted((out / "data" / "heldout" / "lr").glob("*.png"))[0])
-    reference = full(lr, output_type="np").images[0]
+    color_fix = recipe["color_fix"]
+    reference = full(lr, output_type="np", color_fix=color_fix).images[0]
     checks = []
     for name, transformer_dtype, vae_dtype in SHIPPED_PRECISIONS:
         candidate = folder.parent / f".{folder.name}-{transformer_dtype}-{vae_dtype}"
@@ -335,10 +359,11 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
         pipe = TinySRPipeline.from_pretrained(out / "pixel")
         pipe.transformer.to(getattr(torch, transformer_dtype))
         pipe.vae.to(getattr(torch, vae_dtype))
+        pipe.register_to_config(color_fix=color_fix)  # what `pipe(image)` uses unless a call names another
         pipe.save_pretrained(candidate)
         shipped = TinySRPipeline.from_pretrained(candidate, dtype=torch.float32)
         shipped.set_progress_bar_config(disable=True)
-        difference = float(np.abs(shipped(lr, output_type="np").images[0] - reference).max())
+        difference = float(np.abs(shipped(lr, output_type="np").images[0] - reference).max())  # its own fix
         size = sum(f.stat().st_size for f in candidate.rglob("*") if f.is_file())
         checks.append({"precision": name, "max_abs_difference": difference, "bytes": size})
         logger.info("export: %s weights: max |difference| %.2e, %.1f MiB", name, difference, size / 2**20)
