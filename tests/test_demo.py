@@ -2,8 +2,8 @@
 in a real headless Chromium driven by selenium: real photos in, outputs of exactly round(outscale * size) out, clear
 messages for bad files, oversized inputs and missing models. Every server and browser started here is stopped here.
 
-The apps get their model from the `model_args` fixture (a tiny random pipeline saved to a folder); see its docstring
-for running them on the shipped default model instead.
+The apps serve the shipped default model (the `model_args` fixture passes no `--model`), as `tinysr demo` does out
+of the box.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import PIL.Image
 import pytest
 import torch
 
-from tests.tiny_pipelines import photo, tiny_student
+from tests.tiny_pipelines import photo
 from tinysr_diffusers import demo as demo_module
 from tinysr_diffusers.demo import INSTALL_HINT, add_demo_parser, launch, load_pipeline
 
@@ -54,14 +54,10 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def model_args(tmp_path_factory) -> list[str]:
-    """The model options of every app in this file: `--model` with a tiny random TinySR pipeline saved here.
-
-    To run the same tests on the shipped default model, return `[]` (no `--model`: `TinySRPipeline.from_pretrained()`);
-    to run them on both, make this fixture `params=["tiny", "default"]` and return `[]` for "default"."""
-    folder = tmp_path_factory.mktemp("model")
-    tiny_student().save_pretrained(folder)
-    return ["--model", str(folder)]
+def model_args() -> list[str]:
+    """The model options of every app in this file: none, so the app serves the shipped default model
+    (`TinySRPipeline.from_pretrained()`), as `tinysr demo` does out of the box."""
+    return []
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
