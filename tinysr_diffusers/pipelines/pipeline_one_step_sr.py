@@ -226,19 +226,7 @@ class OneStepSRPipeline(DiffusionPipeline):
         with self._vae_tiling(vae_tile):
             latents = self.encode_latents(pixels.to(self.vae.dtype), generator, vae_tile)
             latents = latents.to(self.transformer.dtype)
-            if tile_size is None:
-                velocity = self.predict_velocity(latents)
-            else:
-                velocity = tiled_map(
-                    self.predict_velocity,
-                    latents,
-                    tile_size,
-                    tile_overlap,
-                    align=self.patch_size,
-                    tiles_per_batch=tile_batch_size,
-                    blend="gaussian",
-                    progress=self.progress_bar,
-                )
+            velocity = self._velocity(latents, tile_size, tile_overlap, tile_batch_size)
             latents = step_latents(latents, velocity, self.sigma)
             if output_type == "latent":
                 return latents
@@ -246,6 +234,24 @@ class OneStepSRPipeline(DiffusionPipeline):
 
         image = (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2
         return apply_color_fix(image, low_res, upscaled, color_fix)
+
+    def _velocity(
+        self, latents: torch.Tensor, tile_size: Optional[int], tile_overlap: int, tile_batch_size: int
+    ) -> torch.Tensor:
+        """The transformer's velocity for `latents`: whole, or in latent tiles blended with Gaussian weights (the
+        tiled and the streamed paths share it, so both blend alike)."""
+        if tile_size is None:
+            return self.predict_velocity(latents)
+        return tiled_map(
+            self.predict_velocity,
+            latents,
+            tile_size,
+            tile_overlap,
+            align=self.patch_size,
+            tiles_per_batch=tile_batch_size,
+            blend="gaussian",
+            progress=self.progress_bar,
+        )
 
     def _streams(self, low_res_size: tuple[int, int], output_type: str, tile_size: Optional[int]) -> bool:
         """Whether a group is upscaled tile by tile (`_upscale_streamed`): tiled, a tiny VAE that the user has not
@@ -289,16 +295,7 @@ class OneStepSRPipeline(DiffusionPipeline):
         # every extra one stays resident in the allocator's heap at the sizes where it keeps them (below 32 MiB).
         latents = tiled_map(encode, pixels, tile, overlap, scale=1 / factor, align=factor, progress=self.progress_bar)
         latents = latents.sub_(self._latent_shift()).mul_(vae.config.scaling_factor).to(self.transformer.dtype)
-        velocity = tiled_map(
-            self.predict_velocity,
-            latents,
-            tile_size,
-            tile_overlap,
-            align=self.patch_size,
-            tiles_per_batch=tile_batch_size,
-            blend="gaussian",
-            progress=self.progress_bar,
-        )
+        velocity = self._velocity(latents, tile_size, tile_overlap, tile_batch_size)
         latents = step_latents(latents, velocity, self.sigma)
         del velocity
         latents = latents.div_(vae.config.scaling_factor).add_(self._latent_shift()).to(vae.dtype)
