@@ -23,7 +23,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*"]),
+    packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*", "training",
+                                     "training.*"]),
     # the default model (tinysr_diffusers.DEFAULT_MODEL: weights, configs, shims, card, licences) and the demo's photos
     package_data={"tinysr_diffusers": ["default_model/*", "default_model/*/*", "demo_examples/*"]},
     # torch is pinned by the install script (scripts/install.sh): an open torch requirement pulls a CUDA build.

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from tinysr_diffusers.profiling import count_parameters, module_macs, total_flops
-from tinysr_diffusers.reference_configs import (
+from tinysr_diffusers.evaluation.profiling import count_parameters, module_macs, total_flops
+from tinysr_diffusers.evaluation.reference_configs import (
     TINYSR_KEEP_LAYERS,
     TSDSR_PROMPT_TOKENS,
     sd3_medium_transformer,

@@ -12,7 +12,7 @@ pipeline with `--trust-remote-code` (which runs the folder's code: only for code
 Metrics (`--metrics`, default all): PSNR and SSIM on the Y channel, LPIPS, DISTS, FID (SR folder vs HR folder), NIQE,
 MUSIQ, MANIQA, CLIPIQA, TOPIQ, Q-Align. SR and HR images are paired by file name without extension and must have the
 same size. A metric whose weights cannot be had is listed as unavailable with the reason; LPIPS, DISTS and NIQE use
-local weights and never download (see `tinysr_diffusers.metrics`). `--no-download` keeps the other metrics to
+local weights and never download (see `tinysr_diffusers.evaluation.metrics`). `--no-download` keeps the other metrics to
 pyiqa's cache.
 
 Each run writes quality.md, quality.json and quality.csv (per image and mean) to `--output-dir`, with the command,
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation
-from tinysr_diffusers.metrics import PAPER_METRICS, MetricUnavailable, create_metric
+from tinysr_diffusers.training_utils.degradations import DegradationConfig, RealESRGANDegradation
+from tinysr_diffusers.evaluation.metrics import PAPER_METRICS, MetricUnavailable, create_metric
 from tinysr_diffusers.utils import atomic_path, atomic_write_text
 
 from .reporting import command_line, default_run_name, environment, environment_markdown, markdown_table, write_csv

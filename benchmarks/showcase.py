@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     from tinysr_diffusers import DEFAULT_MODEL, TinySRPipeline
     from tinysr_diffusers.image_processing import bicubic_upscale
-    from tinysr_diffusers.metrics import create_metric
+    from tinysr_diffusers.evaluation.metrics import create_metric
     from tinysr_diffusers.utils import atomic_path
     from training.recipes.mini import heldout_pair
 

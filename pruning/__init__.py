@@ -2,7 +2,7 @@
 
 - `search_space`: sizes of the full, static (block-wise) and Dynamic-Inter-block-Activation search spaces.
 - `masked`: per-layer masks on any `SD3Transformer2DModel` / `TinySRTransformer2DModel` (diffusers hooks).
-- `gates`, `inter_block`: TinyFusion's local gates; TinySR's pair gates with Expansion-Corrosion.
+- `local_gates`, `inter_block`: TinyFusion's local gates; TinySR's pair gates with Expansion-Corrosion.
 - `config`: `MaskLearnerConfig`, the settings of a mask search (import-light).
 - `learner`: mask learning jointly with LoRA under accelerate, checkpoint/resume, keep-probability log and heatmap.
 - `methods`: random-min, Flux-Lite, ShortGPT, sensitivity, SnapFusion, BK-SDM, TinyFusion, TinySR on one interface.
@@ -22,9 +22,9 @@ _import_structure = {
     "config": ["MaskLearnerConfig"],
     "decision": ["PruningDecision"],
     "export": ["export_pruned", "prune_sd3", "push_to_hub"],
-    "gates": ["LinearSchedule", "LocalGates"],
     "inter_block": ["InterBlockGates"],
     "learner": ["MaskLearner"],
+    "local_gates": ["LinearSchedule", "LocalGates"],
     "losses": ["DecodedPerceptualLoss", "PruningLoss"],
     "masked": ["MaskedTransformer"],
     "methods": ["METHODS", "get_method"],
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from .config import MaskLearnerConfig
     from .decision import PruningDecision
     from .export import export_pruned, prune_sd3, push_to_hub
-    from .gates import LinearSchedule, LocalGates
     from .inter_block import InterBlockGates
     from .learner import MaskLearner
+    from .local_gates import LinearSchedule, LocalGates
     from .losses import DecodedPerceptualLoss, PruningLoss
     from .masked import MaskedTransformer
     from .methods import METHODS, get_method

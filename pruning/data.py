@@ -1,9 +1,10 @@
 """Latent pairs for mask learning and calibration: what an item may look like, and a reader for cached shards.
 
-Pruning never sees images: it learns from batches of scaled VAE latents (DESIGN section 6, "pre-encode LR, HR and
-teacher latents once"). A batch is `(lr, hr)` or `(lr, hr, teacher)` tensors of shape (B, C, H, W), or a mapping with
-the keys `lr_latents`, `hr_latents` and optionally `teacher_latents`; `teacher` is the teacher's one-step estimate of
-the clean latents (`z_L - v_teacher`), computed on the fly when absent.
+Pruning never sees images: it learns from batches of scaled VAE latents, encoded once beforehand (every loss of
+docs/method.md, Depth pruning, is computed from z_L, z_HR and the teacher's estimate). A batch is `(lr, hr)` or
+`(lr, hr, teacher)` tensors of shape (B, C, H, W), or a mapping with the keys `lr_latents`, `hr_latents` and
+optionally `teacher_latents`; `teacher` is the teacher's one-step estimate of the clean latents (`z_L - v_teacher`),
+computed on the fly when absent.
 """
 
 import bisect

@@ -19,7 +19,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from accelerate import init_empty_weights
 from huggingface_hub import create_repo, upload_folder
 
-from tinysr_diffusers.model_cards import SD3_BASE_MODEL, pruned_transformer_card
+from tinysr_diffusers.hub.model_cards import SD3_BASE_MODEL, pruned_transformer_card
 from tinysr_diffusers.models.transformer_tinysr import TinySRTransformer2DModel
 from tinysr_diffusers.utils import PathLike, atomic_directory, atomic_write_text, write_json
 

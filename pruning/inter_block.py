@@ -1,4 +1,4 @@
-"""Dynamic Inter-block Activation and the Expansion-Corrosion strategy (TinySR, paper section 3.1, DESIGN section 5).
+"""Dynamic Inter-block Activation and Expansion-Corrosion (TinySR, paper section 3.1; docs/method.md, Depth pruning).
 
 Blocks are paired (2j, 2j+1). Each pair has logits beta_j over three operators that move `delta` kept layers between
 its two blocks while conserving the pair's total: T_-1 corrodes block 2j and expands block 2j+1, T_0 leaves both,
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NEXT_RULES
-from .gates import LocalGates
+from .local_gates import LocalGates
 from .search_space import SearchSpace
 
 

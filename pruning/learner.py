@@ -43,8 +43,8 @@ from tinysr_diffusers.utils import (
 from .config import MaskLearnerConfig
 from .data import as_latent_batch, epoch_batches
 from .decision import PruningDecision
-from .gates import LinearSchedule, LocalGates
 from .inter_block import InterBlockGates
+from .local_gates import LinearSchedule, LocalGates
 from .losses import PerceptualLoss, PruningLoss
 from .masked import MASKABLE_TYPES, MaskableTransformer, MaskedTransformer
 from .plots import plot_keep_probabilities

@@ -1,4 +1,4 @@
-"""The depth-pruning search spaces of TinySR (paper section 3.1, DESIGN section 5).
+"""The depth-pruning search spaces of TinySR (paper section 3.1; docs/method.md, Depth pruning).
 
 An L-layer transformer is cut into L/M consecutive blocks of M layers and N layers are kept in every block. Counting
 masks that keep L*N/M layers:
@@ -15,12 +15,17 @@ For 24 layers, 2:4: 2,704,156 full, 46,656 static (1.73%), 314,432 with DIA (11.
 import itertools
 from dataclasses import dataclass
 from math import comb
+from typing import TYPE_CHECKING
 
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
-def local_patterns(block_size: int, keep_per_block: int) -> torch.Tensor:
+def local_patterns(block_size: int, keep_per_block: int) -> "torch.Tensor":
     """The C(M, N) binary rows of length M with N ones, in `itertools.combinations` order (float32, shape (C, M))."""
+    import torch  # here only: the space sizes are combinatorics, so `tinysr-prune space` starts without torch
+
     if not 0 <= keep_per_block <= block_size:
         raise ValueError(f"Cannot keep {keep_per_block} of {block_size} layers per block.")
     rows = [

@@ -9,28 +9,30 @@ from typing import Sequence
 import torch
 from diffusers import SD3Transformer2DModel
 
+from tinysr_diffusers.evaluation.reference_configs import SD3_MEDIUM_TRANSFORMER_CONFIG
 
+
+# SD3-medium's transformer (same keys, patch size and block layout) shrunk to a few thousand parameters: the one
+# tiny SD3 configuration of the project. The test fixtures in `tests/` derive theirs with `tiny_sd3_config`.
 SD3_TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    num_layers=8,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    caption_projection_dim=16,
-    pooled_projection_dim=6,
-    out_channels=4,
-    pos_embed_max_size=8,
-)
+    SD3_MEDIUM_TRANSFORMER_CONFIG,
+    sample_size=8, pos_embed_max_size=8, in_channels=4, out_channels=4,  # 8x8 latents of 4 channels
+    num_layers=8, num_attention_heads=2, attention_head_dim=8,  # 8 blocks of width 16
+    joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,  # text and pooled widths
+)  # fmt: skip
 SD35_TINY = dict(SD3_TINY, qk_norm="rms_norm", dual_attention_layers=(0, 1, 2, 6))
 CONFIGS = {"sd3": SD3_TINY, "sd3.5": SD35_TINY}
+
+
+def tiny_sd3_config(kind: str = "sd3", **overrides) -> dict:
+    """The tiny `SD3Transformer2DModel` config of `kind` (`"sd3"` or `"sd3.5"`) with `overrides` applied."""
+    return dict(CONFIGS[kind], **overrides)
 
 
 def tiny_sd3(kind: str = "sd3", seed: int = 0, **overrides) -> SD3Transformer2DModel:
     """A randomly initialised 8-layer SD3 (`"sd3"`) or SD3.5-style (`"sd3.5"`: qk-norm, dual attention) model."""
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**dict(CONFIGS[kind], **overrides)).eval()
+    return SD3Transformer2DModel(**tiny_sd3_config(kind, **overrides)).eval()
 
 
 def planted_teacher(

@@ -26,7 +26,7 @@ from tests.tiny_pipelines import (
     tiny_autoencoder_kl,
 )
 from tinysr_diffusers import TinySRAutoencoder
-from tinysr_diffusers.conversion import (
+from tinysr_diffusers.hub.conversion import (
     TINYSR_TRANSFORMER_TARGETS,
     TSDSR_TRANSFORMER_TARGETS,
     TSDSR_VAE_TARGETS,

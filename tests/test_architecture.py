@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from benchmarks.architecture import measure, to_markdown
-from tinysr_diffusers.profiling import count_parameters, module_macs, total_flops
-from tinysr_diffusers.reference_configs import sd3_medium_transformer, tinysr_transformer
+from tinysr_diffusers.evaluation.profiling import count_parameters, module_macs, total_flops
+from tinysr_diffusers.evaluation.reference_configs import sd3_medium_transformer, tinysr_transformer
 
 
 def test_module_macs_counts_linear_and_conv_only():
@@ -43,7 +43,7 @@ def test_paper_figures_are_reproduced_within_one_percent():
 
 
 def test_per_block_figures_of_sd3_medium():
-    """DESIGN.md section 3: image stream 28,325,376, context stream 28,325,376, adaLN linears 28,329,984."""
+    """SD3-medium's per-layer parameters: image stream 28,325,376, context stream 28,325,376, adaLN 28,329,984."""
     teacher = sd3_medium_transformer()
     block = teacher.transformer_blocks[0]
     student = tinysr_transformer(teacher, keep_layers=[0, 23])

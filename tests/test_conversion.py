@@ -15,7 +15,7 @@ from tests.release_layouts import edit_config, edit_weights, make_tinysr_release
 from tests.tiny_pipelines import JOINT_DIM, LATENT_CHANNELS, TINY_TAESD
 from tinysr_diffusers import TinySRPipeline, TSDSRPipeline
 from tinysr_diffusers.cli import main
-from tinysr_diffusers.conversion import ConversionError, convert_tinysr, convert_tsdsr
+from tinysr_diffusers.hub.conversion import ConversionError, convert_tinysr, convert_tsdsr
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_tinysr_pipeline_equals_the_release_recipe(tinysr_release, tinysr_pipe):
 @torch.no_grad()
 def test_standard_conv_tiny_vae_maps_to_autoencoder_tiny(tmp_path):
     """A TAESD-style folder saved by diffusers' AutoencoderTiny converts to a TinySRAutoencoder with equal outputs."""
-    from tinysr_diffusers.conversion import _load_release_vae
+    from tinysr_diffusers.hub.conversion import _load_release_vae
 
     torch.manual_seed(0)
     reference = AutoencoderTiny(**TINY_TAESD, scaling_factor=1.5305).eval()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from tinysr_diffusers.degradations import (
+from tinysr_diffusers.training_utils.degradations import (
     DegradationConfig,
     RealESRGANDegradation,
     filter2d,

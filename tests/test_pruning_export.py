@@ -16,7 +16,7 @@ from pruning.masked import MaskedTransformer
 from tinysr_diffusers import TinySRTransformer2DModel
 from tinysr_diffusers.utils import atomic_directory, write_json
 
-from tinysr_diffusers.model_cards import SD3_BASE_MODEL
+from tinysr_diffusers.hub.model_cards import SD3_BASE_MODEL
 
 from .pruning_models import conditioning, latents, tiny_sd3
 from .test_loading import hub  # noqa: F401 - the fake-Hub fixture (no network)

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning.gates import LinearSchedule, LocalGates
 from pruning.inter_block import (
     InterBlockGates,
     apply_operators,
@@ -15,6 +14,7 @@ from pruning.inter_block import (
     neighbour_table,
     next_patterns,
 )
+from pruning.local_gates import LinearSchedule, LocalGates
 from pruning.masked import MaskedTransformer
 from pruning.search_space import SearchSpace, local_patterns
 
@@ -146,8 +146,24 @@ def test_keep_probabilities_match_sampling(gates_type):
     samples = torch.stack([gates(tau=1.0, scale=1.0).detach() for _ in range(1500)])
     assert torch.allclose(samples.mean(0), expected, atol=0.05)
     assert expected.sum().item() == pytest.approx(4.0, abs=1e-5)
-    local = gates if gates_type is LocalGates else gates.local
-    assert torch.equal(local.confidence(1.0, ema=False), local.probabilities(1.0, ema=False).max(-1).values)
+
+
+def test_confidence_is_the_scaled_softmax_of_the_decided_pattern():
+    """Logits log(w) give softmax(logits * scale) = w**scale / sum(w**scale): the confidences are known fractions."""
+    gates = InterBlockGates(SPACE, ema_decay=0.5)
+    weights = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 4.0], [3.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    with torch.no_grad():
+        gates.local.logits.copy_(weights.log())
+        gates.pair_logits.copy_(torch.tensor([[1.0, 2.0, 1.0]]).log())
+    local = gates.local
+    assert torch.allclose(local.confidence(1.0, ema=False), torch.tensor([4 / 10, 3 / 8]))
+    assert torch.allclose(local.confidence(2.0, ema=False), torch.tensor([16 / 24, 9 / 14]))
+    assert torch.allclose(local.confidence(2.0), torch.tensor([1 / 6, 1 / 6]))  # the EMA has not moved yet
+    gates.update_ema()  # EMA = 0.5 * log(w): at scale 2, softmax gives w / sum(w) again
+    details = gates.decision_details(scale=2.0)
+    assert details["patterns"] == [5, 0]
+    assert details["confidence"] == pytest.approx([4 / 10, 3 / 8])
+    assert details["operators"] == ["T0"] and details["operator_confidence"] == pytest.approx([2 / 4])
 
 
 def test_next_rules_disagree_where_the_paper_text_and_the_code_do():

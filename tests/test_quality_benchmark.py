@@ -15,8 +15,8 @@ from skimage import color, data
 
 from benchmarks.quality import image_seed, load_image, main
 from tests.tiny_pipelines import tiny_student
-from tinysr_diffusers.degradations import RealESRGANDegradation
-from tinysr_diffusers.perceptual import LPIPS
+from tinysr_diffusers.training_utils.degradations import RealESRGANDegradation
+from tinysr_diffusers.training_utils.perceptual import LPIPS
 
 
 PHOTOS = {

@@ -14,8 +14,8 @@ import torch
 from tests.release_layouts import make_tinysr_release
 from tests.tiny_pipelines import photo, tiny_student
 from tinysr_diffusers import TinySRPipeline
-from tinysr_diffusers.conversion import ConversionError, convert_taef2, convert_tinysr
-from tinysr_diffusers.hub_utils import SHIM_SOURCE, UntrustedFolderError
+from tinysr_diffusers.hub.conversion import ConversionError, convert_taef2, convert_tinysr
+from tinysr_diffusers.hub.pipeline_folders import SHIM_SOURCE, UntrustedFolderError
 from training.latents import check_latent_cache
 
 

@@ -9,7 +9,7 @@ import skimage.data
 import torch
 
 from tinysr_diffusers import TinySRAutoencoder
-from tinysr_diffusers.conversion import ConversionError, convert_taef2
+from tinysr_diffusers.hub.conversion import ConversionError, convert_taef2
 from tinysr_diffusers.models.autoencoder_tinysr import SeparableConv2d
 
 

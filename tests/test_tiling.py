@@ -1,5 +1,6 @@
 """The shared tiling mechanism."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,11 +24,44 @@ def test_bad_tile_geometry_is_named():
         blend_weights(4, 4, 1, 1, "cosine")
 
 
-@pytest.mark.parametrize("kind", ["linear", "gaussian"])
-def test_weights_are_positive_and_peak_in_the_middle(kind):
-    weights = blend_weights(16, 12, 4, 4, kind)
-    assert weights.min() > 0
-    assert weights[8, 6] >= weights[0, 0]
+def _released_gaussian(size: int) -> np.ndarray:
+    """The TSD-SR/TinySR latent-tile weight along one side: a normal density centred on the tile, variance 0.01 of
+    the side (its normalising constant cancels in the blend)."""
+    position = np.arange(size, dtype=np.float64)
+    return np.exp(-((position - (size - 1) / 2) ** 2) / size**2 / (2 * 0.01)) / np.sqrt(2 * np.pi * 0.01)
+
+
+def test_linear_weights_ramp_over_the_overlap_and_neighbours_add_up_to_one():
+    weights = blend_weights(16, 12, 4, 3, "linear")
+    ramp_y = torch.tensor([1, 2, 3, 4] + [5] * 8 + [4, 3, 2, 1]) / 5  # overlap + 1 steps, flat inside
+    ramp_x = torch.tensor([1, 2, 3] + [4] * 6 + [3, 2, 1]) / 4
+    torch.testing.assert_close(weights, torch.outer(ramp_y, ramp_x))
+    # Two tiles that overlap by exactly `overlap` cross-fade: across the overlap their weights sum to one (column 5
+    # lies in the flat middle across).
+    torch.testing.assert_close(weights[-4:, 5] + weights[:4, 5], torch.ones(4))
+
+
+def test_gaussian_weights_are_the_released_ones():
+    weights = blend_weights(16, 12, 4, 4, "gaussian").double().numpy()
+    expected = np.outer(_released_gaussian(16), _released_gaussian(12))
+    np.testing.assert_allclose(weights / expected, np.full(weights.shape, weights[0, 0] / expected[0, 0]), rtol=1e-6)
+    assert weights.min() > 0  # an image border covered by one tile keeps its values
+
+
+@pytest.mark.parametrize("blend", ["linear", "gaussian"])
+def test_a_tile_dependent_map_is_blended_with_the_weights(blend):
+    """Each tile's result carries an offset of its own, as a model with context gives: every output pixel must be the
+    weighted mean of the offsets of the tiles covering it (computed here by hand), not a hard seam or a flat mean."""
+    x = torch.randn(2, 3, 1, 28, generator=torch.Generator().manual_seed(0))  # tiles [0, 16) and [12, 28) across
+    offsets = iter([10.0, 20.0])
+    result = tiled_map(lambda tile: tile + next(offsets), x, 16, 4, blend=blend)
+    if blend == "linear":  # a cross-fade over the 4 overlapping pixels, in steps of (20 - 10) / (4 + 1)
+        expected = np.array([10.0] * 12 + [12, 14, 16, 18] + [20] * 12)
+    else:
+        first, second = np.zeros(28), np.zeros(28)
+        first[:16], second[12:] = _released_gaussian(16), _released_gaussian(16)
+        expected = (10 * first + 20 * second) / (first + second)
+    torch.testing.assert_close(result - x, torch.from_numpy(expected).float().expand_as(x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("scale, align", [(1.0, 1), (2.0, 1), (0.5, 2)])

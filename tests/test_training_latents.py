@@ -2,8 +2,8 @@
 
 import torch
 
-from training.distill import unscaled_latents
 from training.latents import encode_batch, training_latents
+from training.stages.vae import unscaled_latents
 
 from .tiny_pipelines import tiny_teacher
 

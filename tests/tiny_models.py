@@ -3,24 +3,17 @@
 import torch
 from diffusers import SD3Transformer2DModel
 
+from pruning.testing import tiny_sd3_config
 from tinysr_diffusers import TinySRAutoencoder
 
 
-SD3_TINY = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    num_layers=4,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    caption_projection_dim=16,
-    pooled_projection_dim=12,
-    out_channels=4,
-    pos_embed_max_size=24,
-)
-SD35_TINY = dict(SD3_TINY, qk_norm="rms_norm", dual_attention_layers=(0, 1))
-TINY_CONFIGS = {"sd3": SD3_TINY, "sd35": SD35_TINY}
+# pruning.testing's tiny SD3 with 4 layers, room for latents up to 48x48 and wider text and pooled embeddings.
+_TRANSFORMER_TESTS = dict(num_layers=4, sample_size=16, pos_embed_max_size=24, joint_attention_dim=32,
+                          pooled_projection_dim=12)  # fmt: skip
+TINY_CONFIGS = {
+    "sd3": tiny_sd3_config("sd3", **_TRANSFORMER_TESTS),
+    "sd35": tiny_sd3_config("sd3.5", **_TRANSFORMER_TESTS, dual_attention_layers=(0, 1)),
+}
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

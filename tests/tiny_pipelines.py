@@ -6,6 +6,7 @@ import skimage.data
 import torch
 
 from diffusers import AutoencoderKL, AutoencoderTiny, SD3Transformer2DModel
+from pruning.testing import tiny_sd3, tiny_sd3_config
 from tinysr_diffusers import (
     PromptEmbeddings,
     TinySRAutoencoder,
@@ -13,6 +14,7 @@ from tinysr_diffusers import (
     TinySRTransformer2DModel,
     TSDSRPipeline,
 )
+from tinysr_diffusers.evaluation.reference_configs import SD3_VAE_CONFIG
 
 
 LATENT_CHANNELS = 16
@@ -21,15 +23,13 @@ POOLED_DIM = 24
 TEXT_TOKENS = 7
 
 
-# Image-stream geometry shared by the student and the SD3 teacher (inner width 16).
-TINY_DIT = {
-    "sample_size": 16,
-    "patch_size": 2,
-    "in_channels": LATENT_CHANNELS,
-    "attention_head_dim": 8,
-    "num_attention_heads": 2,
-    "pos_embed_max_size": 48,
-}
+# pruning.testing's tiny SD3 (2 heads of 8) in SD3's 16-channel latent space, with room for 96x96 latents; the
+# image-stream part of it is the student's geometry.
+_SD3_OVERRIDES = dict(sample_size=16, pos_embed_max_size=48, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                      joint_attention_dim=JOINT_DIM, pooled_projection_dim=POOLED_DIM)  # fmt: skip
+_IMAGE_STREAM = ("sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+                 "pos_embed_max_size")  # fmt: skip
+TINY_DIT = {key: tiny_sd3_config("sd3", **_SD3_OVERRIDES)[key] for key in _IMAGE_STREAM}
 
 
 def tiny_student_transformer(seed: int = 0, num_layers: int = 2) -> TinySRTransformer2DModel:
@@ -38,15 +38,7 @@ def tiny_student_transformer(seed: int = 0, num_layers: int = 2) -> TinySRTransf
 
 
 def tiny_sd3_transformer(seed: int = 0, num_layers: int = 4) -> SD3Transformer2DModel:
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        **TINY_DIT,
-        num_layers=num_layers,
-        joint_attention_dim=JOINT_DIM,
-        caption_projection_dim=16,
-        pooled_projection_dim=POOLED_DIM,
-        out_channels=LATENT_CHANNELS,
-    ).eval()
+    return tiny_sd3("sd3", seed, num_layers=num_layers, **_SD3_OVERRIDES)
 
 
 # TAESD topology at 8 channels and one block per resolution, for both tiny-VAE classes.
@@ -59,34 +51,22 @@ TINY_TAESD = {
 }
 
 
-def tiny_tinysr_vae(seed: int = 0) -> TinySRAutoencoder:
+def tiny_tinysr_vae(seed: int = 0, **overrides) -> TinySRAutoencoder:
     torch.manual_seed(seed)
-    return TinySRAutoencoder(**TINY_TAESD).eval()
+    return TinySRAutoencoder(**{**TINY_TAESD, **overrides}).eval()
 
 
-def tiny_autoencoder_tiny(seed: int = 0) -> AutoencoderTiny:
+def tiny_autoencoder_tiny(seed: int = 0, **overrides) -> AutoencoderTiny:
     """diffusers' TAESD class in the SD3 latent space (TAESD3-like: 16 channels, SD3's scaling factor)."""
     torch.manual_seed(seed)
-    return AutoencoderTiny(**TINY_TAESD, scaling_factor=1.5305).eval()
+    return AutoencoderTiny(**{**TINY_TAESD, "scaling_factor": SD3_VAE_CONFIG["scaling_factor"], **overrides}).eval()
 
 
 def tiny_autoencoder_kl(seed: int = 0, **overrides) -> AutoencoderKL:
-    """SD3-style VAE (16 latent channels, no quant convs, SD3's scaling and shift factors), tiny widths."""
+    """SD3's VAE config (16 latent channels, no quant convs, SD3's scaling and shift factors) at tiny widths."""
     torch.manual_seed(seed)
-    config = dict(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    return AutoencoderKL(**{**config, **overrides}).eval()
+    tiny = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    return AutoencoderKL(**{**SD3_VAE_CONFIG, **tiny, **overrides}).eval()
 
 
 def tiny_prompt_embeddings(seed: int = 0) -> PromptEmbeddings:
@@ -98,8 +78,8 @@ def tiny_prompt_embeddings(seed: int = 0) -> PromptEmbeddings:
     )
 
 
-def tiny_student(vae=None, seed: int = 0) -> TinySRPipeline:
-    pipe = TinySRPipeline(transformer=tiny_student_transformer(seed), vae=vae or tiny_tinysr_vae(seed))
+def tiny_student(vae=None, seed: int = 0, **kwargs) -> TinySRPipeline:
+    pipe = TinySRPipeline(transformer=tiny_student_transformer(seed), vae=vae or tiny_tinysr_vae(seed), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

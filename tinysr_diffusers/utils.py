@@ -24,6 +24,19 @@ def _umask() -> int:
     return umask
 
 
+def read_json_object(path: PathLike, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in the file `path`: raises `error` with one line naming the file when it is not valid JSON
+    or holds something else than an object (the callers say what is missing first, in their own words)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path} is not valid JSON ({problem}).") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object.")
+    return data
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes without error."""

@@ -1,4 +1,4 @@
-"""Pre-encode LR, HR and teacher latents once, for the `prune` and `latent` stages (DESIGN section 6).
+"""Pre-encode LR, HR and teacher latents once, for the `prune` and `latent` stages (training/README.md).
 
     accelerate launch training/cache_latents.py --config training/configs/latent.yaml latent_cache=runs/latents \
         [cache_epochs=4 cache_shard_size=1024]
@@ -9,18 +9,14 @@ the teacher once. The folder holds float32 safetensors shards (`lr_latents`, `hr
 `cache.json`; train from it with `latent_cache=<folder>`, or give it to `tinysr-prune score|learn --data`.
 """
 
-import sys
-from pathlib import Path
-
 import torch
 from accelerate.utils import set_seed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
-
-from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.distill import build_data, cast_frozen_teacher, load_teacher, make_accelerator  # noqa: E402
-from training.latents import write_latent_cache  # noqa: E402
+from tinysr_diffusers.training_utils.degradations import DegradationConfig, RealESRGANDegradation
+from training.config import load_config
+from training.latents import write_latent_cache
+from training.models import cast_frozen_teacher, load_teacher
+from training.run import build_data, make_accelerator
 
 
 def cache_latents(config) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from pruning.config import MaskLearnerConfig
-from tinysr_diffusers.degradations import DegradationConfig
+from tinysr_diffusers.training_utils.degradations import DegradationConfig
 
 
 STAGES = ("teacher", "vae_encoder", "vae_decoder", "prune", "latent", "pixel")
@@ -120,7 +120,7 @@ class TrainConfig:
     checkpointing_steps: int = _help("Save the full training state every N optimizer steps.", 1000)
     checkpoints_total_limit: Optional[int] = _help("Keep at most this many checkpoints (None keeps all).", None)
     resume_from_checkpoint: Optional[str] = _help("A checkpoint folder, or `latest` in output_dir. The settings a "
-                                                  "resume may change (the rest define the run, see training/distill.py "
+                                                  "resume may change (the rest define the run, see training/run.py "
                                                   f"`claim_output_dir`): {RESUMABLE_SETTINGS}.", None)
     overwrite_output_dir: bool = _help("Train into an output_dir that holds another run: its checkpoints, logs and "
                                        "export are deleted first.", False)
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accelerate launch training/distill.py",
         allow_abbrev=False,  # `ema=0.5` must not silently set ema_decay
-        description="Train a TinySR stage (DESIGN section 6). Options override the --config YAML; `key=value` works "
+        description="Train a TinySR stage (training/README.md). Options override the --config YAML; `key=value` works "
         "like `--key value`; values are YAML (`keep_layers=[0,2]`, `student=null`). Stages: vae_encoder, vae_decoder, "
         "prune (mask learning with the pruning package), latent (stage 1), pixel (stage 2).",
     )

@@ -5,7 +5,7 @@ Crops are drawn from a generator seeded by (seed, epoch, index), so a resumed ru
 uninterrupted one. A corrupt image is replaced by the next readable one (a stream moves on to its next item), so
 every batch is full and every process of a multi-process run stays at the same step. `datasets` images are decoded
 here, not by `datasets`, so that one corrupt file does not end a stream. The LR side is made on the accelerator by the
-Real-ESRGAN degradation (see `distill.py`).
+Real-ESRGAN degradation (`training.latents.make_batch`).
 """
 
 import io

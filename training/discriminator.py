@@ -1,12 +1,14 @@
 """A PatchGAN discriminator (pix2pix, Isola et al. 2017) on images in [-1, 1], and the hinge losses.
 
 It needs no pretrained weights, so it works offline. The TSD-SR release's projected discriminator on DINO features
-would need those weights; plug such a model in through `training.distill.discriminator_factory`.
+would need those weights; plug such a model in with `training.distill.train(config, discriminator_factory=...)`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.config import TrainConfig
 
 
 class PatchDiscriminator(nn.Module):
@@ -29,3 +31,8 @@ class PatchDiscriminator(nn.Module):
 
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean()
+
+
+def default_discriminator(config: TrainConfig) -> nn.Module:
+    """The GAN stages' discriminator unless `train` is given another `discriminator_factory`."""
+    return PatchDiscriminator(channels=config.disc_channels, num_layers=config.disc_layers)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pruning.data import data_length, epoch_batches
 from tinysr_diffusers import OneStepSRPipeline, TSDSRPipeline
-from tinysr_diffusers.degradations import RealESRGANDegradation
+from tinysr_diffusers.training_utils.degradations import RealESRGANDegradation
 from tinysr_diffusers.image_processing import bicubic_upscale
 from tinysr_diffusers.pipelines.pipeline_one_step_sr import step_latents
 from tinysr_diffusers.utils import atomic_path, write_json

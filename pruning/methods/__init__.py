@@ -3,10 +3,13 @@
 
 from .base import PruningMethod, latent_psnr, task_loss
 from .bk_sdm import BKSDM
-from .learned import TinyFusion, TinySR
-from .metric_based import Sensitivity, SnapFusion
+from .flux_lite import FluxLite
 from .random_min import RandomMin
-from .similarity import FluxLite, ShortGPT
+from .sensitivity import Sensitivity
+from .shortgpt import ShortGPT
+from .snapfusion import SnapFusion
+from .tinyfusion import TinyFusion
+from .tinysr import TinySR
 
 
 METHODS: dict[str, type[PruningMethod]] = {

@@ -70,6 +70,17 @@ def calibration_batches(calibration_data: Iterable, device: torch.device) -> lis
     return batches
 
 
+@contextmanager
+def calibrated_view(
+    model: ModelLike, calibration_data: Iterable, keep: int
+) -> Iterator[tuple[MaskedTransformer, list[LatentBatch]]]:
+    """How every score-based method starts: [`masked_view`] of `model`, `keep` checked against its layer count and the
+    calibration data read onto its device."""
+    with masked_view(model) as masked:
+        check_keep(keep, masked.num_layers)
+        yield masked, calibration_batches(calibration_data, masked.transformer.device)
+
+
 @torch.no_grad()
 def evaluate(masked: MaskedTransformer, batches: Sequence[LatentBatch], mask, score: BatchScore) -> float:
     """Mean of `score` over the calibration batches, the model running with the hard `mask` (None: all layers)."""

@@ -6,16 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..decision import PruningDecision
-from .base import (
-    BatchScore,
-    ModelLike,
-    PruningMethod,
-    calibration_batches,
-    check_keep,
-    evaluate,
-    masked_view,
-    task_loss,
-)
+from .base import BatchScore, ModelLike, PruningMethod, calibrated_view, evaluate, task_loss
 
 
 class RandomMin(PruningMethod):
@@ -43,9 +34,7 @@ class RandomMin(PruningMethod):
         self.loss = loss
 
     def decide(self, model: ModelLike, calibration_data: Iterable, keep: int) -> PruningDecision:
-        with masked_view(model) as masked:
-            check_keep(keep, masked.num_layers)
-            batches = calibration_batches(calibration_data, masked.transformer.device)
+        with calibrated_view(model, calibration_data, keep) as (masked, batches):
             generator = torch.Generator().manual_seed(self.seed)
             candidates, losses = [], []
             for _ in tqdm(range(self.num_candidates), desc="random-min: candidate masks"):

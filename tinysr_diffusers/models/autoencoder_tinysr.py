@@ -67,6 +67,7 @@ def make_conv(
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
 
 
+# Adapted from diffusers.models.unets.unet_2d_blocks.AutoencoderTinyBlock with nn.Conv2d->make_conv(conv_type, ...), plus TAEF2's pool branch
 class TinySRAutoencoderBlock(nn.Module):
     """TAESD residual block: three 3x3 convolutions with activations, a skip, and a ReLU fuse.
 
@@ -115,6 +116,7 @@ class TinySRAutoencoderBlock(nn.Module):
         return self.fuse(self.conv(x) + self.skip(x))
 
 
+# Adapted from diffusers.models.autoencoders.vae.EncoderTiny with nn.Conv2d->make_conv(conv_type, ...), per-block pool channels; no gradient checkpointing
 class TinySREncoder(nn.Module):
     """Images in [-1, 1] -> latents at 1/2^(len(num_blocks)-1) resolution."""
 
@@ -148,6 +150,7 @@ class TinySREncoder(nn.Module):
         return self.layers(x.add(1).div(2))  # TAESD works on [0, 1]
 
 
+# Adapted from diffusers.models.autoencoders.vae.DecoderTiny with nn.Conv2d->make_conv(conv_type, ...), per-block pool channels; no gradient checkpointing
 class TinySRDecoder(nn.Module):
     """Latents -> images in [-1, 1], with TAESD's soft clamp of the input latents."""
 

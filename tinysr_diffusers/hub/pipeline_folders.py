@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 from huggingface_hub import snapshot_download
 
-from .utils import atomic_path
+from ..utils import atomic_path, read_json_object
 
 
 PACKAGE = "tinysr_diffusers"
@@ -79,12 +79,9 @@ def read_model_index(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {MODEL_INDEX}: not a diffusers pipeline folder.")
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-save the pipeline with `save_pretrained`.") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} holds a JSON {type(index).__name__}, not an object: not a pipeline index.")
-    return index
+        return read_json_object(path)
+    except ValueError as error:
+        raise ValueError(f"{error} Re-save the pipeline with `save_pretrained`.") from None
 
 
 def _python_files(folder: Path) -> Iterator[tuple[str, Path]]:

