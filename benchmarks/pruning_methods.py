@@ -25,6 +25,8 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,6 +63,21 @@ VARIANTS = {
     "tinysr+per-sample": ("tinysr", {"per_sample_masks": True}),
     "tinyfusion+per-batch": ("tinyfusion", {"per_sample_masks": False}),
 }
+
+
+@dataclass
+class Setup:
+    """What every method is compared on: the teacher and its fixed conditioning, the training and evaluation latent
+    batches, and for image metrics `decode` (latents -> images in [0, 1]) with, per evaluation batch, the input and HR
+    images the metrics compare with (None: latent metrics only)."""
+
+    teacher: SD3Transformer2DModel
+    conditioning: dict
+    train: list
+    evaluation: list
+    description: str
+    decode: Optional[Callable] = None
+    references: Optional[list] = None  # per evaluation batch: (input images, HR images), each (B, 3, H, W) in [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------ small setup
@@ -162,7 +179,8 @@ def small_setup(args: argparse.Namespace):
         f"down + Gaussian noise ({NOISE[0]:g}-{NOISE[1]:g}) + x4 up, pixel-unshuffle-by-4 latents; teacher: 16-layer SD3 transformer (dim 64) trained "
         f"{args.teacher_steps} steps from scratch."
     )
-    return teacher, {"pooled_projections": torch.zeros(32)}, train, evaluation, to_image, description
+    references = [(to_image(b.lr), to_image(b.hr)) for b in evaluation]  # the latents are lossless
+    return Setup(teacher, {"pooled_projections": torch.zeros(32)}, train, evaluation, description, to_image, references)
 
 
 def given_setup(args: argparse.Namespace):
@@ -176,12 +194,84 @@ def given_setup(args: argparse.Namespace):
         "pooled_projections": load_tensor(args.pooled_projections),
     }
 
-    def read(path):
-        loader = torch.utils.data.DataLoader(LatentPairDataset(path), batch_size=args.batch_size, drop_last=True)
-        return [LatentBatch(b["lr_latents"], b["hr_latents"]) for b in loader]
-
     description = f"Teacher {args.teacher}; data {args.data}; evaluation data {args.eval_data or args.data}."
-    return teacher, conditioning, read(args.data), read(args.eval_data or args.data), None, description
+    train = read_latents(args.data, args.batch_size, args.train_batches)
+    return Setup(teacher, conditioning, train, read_latents(args.eval_data or args.data, args.batch_size), description)
+
+
+def read_latents(path, batch_size: int, limit: Optional[int] = None) -> list[LatentBatch]:
+    """The first `limit` (default: all) full batches of a latent-pair file or folder, in its order."""
+    loader = torch.utils.data.DataLoader(LatentPairDataset(path), batch_size=batch_size, drop_last=True)
+    batches = []
+    for batch in loader:
+        if limit is not None and len(batches) == limit:
+            break
+        batches.append(LatentBatch(batch["lr_latents"], batch["hr_latents"]))
+    return batches
+
+
+def recipe_setup(args: argparse.Namespace) -> Setup:
+    """
+    A run folder of the mini recipe (`python -m training.recipes.mini`): its trained teacher in TAEF2's latent space
+    with its prompt embeddings and t = 1000, the first `--train-batches` batches of the latent cache its prune stage
+    learns from, and crops of its held-out photos (HR, and the LR of the recipe's seeded degradation through the
+    pipelines' own bicubic x4 and TAEF2 encoder). PSNR/SSIM compare TAEF2's decoding of each prediction with the real
+    HR pixels, without colour fix.
+    """
+    from tinysr_diffusers import TSDSRPipeline
+    from tinysr_diffusers.image_processing import bicubic_upscale
+
+    run = Path(args.recipe_run)
+    for needed in ("teacher", "latents", "data/heldout/hr", "data/heldout/lr"):
+        if not (run / needed).exists():
+            raise SystemExit(f"error: {run / needed} is missing: run `python -m training.recipes.mini` first.")
+    pipe = TSDSRPipeline.from_pretrained(run / "teacher")
+    teacher = pipe.transformer.eval().requires_grad_(False)
+    prompt_embeds, pooled = (t.detach() for t in pipe.prompt_embeddings(1))
+    conditioning = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled, "timestep": pipe.timestep}
+    train = read_latents(run / "latents", args.batch_size, args.train_batches)
+
+    files = sorted((run / "data" / "heldout" / "hr").glob("*.png"))
+    per_photo = -(-args.eval_crops // len(files))
+    lr_crops, hr_crops = [], []
+    for file in files:
+        hr = _image_tensor(file)
+        lr = bicubic_upscale(_image_tensor(run / "data" / "heldout" / "lr" / file.name)[None], 4)[0]
+        size = args.crop_size
+        grid = [(top, left) for top in range(0, hr.shape[1] - size + 1, size)
+                for left in range(0, hr.shape[2] - size + 1, size)]
+        for index in np.linspace(0, len(grid) - 1, min(per_photo, len(grid))).round().astype(int):
+            top, left = grid[index]
+            hr_crops.append(hr[:, top : top + size, left : left + size])
+            lr_crops.append(lr[:, top : top + size, left : left + size])
+    evaluation, references = [], []
+    with torch.no_grad():
+        for i in range(0, len(hr_crops), args.batch_size):
+            lr, hr = torch.stack(lr_crops[i : i + args.batch_size]), torch.stack(hr_crops[i : i + args.batch_size])
+            evaluation.append(LatentBatch(pipe.encode_latents(lr * 2 - 1, sample_posterior=False),
+                                          pipe.encode_latents(hr * 2 - 1, sample_posterior=False)))
+            references.append((lr, hr))
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return ((pipe.decode_latents(latents) + 1) / 2).clamp(0, 1)
+
+    layers = teacher.config.num_layers
+    description = (
+        f"Mini recipe run `{run}`: its {layers}-layer SD3 teacher (width {teacher.inner_dim}) in TAEF2's latent space; "
+        f"the first {len(train)} batches of {args.batch_size} of its latent cache (degraded 256-px crops of the "
+        f"training photos); evaluation on {len(hr_crops)} crops of {args.crop_size} px (at most {per_photo} per photo) "
+        f"of the {len(files)} held-out photos ({', '.join(f.stem for f in files)}), PSNR-Y/SSIM-Y of TAEF2's decoding "
+        "against the real HR pixels (no colour fix); 'Degraded input' is the bicubic x4 of the LR photo."
+    )
+    return Setup(teacher, conditioning, train, evaluation, description, decode, references)
+
+
+def _image_tensor(path: Path) -> torch.Tensor:
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
@@ -191,25 +281,22 @@ def _y_channel(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model: MaskedTransformer, batches, teacher_outputs, decode: Optional[Callable]) -> dict[str, float]:
-    distill, psnr, ssim = [], [], []
-    for batch, target in zip(batches, teacher_outputs):
+def evaluate(model: MaskedTransformer, setup: Setup, teacher_outputs) -> dict[str, float]:
+    distill, images = [], []
+    for batch, target in zip(setup.evaluation, teacher_outputs):
         prediction = model.predict_clean(batch.lr)
         distill.append(F.mse_loss(prediction, target).item())
-        if decode is not None:
-            sr, hr = _y_channel(decode(prediction)), _y_channel(decode(batch.hr))
-            for a, b in zip(sr, hr):
-                psnr.append(10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
-                ssim.append(structural_similarity(a, b, data_range=1.0))
+        if setup.decode is not None:
+            images.append(setup.decode(prediction))
     metrics = {"distill_mse": float(np.mean(distill))}
-    if decode is not None:
-        metrics.update(psnr_y=float(np.mean(psnr)), ssim_y=float(np.mean(ssim)))
+    if setup.decode is not None:
+        metrics.update(image_metrics(images, [hr for _, hr in setup.references]))
     return metrics
 
 
-def input_metrics(batches, decode: Callable) -> dict[str, float]:
-    """PSNR / SSIM of the degraded, bicubic-upsampled input itself (the floor any SR model should beat)."""
-    pairs = [(a, b) for batch in batches for a, b in zip(_y_channel(decode(batch.lr)), _y_channel(decode(batch.hr)))]
+def image_metrics(predictions: list[torch.Tensor], references: list[torch.Tensor]) -> dict[str, float]:
+    """Mean PSNR / SSIM on the Y channel of batches of images in [0, 1] against their references."""
+    pairs = [(a, b) for x, y in zip(predictions, references) for a, b in zip(_y_channel(x), _y_channel(y))]
     return {
         "psnr_y": float(np.mean([10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12)) for a, b in pairs])),
         "ssim_y": float(np.mean([structural_similarity(a, b, data_range=1.0) for a, b in pairs])),
@@ -278,6 +365,7 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
             ]
         lines.append("| " + " | ".join(cells) + " |")
     recovery = f"LoRA rank {args.recovery_rank}" if args.recovery_rank else "full fine-tuning"
+    learner_source = f"from {args.learner_config}" if args.learner_config else "the paper's and TinyFusion's"
     return "\n".join(
         [
             "# Depth-pruning methods compared (Table 2 protocol)",
@@ -294,7 +382,8 @@ def markdown(rows: list[dict], teacher_metrics: dict, args: argparse.Namespace, 
             f"{args.recovery_lr}, distillation MSE (paper A.4), identical data order and seed). The score-based "
             f"methods evaluate on that data (random-min draws {args.random_candidates} masks); the learned methods "
             f"search {args.search_steps} steps over it (LoRA rank {args.lora_rank}, EMA {args.ema_decay}, other "
-            f"settings the paper's and TinyFusion's). Metrics on {args.eval_crops if args.small else 'the evaluation'} "
+            f"settings {learner_source}). "
+            f"Metrics on {args.eval_samples} "
             f"held-out samples. Search space: {args.space.summary()}",
             "",
             *lines,
@@ -331,6 +420,8 @@ def data_budget(args: argparse.Namespace) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="Build the small CPU setup from scikit-image photos.")
+    parser.add_argument("--recipe-run", help="A run folder of `python -m training.recipes.mini` (its teacher, latent "
+                        "cache and held-out photos; not with --small).")
     parser.add_argument("--teacher", help="SD3 transformer folder (not with --small).")
     parser.add_argument("--subfolder", default=None)
     parser.add_argument("--data", help="Latent pairs for calibration, search and recovery (not with --small).")
@@ -345,6 +436,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration-batches", type=int, default=None,
                         help="Score-based methods see only the first N training batches (default: all, like the "
                         "learned methods).")
+    parser.add_argument("--train-batches", type=int, default=None,
+                        help="Use only the first N batches of --data / the recipe's cache (default: all).")
+    parser.add_argument("--learner-config", help="A training/distill.py prune-stage YAML: its `prune` section and "
+                        "LoRA settings for the learned methods (then --search-steps, --lora-rank and --ema-decay come "
+                        "from it).")
     parser.add_argument("--search-steps", type=int, default=400)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--ema-decay", type=float, default=0.99)
@@ -357,10 +453,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-crops", type=int, default=256)
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=80)
-    parser.add_argument("--output", default="benchmarks/results/pruning_methods.md")
+    parser.add_argument("--output", default="benchmarks/results/pruning_methods.md",
+                        help="The markdown table; its .json record beside it; finished rows are kept in "
+                        ".partial.json beside it until the table is written, and a rerun with the same settings "
+                        "resumes after them.")
     args = parser.parse_args(argv)
-    if args.small == bool(args.teacher or args.data):
-        parser.error("give either --small or --teacher and --data")
+    if [bool(args.small), bool(args.recipe_run), bool(args.teacher or args.data)].count(True) != 1:
+        parser.error("give one of --small, --recipe-run, or --teacher and --data")
     unknown = [m for m in args.methods.split(",") if m not in all_methods]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {all_methods}")
@@ -371,9 +470,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = f"{threads}python -m benchmarks.pruning_methods " + " ".join(sys.argv[1:] if argv is None else argv)
-    teacher, conditioning, train, evaluation, decode, description = (small_setup if args.small else given_setup)(args)
+    setup = (small_setup if args.small else recipe_setup if args.recipe_run else given_setup)(args)
+    teacher, conditioning, train = setup.teacher, setup.conditioning, setup.train
     args.num_layers = teacher.config.num_layers
     args.keep = args.keep or args.num_layers // 2
+    args.eval_samples = sum(len(batch.lr) for batch in setup.evaluation)
     try:  # before any method runs: the learned methods need the keep count in every block
         args.space = SearchSpace.from_keep(args.num_layers, args.keep, args.block_size)
     except ValueError as error:
@@ -383,48 +484,88 @@ def main(argv=None) -> None:
 
     with torch.no_grad(), MaskedTransformer(teacher, **conditioning) as model:
         teacher_train = [model.predict_clean(b.lr) for b in train]
-        teacher_eval = [model.predict_clean(b.lr) for b in evaluation]
-        teacher_metrics = evaluate(model, evaluation, teacher_eval, decode)
-    if decode is not None:
-        teacher_metrics["input"] = input_metrics(evaluation, decode)
+        teacher_eval = [model.predict_clean(b.lr) for b in setup.evaluation]
+        teacher_metrics = evaluate(model, setup, teacher_eval)
+    if setup.decode is not None:
+        teacher_metrics["input"] = image_metrics(*zip(*setup.references))
 
-    learned = dict(
-        max_steps=args.search_steps,
-        block_size=args.block_size,
-        lora_rank=args.lora_rank,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        log_every=max(1, args.search_steps // 20),
-    )  # the learned methods' MaskLearnerConfig: these settings, its defaults for the rest
+    if args.learner_config:
+        learned = learner_settings(args)
+    else:
+        learned = dict(
+            max_steps=args.search_steps,
+            block_size=args.block_size,
+            lora_rank=args.lora_rank,
+            ema_decay=args.ema_decay,
+            seed=args.seed,
+            log_every=max(1, args.search_steps // 20),
+        )  # the learned methods' MaskLearnerConfig: these settings, its defaults for the rest
     MaskLearnerConfig.from_dict({"keep": args.keep, **learned})  # invalid settings stop before any method runs
-    rows = []
+    partial = Path(args.output).with_suffix(".partial.json")
+    settings = {key: value for key, value in sorted(vars(args).items()) if key not in ("output", "methods", "space")}
+    rows = finished_rows(partial, settings)
     for name in args.methods.split(","):
+        if any(row["method"] == name for row in rows):
+            print(f"{name}: done in an earlier run ({partial}), kept.", flush=True)
+            continue
         base, extra = VARIANTS.get(name, (name, {}))
         options = {
             "tinysr": learned,
             "tinyfusion": learned,
             "random-min": {"num_candidates": args.random_candidates, "seed": args.seed},
         }.get(base, {})
-        method = get_method(base, **options, **extra)
+        method = get_method(base, **{**options, **extra})
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         with MaskedTransformer(teacher, **conditioning) as model:
             decision = method.decide(model, calibration if base not in ("tinysr", "tinyfusion") else train, args.keep)
             seconds = time.perf_counter() - start
         with MaskedTransformer(prune_sd3(teacher, decision.keep_layers), **conditioning) as pruned:
-            before = evaluate(pruned, evaluation, teacher_eval, decode)
+            before = evaluate(pruned, setup, teacher_eval)
         student = recover(teacher, conditioning, decision.keep_layers, train, teacher_train, args)
         with MaskedTransformer(student, **conditioning) as recovered:
-            after = evaluate(recovered, evaluation, teacher_eval, decode)
+            after = evaluate(recovered, setup, teacher_eval)
         rows.append(
             {"method": name, "keep_layers": decision.keep_layers, "seconds": seconds, "before": before, "after": after}
         )
+        write_json(partial, {"settings": settings, "rows": rows})
         print(json.dumps(rows[-1]), flush=True)
 
-    text = markdown(rows, teacher_metrics, args, description, command)
+    order = args.methods.split(",")
+    rows = sorted((row for row in rows if row["method"] in order), key=lambda row: order.index(row["method"]))
+    text = markdown(rows, teacher_metrics, args, setup.description, command)
     atomic_write_text(args.output, text)
     write_json(Path(args.output).with_suffix(".json"), {"command": command, "teacher": teacher_metrics, "rows": rows})
+    partial.unlink(missing_ok=True)
     print(text)
+
+
+def finished_rows(partial: Path, settings: dict) -> list[dict]:
+    """The rows an interrupted run with the same settings finished (each method's run is seeded, so they are what
+    this run would compute); none if the settings differ."""
+    if not partial.exists():
+        return []
+    record = json.loads(partial.read_text())
+    if record.get("settings") != json.loads(json.dumps(settings, default=str)):
+        print(f"{partial}: an earlier run with other settings; starting afresh.", flush=True)
+        return []
+    return record["rows"]
+
+
+def learner_settings(args: argparse.Namespace) -> dict:
+    """The learned methods' settings from a prune-stage YAML of `training/distill.py` (the same MaskLearnerConfig
+    that stage builds), with this benchmark's keep count, block size and seed."""
+    from training.config import load_config
+
+    config = load_config(["--config", args.learner_config, "teacher=unused", "latent_cache=unused",
+                          f"prune.keep={args.keep}"])
+    settings = dataclasses.asdict(config.mask_learner_config())
+    for name in ("keep", "search", "output_dir", "report_to", "checkpointing_steps", "checkpoints_total_limit"):
+        settings.pop(name, None)
+    settings.update(block_size=args.block_size, seed=args.seed)
+    args.search_steps, args.lora_rank = settings["max_steps"], settings["lora_rank"]
+    args.ema_decay = settings["ema_decay"]
+    return settings
 
 
 if __name__ == "__main__":

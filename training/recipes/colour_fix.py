@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     from tinysr_diffusers import TSDSRPipeline
     from tinysr_diffusers.image_processing import bicubic_upscale
-    from tinysr_diffusers.metrics import create_metric
+    from tinysr_diffusers.evaluation.metrics import create_metric
     from training.recipes.mini import heldout_lr, load_recipe
 
     out, recipe = Path(args.output_dir), load_recipe()

@@ -17,7 +17,7 @@ LATENCY_REPEATS = 5
 
 def efficiency(teacher, student, lr: torch.Tensor) -> dict:
     """Parameters, module MACs and median CPU latency at a 512x512 output, teacher and student interleaved."""
-    from tinysr_diffusers.profiling import count_parameters, module_macs
+    from tinysr_diffusers.evaluation.profiling import count_parameters, module_macs
 
     pipes = {"teacher": teacher, "tinysr": student}
     rows = {}
@@ -46,7 +46,9 @@ def reconstruct(vae, hr: torch.Tensor) -> torch.Tensor:
     return ((vae.decode(vae.encode(padded).latents).sample + 1) / 2)[..., : hr.shape[-2], : hr.shape[-1]]
 
 
-def evaluate_mini(out: Path, folder: Path) -> dict:
+def evaluate_mini(out: Path, folder: Path, color_fix: str) -> dict:
+    """Score the run in `out` into `folder`; teacher and TinySR both with `color_fix` (the recipe's), so that the
+    two differ only by what the recipe trained."""
     from benchmarks.quality import load_image, save_image, score
     from benchmarks.reporting import cpu_model
     from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
@@ -62,8 +64,8 @@ def evaluate_mini(out: Path, folder: Path) -> dict:
     methods = {
         "bicubic": lambda lr, hr: bicubic_upscale(lr, 4),
         "taef2 (HR reconstruction)": lambda lr, hr: reconstruct(taef2, hr),
-        "teacher": lambda lr, hr: teacher(lr, output_type="pt").images,
-        "tinysr": lambda lr, hr: student(lr, output_type="pt").images,
+        "teacher": lambda lr, hr: teacher(lr, output_type="pt", color_fix=color_fix).images,
+        "tinysr": lambda lr, hr: student(lr, output_type="pt", color_fix=color_fix).images,
     }
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
@@ -77,7 +79,8 @@ def evaluate_mini(out: Path, folder: Path) -> dict:
                 save_image(fn(lr, hr), path)
                 files[method][name] = path
     hr_files = {name: hr_dir / f"{name}.png" for name in names}
-    results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "photos": names, "quality": {}}
+    results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "photos": names, "color_fix": color_fix,
+               "quality": {}}
     for method, sr_files in files.items():
         status, per_image = score(sr_files, hr_files, METRICS, torch.device("cpu"), allow_download=False)
         results["quality"][method] = {
@@ -116,4 +119,5 @@ def efficiency_markdown(results: dict) -> str:
 
 def results_markdown(results: dict) -> str:
     return "\n\n".join([quality_markdown(results), efficiency_markdown(results),
-                         f"Held-out photos: {', '.join(results['photos'])}.", ""])
+                         f"Held-out photos: {', '.join(results['photos'])}; teacher and TinySR with the "
+                         f"{results['color_fix']} colour fix.", ""])

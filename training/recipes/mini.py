@@ -15,8 +15,9 @@ folder exists, so the recipe runs in pieces across sessions; the training stages
 5. `teacher`: `training/distill.py` stage `teacher` from `teacher_init`, with pixel MSE and a little LPIPS on decoded
    images (`training/configs/mini/teacher.yaml` says why not latent MSE).
 6. `student_vae_init`, `vae_encoder`: the student's separable encoder, distilled from TAEF2's.
-7. `prune` (TinySR mask learning on the teacher), `latent` (stage 1), `pixel` (stage 2), `export`, `evaluate`, `ship`
-   (the default model into the package, the small results into `benchmarks/results/mini/`).
+7. `prune` (TinySR mask learning on the teacher), `pruning_table` (every pruning method on the teacher, the same
+   recovery, held-out scores: the README's pruning table), `latent` (stage 1), `pixel` (stage 2), `export`,
+   `evaluate`, `ship` (the default model into the package, the small results into `benchmarks/results/mini/`).
 
 Configs: `training/configs/mini/`. Every stage logs its wall time (`timings.json`) and, for training stages, its loss
 curve (tensorboard in `<stage>/logs`, and `<stage>/loss.png`).
@@ -133,7 +134,7 @@ def heldout_lr(hr, degradation: dict, seed: int, index: int):
     import numpy as np
     import torch
 
-    from tinysr_diffusers.degradations import DegradationConfig, RealESRGANDegradation
+    from tinysr_diffusers.training_utils.degradations import DegradationConfig, RealESRGANDegradation
     from training.data import seeded_generator
 
     degrade = RealESRGANDegradation(DegradationConfig.from_dict(degradation))
@@ -198,7 +199,7 @@ def stage_data(recipe: dict, folder: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- models
 def stage_taef2(recipe: dict, folder: Path) -> None:
-    from tinysr_diffusers.conversion import convert_taef2
+    from tinysr_diffusers.hub.conversion import convert_taef2
 
     vae = convert_taef2(TAEF2_DIR / "taef2_encoder.pth", TAEF2_DIR / "taef2_decoder.pth")
     vae.save_pretrained(folder)
@@ -288,6 +289,26 @@ def stage_prune(recipe: dict, folder: Path, out: Path) -> None:
                 student_vae=str(out / "vae_encoder"), **{"prune.keep": recipe["keep_layers"]})
     for name in ("pruning.json", "keep_probabilities.png"):
         shutil.copy(out / "prune-run" / name, out / f"prune.{name}")
+
+
+def stage_pruning_table(recipe: dict, folder: Path, out: Path) -> None:
+    """Every pruning method on the trained teacher at the prune stage's keep count, each followed by the same short
+    recovery, scored on crops of the held-out photos: `benchmarks/pruning_methods.py --recipe-run` with the settings
+    of `pruning_table` in `recipe.yaml` and the prune stage's search settings. It runs in `<out>/pruning_table-run`,
+    which keeps finished methods, so an interrupted stage resumes after them."""
+    from benchmarks.pruning_methods import main as compare_methods
+
+    run_dir = out / "pruning_table-run"
+    run_dir.mkdir(exist_ok=True)
+    settings = dict(recipe["pruning_table"])
+    argv = ["--recipe-run", str(out), "--learner-config", str(CONFIG_DIR / "prune.yaml"),
+            "--keep", str(recipe["keep_layers"]), "--batch-size", str(stage_config("prune")["batch_size"]),
+            "--seed", str(recipe["seed"]), "--methods", ",".join(settings.pop("methods")),
+            "--output", str(run_dir / "pruning_table.md")]
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+    compare_methods(argv)
+    for name in ("pruning_table.md", "pruning_table.json"):
+        shutil.copy(run_dir / name, folder / name)
 
 
 def stage_latent(recipe: dict, folder: Path, out: Path) -> None:
@@ -391,7 +412,7 @@ def stage_evaluate(recipe: dict, folder: Path, out: Path) -> None:
     scored with PSNR-Y, SSIM-Y, LPIPS, DISTS, NIQE; parameters and CPU latency of teacher and student."""
     from training.recipes.evaluate import evaluate_mini
 
-    evaluate_mini(out, folder)
+    evaluate_mini(out, folder, recipe["color_fix"])
 
 
 PACKAGE_MODEL = ROOT / "tinysr_diffusers" / "default_model"
@@ -411,6 +432,7 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
     timings = json.loads((out / "timings.json").read_text())
     export = json.loads((out / "export_check.json").read_text())
     pruning = json.loads((out / "prune.pruning.json").read_text())
+    pruning_table = (out / "pruning_table" / "pruning_table.md").read_text()
     teacher = json.loads((out / "teacher" / "transformer" / "config.json").read_text())
     efficiency = results["efficiency"]
     train = [row for row in sources if row["split"] == "train"]
@@ -422,6 +444,8 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
         "teacher_params": f"{efficiency['teacher']['transformer_parameters'] / 1e6:.1f}",
         "teacher_layers": teacher["num_layers"],
         "kept_layers": ", ".join(map(str, pruning["keep_layers"])),
+        "kept_count": len(pruning["keep_layers"]),
+        "pruning_table": "\n".join(line for line in pruning_table.splitlines() if line.startswith("|")),
         "student_params": f"{efficiency['tinysr']['parameters'] / 1e6:.2f}",
         "heldout": ", ".join(results["photos"]),
         "quality_table": quality_markdown(results),
@@ -441,6 +465,7 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source in (out / "evaluate" / "results.json", out / "evaluate" / "results.md", out / "timings.json",
                    out / "export_check.json", out / "data" / "sources.json", out / "prune.pruning.json",
+                   out / "pruning_table" / "pruning_table.md", out / "pruning_table" / "pruning_table.json",
                    out / "prune.keep_probabilities.png", *out.glob("*.loss.png")):
         shutil.copy(source, RESULTS / source.name)
     (folder / "shipped.json").write_text(json.dumps({"to": str(PACKAGE_MODEL)}) + "\n")
@@ -460,6 +485,7 @@ STAGES: dict[str, Callable] = {
     "student_vae_init": stage_student_vae_init,
     "vae_encoder": stage_vae_encoder,
     "prune": stage_prune,
+    "pruning_table": stage_pruning_table,
     "latent": stage_latent,
     "pixel": stage_pixel,
     "export": stage_export,
