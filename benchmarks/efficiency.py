@@ -1,20 +1,40 @@
 """TinySR against its teacher TSD-SR: parameters, MACs, FLOPs, latency and peak memory, and a size sweep.
 
     python -m benchmarks.efficiency [--quick] [--device cpu|cuda] [--dtypes fp32,fp16,bf16] [--compile-dtypes fp32]
+        [--models teacher,tinysr,tinysr-folded] [--schedule interleaved|one-at-a-time]
 
 The teacher is the TSD-SR architecture (SD3-medium transformer with its 333-token prompt, SD3 VAE) and the student
 TinySR (12 of its 24 layers cut by `TinySRPipeline.from_teacher`, modulation cached, tiny VAE), both with random
 weights: speed and memory depend on the architecture, not on the weights. Each part is measured through the
 pipelines: the whole call (`output_type="pt"`), the transformer alone (the velocity of one latent) and the VAE alone
-(encode + decode). Within one group (device, dtype, compiled or not) every case runs in turn, repetition after
-repetition, so that a noisy machine slows teacher and student alike and their ratio holds. Latency is the median of
-`--repeats` runs after `--warmup` runs (`torch.cuda.synchronize` around each on CUDA); peak memory is the extra
-memory a call needs above what was allocated before it (see `benchmarks.memory.PeakMemory`), the weights are listed
-apart. Params, module MACs (Linear/Conv only, as the paper) and FLOPs (all operations) come from
-`tinysr_diffusers.profiling`.
+(encode + decode). Latency is the median of `--repeats` runs after `--warmup` runs (`torch.cuda.synchronize` around
+each on CUDA); peak memory is the extra memory a call needs above what was allocated before it (see
+`benchmarks.memory.PeakMemory`), the weights are listed apart. A group is one device, dtype and compiled or not.
+
+Two schedules keep the teacher / student ratio honest on a noisy machine:
+
+- `interleaved` (the default with `--quick`): every model is built once; for each group, copies of all of them run
+  every case in turn, repetition after repetition, so that noise slows teacher and student alike.
+- `one-at-a-time` (the default at full size): the teacher's fp32 weights alone are 8.1 GiB, and holding them next
+  to per-group copies runs a 24 GB machine out of memory. Only one model is held while it is measured, and freed after
+  (`del`, a full garbage collection, `malloc_trim`): for each group the students run half of the timed runs, then the
+  teacher alone, then the students the other half. Their medians before and after the teacher are reported: the gap
+  is how much the machine drifted while the teacher ran. The teacher is rebuilt from the seed for each group, in fp32
+  then cast in place (no copy), so that every dtype measures the cast of the same fp32 weights, as `interleaved`
+  does; the students are copies of an fp32 student cut from it, dropped while the teacher is held and cut again
+  from a rebuilt teacher after (the same weights). The peak is about the fp32 teacher plus its activations and the
+  Python runtime: about 11 GiB at full size.
+
+Params, module MACs (Linear/Conv only, as the paper) and FLOPs (all operations) come from
+`tinysr_diffusers.evaluation.profiling`, counted once on the same pipelines built on the meta device (shapes, no
+weights: no memory, seconds at full size); they equal the counts on real weights (tests/test_efficiency_memory.py).
+The resident memory after each build and free, and the peak memory of the whole process (`VmHWM` over the run), are
+recorded with the results.
 
 The sweep runs the tiled pipeline from 256 to 4096 output pixels (and untiled where that fits) to show that latency
-grows with the pixels while peak memory stays bounded by the tile size.
+grows with the pixels while peak memory stays bounded by the tile size. Untiled, the teacher's activations grow with
+the pixels (its SD3 VAE alone: 0.3 GiB in fp32 at 256 px, so about 1, 4 and 16 GiB at 512, 1024 and 2048 px): on a
+24 GB CPU machine keep `--sweep-sizes` at 1024 or less.
 
 `--quick` divides every width (attention heads, text widths, VAE channels) by 8 and keeps 4 of 8 layers, at 256 px:
 a few minutes on 2 CPU cores. Its ratios are those of the scaled models, not of the paper's; the output says so.
@@ -35,11 +55,11 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
-from benchmarks.memory import PeakMemory
+from benchmarks.memory import MemoryLog, PeakMemory, machine_memory_mib, process_peak_mib, release_free_memory
 from benchmarks.reporting import command_line, environment, environment_markdown, markdown_table
 from tinysr_diffusers import PromptEmbeddings, TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
-from tinysr_diffusers.profiling import count_parameters, module_macs, total_flops
-from tinysr_diffusers.reference_configs import (
+from tinysr_diffusers.evaluation.profiling import count_parameters, module_macs, total_flops
+from tinysr_diffusers.evaluation.reference_configs import (
     SD3_MEDIUM_TRANSFORMER_CONFIG,
     SD3_VAE_CONFIG,
     TINYSR_KEEP_LAYERS,
@@ -51,12 +71,14 @@ from tinysr_diffusers.utils import atomic_path, atomic_write_text
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPONENTS = ("pipeline", "transformer", "vae")
 TEACHER, STUDENT, STUDENT_FOLDED = "TSD-SR (teacher)", "TinySR", "TinySR, folded modulation"
+MODELS = {"teacher": TEACHER, "tinysr": STUDENT, "tinysr-folded": STUDENT_FOLDED}  # `--models` names, in row order
+SCHEDULES = ("interleaved", "one-at-a-time")
 TINY_VAE_CHANNELS = 64  # TinySRAutoencoder's default width
 
 
 @dataclass(frozen=True)
 class Scale:
-    """Model and image sizes of one benchmark mode."""
+    """Model and image sizes of one benchmark mode, and how its models are held (`SCHEDULES`)."""
 
     name: str
     width_divisor: int  # divides the attention heads, the text widths and both VAEs' channels
@@ -72,20 +94,21 @@ class Scale:
     tile_size: int = 64  # latent tile of the sweep (the pipelines' default, 512 px)
     tile_overlap: int = 8
     sweep_models: tuple[str, ...] = (STUDENT, TEACHER)
+    schedule: str = "interleaved"
     note: str = ""
 
 
 FULL = Scale(
     "full", 1, 24, TINYSR_KEEP_LAYERS, 512, (256, 512, 1024, 2048, 4096), 2048, repeats=10, warmup=2, sweep_repeats=3,
-    note="The paper's architectures at full size.",
-)
+    schedule="one-at-a-time", note="The paper's architectures at full size.",
+)  # fmt: skip
 QUICK = Scale(
     "quick", 8, 8, (1, 3, 5, 7), 256, (256, 512, 1024, 2048, 4096), 1024, repeats=3, warmup=1, sweep_repeats=1,
     sweep_models=(STUDENT,),
     note=(
         "Quick mode: every width (attention heads 24 -> 3, text widths, SD3-VAE and tiny-VAE channels) divided by 8, "
         "8 teacher layers of which the student keeps 4, 256 px output, 333 text tokens kept. The ratios below are "
-        "those of these scaled models, not the paper's; run without --quick (a GPU) for the real sizes."
+        "those of these scaled models, not the paper's; run without --quick for the real sizes."
     ),
 )
 
@@ -118,23 +141,92 @@ def tiny_vae_config(scale: Scale) -> dict:
     return dict(encoder_block_out_channels=channels, decoder_block_out_channels=channels)
 
 
-def build_pipelines(scale: Scale, seed: int = 0) -> dict[str, "TSDSRPipeline | TinySRPipeline"]:
-    """Teacher, student and student with folded modulation, fp32 on the CPU, random weights."""
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_teacher(scale: Scale, seed: int = 0) -> TSDSRPipeline:
+    """The teacher in fp32 on the default device (`meta` inside `with torch.device("meta")`), random weights drawn
+    from `seed`: the same weights at every call, so that it can be freed and rebuilt."""
     torch.manual_seed(seed)
     config = transformer_config(scale)
     transformer = SD3Transformer2DModel(**config).eval()
     prompt = PromptEmbeddings.from_tensors(
         torch.randn(scale.text_tokens, config["joint_attention_dim"]), torch.randn(config["pooled_projection_dim"])
     )
-    teacher = TSDSRPipeline(transformer=transformer, vae=AutoencoderKL(**vae_config(scale)).eval(), prompt_embeddings=prompt)
-    student = TinySRPipeline.from_teacher(
-        teacher, scale.keep_layers, vae=TinySRAutoencoder(**tiny_vae_config(scale)).eval()
-    )
-    folded = TinySRPipeline(transformer=copy.deepcopy(student.transformer).fold_modulation(), vae=student.vae)
-    pipelines = {TEACHER: teacher, STUDENT: student, STUDENT_FOLDED: folded}
-    for pipe in pipelines.values():
-        pipe.set_progress_bar_config(disable=True)
+    vae = AutoencoderKL(**vae_config(scale)).eval()
+    return _quiet(TSDSRPipeline(transformer=transformer, vae=vae, prompt_embeddings=prompt))
+
+
+def cut_student(teacher: TSDSRPipeline, scale: Scale) -> TinySRPipeline:
+    """The student: the teacher's transformer cut to `scale.keep_layers` (copies of its tensors) and a tiny VAE."""
+    vae = TinySRAutoencoder(**tiny_vae_config(scale)).eval()
+    return _quiet(TinySRPipeline.from_teacher(teacher, scale.keep_layers, vae=vae))
+
+
+def student_variants(student: TinySRPipeline, models: Sequence[str]) -> dict[str, TinySRPipeline]:
+    """The students among `models`: `student` itself and a copy with its modulation folded, sharing its VAE."""
+    variants = {STUDENT: student} if STUDENT in models else {}
+    if STUDENT_FOLDED in models:
+        folded = copy.deepcopy(student.transformer).fold_modulation()
+        variants[STUDENT_FOLDED] = _quiet(TinySRPipeline(transformer=folded, vae=student.vae))
+    return variants
+
+
+def build_pipelines(
+    scale: Scale, seed: int = 0, models: Sequence[str] = tuple(MODELS.values())
+) -> dict[str, "TSDSRPipeline | TinySRPipeline"]:
+    """Every model of `models` at once (teacher, student, student with folded modulation), fp32 on the default
+    device, random weights; the students are cut from the teacher even when it is not among `models`."""
+    teacher = build_teacher(scale, seed)
+    pipelines = {TEACHER: teacher} if TEACHER in models else {}
+    if set(models) - {TEACHER}:
+        pipelines.update(student_variants(cut_student(teacher, scale), models))
     return pipelines
+
+
+class ModelSource:
+    """The pipelines each measurement gets: fresh (fp32, on the CPU) and its own, so that they are freed with it.
+
+    `interleaved`: every model is built here once and each measurement gets copies. `one-at-a-time`: the teacher is
+    rebuilt from the seed for each measurement; the students are copies of an fp32 student cut from it, kept here
+    between the students' rounds but dropped while the teacher is held (and cut again after, the same weights), so
+    that the peak is the fp32 teacher and its activations.
+    """
+
+    def __init__(self, scale: Scale, models: Sequence[str], seed: int = 0):
+        self.scale, self.models, self.seed = scale, [model for model in MODELS.values() if model in models], seed
+        self.students = [model for model in self.models if model != TEACHER]
+        self.pipelines = build_pipelines(scale, seed, self.models) if scale.schedule == "interleaved" else {}
+        self.student: Optional[TinySRPipeline] = None
+
+    def rounds(self, repeats: int) -> list[tuple[list[str], int]]:
+        """(models measured together, timed runs) of one group, in order: all models at once, or the students'
+        runs split around the teacher's."""
+        if self.scale.schedule == "interleaved":
+            return [(self.models, repeats)]
+        if TEACHER not in self.models:
+            return [(self.students, repeats)]
+        if not self.students:
+            return [([TEACHER], repeats)]
+        rounds = [(self.students, (repeats + 1) // 2), ([TEACHER], repeats), (self.students, repeats // 2)]
+        return [(models, runs) for models, runs in rounds if runs]
+
+    def build(self, models: Sequence[str]) -> dict[str, "TSDSRPipeline | TinySRPipeline"]:
+        """Fresh pipelines of `models`, fp32 on the CPU, for the caller alone."""
+        if self.scale.schedule == "interleaved":  # one deep copy, so the student variants still share a VAE
+            return copy.deepcopy({model: self.pipelines[model] for model in models})
+        pipelines = {}
+        if TEACHER in models:
+            self.student = None  # not held next to the teacher: cut again after it
+            release_free_memory(full=True)
+            pipelines[TEACHER] = build_teacher(self.scale, self.seed)
+        if set(models) - {TEACHER}:
+            if self.student is None:
+                self.student = cut_student(build_teacher(self.scale, self.seed), self.scale)
+            pipelines.update(student_variants(copy.deepcopy(self.student), models))
+        return pipelines
 
 
 def _compile(pipe) -> None:
@@ -144,19 +236,17 @@ def _compile(pipe) -> None:
     pipe.vae.decoder.compile()
 
 
-def _place(pipelines: dict, device: torch.device, dtype: torch.dtype, compiled: bool) -> dict:
-    """Copies of the pipelines on `device` in `dtype` (one deep copy, so the student variants still share a VAE)."""
-    placed = copy.deepcopy(pipelines)
+def _place(pipelines: dict, device: torch.device, dtype: torch.dtype, compiled: bool) -> None:
+    """Move and cast the pipelines in place, one tensor at a time (no second copy of the weights); compile them."""
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # diffusers warns at every cast of a model built in fp32
     try:
-        for pipe in placed.values():
+        for pipe in pipelines.values():
             pipe.to(device=device, dtype=dtype)
             if compiled:
                 _compile(pipe)
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    return placed
 
 
 # ------------------------------------------------------------------------------------------------------------- cases
@@ -166,14 +256,19 @@ class Case:
     model: str
     fn: Callable[[], object]
     modules: list = field(default_factory=list)
+    count_fn: Optional[Callable[[], object]] = None  # what is counted, if not `fn`
 
 
 def cases(pipelines: dict, output_size: int, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    """Every (component, model) measurement at one output size. The VAE is measured once for the student."""
+    """Every (component, model) measurement at one output size. The VAE is measured once for the student.
+
+    The whole call is counted through the pipeline's untiled recipe (`_upscale`, what the call runs for one image):
+    the call's input checks read values, which tensors on the meta device do not have.
+    """
     generator = torch.Generator().manual_seed(0)
     low_res = torch.rand(1, 3, output_size // 4, output_size // 4, generator=generator).to(device)
     latent_side = output_size // 8
-    in_channels = pipelines[STUDENT].transformer.config.in_channels
+    in_channels = next(iter(pipelines.values())).transformer.config.in_channels
     latents = torch.randn(1, in_channels, latent_side, latent_side, generator=generator).to(device, dtype)
     pixels = (torch.rand(1, 3, output_size, output_size, generator=generator) * 2 - 1).to(device, dtype)
 
@@ -181,7 +276,9 @@ def cases(pipelines: dict, output_size: int, device: torch.device, dtype: torch.
     for model, pipe in pipelines.items():
         result.append(
             Case("pipeline", model, lambda p=pipe: p(low_res, output_type="pt", tile_size=None).images,
-                 [pipe.transformer, pipe.vae])
+                 [pipe.transformer, pipe.vae],
+                 lambda p=pipe: p._upscale(low_res, output_type="pt", color_fix=p.config.get("color_fix", "adain"),
+                                           tile_size=None, tile_overlap=0, tile_batch_size=1, generator=None))
         )  # fmt: skip
         result.append(Case("transformer", model, lambda p=pipe: p.predict_velocity(latents), [pipe.transformer]))
         if model != STUDENT_FOLDED:
@@ -232,93 +329,152 @@ def _weights_mib(modules: list) -> float:
 def count(case: Case) -> dict:
     """Params, module MACs and FLOPs of one case (runs it twice, once per counter)."""
     model = torch.nn.ModuleList(case.modules)
-    return {
-        "params": count_parameters(case.modules),
-        "module_macs": module_macs(case.fn, model),
-        "flops": total_flops(case.fn),
-    }
+    fn = case.count_fn or case.fn
+    return {"params": count_parameters(case.modules), "module_macs": module_macs(fn, model), "flops": total_flops(fn)}
 
 
-def count_all(pipelines: dict, output_size: int, device: torch.device) -> dict[tuple[str, str], dict]:
-    """Counts of every case, in fp32 eager on `device` (a temporary copy, freed on return)."""
-    placed = _place(pipelines, device, torch.float32, False)
-    return {(case.component, case.model): count(case) for case in cases(placed, output_size, device, torch.float32)}
+def count_all(scale: Scale, models: Sequence[str]) -> dict[tuple[str, str], dict]:
+    """Counts of every case, on the pipelines built on the meta device: shapes without weights, no memory."""
+    meta = torch.device("meta")
+    with meta:
+        pipelines = build_pipelines(scale, models=models)
+    group = cases(pipelines, scale.output_size, meta, torch.float32)
+    return {(case.component, case.model): count(case) for case in group}
 
 
 # --------------------------------------------------------------------------------------------------------- benchmark
+def measure(
+    pipelines: dict, scale: Scale, device: torch.device, dtype_name: str, compiled: bool, repeats: int
+) -> dict[tuple[str, str], tuple[list[float], Optional[float], float]]:
+    """Place `pipelines` (in place) for one group and time all their cases together: per (component, model), the
+    latencies in ms, the peak extra memory in MiB and the weights in MiB."""
+    dtype = DTYPES[dtype_name]
+    _place(pipelines, device, dtype, compiled)
+    group = cases(pipelines, scale.output_size, device, dtype)
+    timings = time_interleaved(group, device, scale.warmup, repeats)
+    if compiled:
+        torch.compiler.reset()  # dynamo's caches hold on to the compiled modules
+    return {
+        (case.component, case.model): (*timings[index], _weights_mib(case.modules)) for index, case in enumerate(group)
+    }
+
+
+def _row_order(key: tuple[str, str]) -> tuple[int, int]:
+    component, model = key
+    return list(MODELS.values()).index(model), COMPONENTS.index(component)
+
+
 def compare(
-    pipelines: dict, scale: Scale, device: torch.device, dtypes: Sequence[str], compile_dtypes: Sequence[str],
+    source: ModelSource, scale: Scale, device: torch.device, dtypes: Sequence[str], compile_dtypes: Sequence[str],
+    counts: dict[tuple[str, str], dict], memory_log: Callable[[str], None] = lambda stage: None,
     progress: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Every case in every group (dtype x compiled); counts are taken once, in fp32 eager on `device`."""
+    """Every case of `source`'s models in every group (dtype x compiled), measured in `source.rounds`."""
     groups = [(name, False) for name in dtypes] + [(name, True) for name in compile_dtypes]
-    counts: dict[tuple[str, str], dict] = {}
     rows = []
     for dtype_name, compiled in groups:
         label = f"{dtype_name}{' + torch.compile' if compiled else ''}"
-        progress(f"[efficiency] group {label} on {device}")
-        dtype = DTYPES[dtype_name]
-        placed = _place(pipelines, device, dtype, compiled)
-        group = cases(placed, scale.output_size, device, dtype)
-        if not counts:
-            counts = count_all(pipelines, scale.output_size, device)
-        timings = time_interleaved(group, device, scale.warmup, scale.repeats)
-        for index, case in enumerate(group):
-            latencies, peak = timings[index]
+        rounds: dict[tuple[str, str], list[list[float]]] = {}
+        peaks: dict[tuple[str, str], Optional[float]] = {}
+        weights: dict[tuple[str, str], float] = {}
+        for models, repeats in source.rounds(scale.repeats):
+            names = " + ".join(models)  # the models' names hold commas
+            progress(f"[efficiency] group {label} on {device}: {names}")
+            pipelines = source.build(models)
+            memory_log(f"{label}: {names} built")
+            measured = measure(pipelines, scale, device, dtype_name, compiled, repeats)
+            del pipelines
+            release_free_memory(full=True)
+            memory_log(f"{label}: {names} measured and freed")
+            for key, (latencies, peak, weights_mib) in measured.items():
+                rounds.setdefault(key, []).append(latencies)
+                if peak is not None:
+                    peaks[key] = max(peaks.get(key) or 0.0, peak)
+                weights[key] = weights_mib
+        for key in sorted(rounds, key=_row_order):
+            component, model = key
+            latencies = [value for runs in rounds[key] for value in runs]
+            peak = peaks.get(key)
             rows.append(
                 {
-                    "component": case.component,
-                    "model": case.model,
+                    "component": component,
+                    "model": model,
                     "dtype": dtype_name,
                     "compiled": compiled,
                     "output_size": scale.output_size,
-                    **counts[(case.component, case.model)],
-                    "weights_mib": round(_weights_mib(case.modules), 3),
+                    **counts[key],
+                    "weights_mib": round(weights[key], 3),
                     "latency_ms": round(statistics.median(latencies), 3),
                     "latency_ms_runs": [round(value, 3) for value in latencies],
+                    "latency_ms_rounds": [round(statistics.median(runs), 3) for runs in rounds[key]],
                     "peak_extra_mib": None if peak is None else round(peak, 1),
                 }
             )
-        del placed, group
     return rows
 
 
+def _ratio(teacher: dict, student: dict, key: str) -> Optional[float]:
+    if not student[key] or teacher[key] is None:
+        return None
+    return round(teacher[key] / student[key], 2)
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-    """Teacher / student per component and group, for both student variants."""
+    """Teacher / student per component and group, for both student variants (none without the teacher)."""
     index = {(r["component"], r["model"], r["dtype"], r["compiled"]): r for r in rows}
     result = []
     for (component, model, dtype, compiled), row in index.items():
-        if model == TEACHER:
+        teacher = index.get((component, TEACHER, dtype, compiled))
+        if model == TEACHER or teacher is None:
             continue
-        teacher = index[(component, TEACHER, dtype, compiled)]
-
-        def ratio(key):
-            if not row[key] or teacher[key] is None:
-                return None
-            return round(teacher[key] / row[key], 2)
-
         result.append(
             {
                 "component": component,
                 "student": model,
                 "dtype": dtype,
                 "compiled": compiled,
-                "speedup": ratio("latency_ms"),
-                "params_ratio": ratio("params"),
-                "macs_ratio": ratio("module_macs"),
-                "flops_ratio": ratio("flops"),
-                "memory_ratio": ratio("peak_extra_mib"),
+                "speedup": _ratio(teacher, row, "latency_ms"),
+                "params_ratio": _ratio(teacher, row, "params"),
+                "macs_ratio": _ratio(teacher, row, "module_macs"),
+                "flops_ratio": _ratio(teacher, row, "flops"),
+                "memory_ratio": _ratio(teacher, row, "peak_extra_mib"),
+            }
+        )
+    return result
+
+
+def best_ratios(rows: list[dict]) -> list[dict]:
+    """Per component, the teacher in its fastest group against the fastest student (either variant, any group):
+    each model in its best setting, on the same machine in the same run."""
+    result = []
+    for component in COMPONENTS:
+        teachers = [r for r in rows if r["component"] == component and r["model"] == TEACHER]
+        students = [r for r in rows if r["component"] == component and r["model"] != TEACHER]
+        if not teachers or not students:
+            continue
+        teacher = min(teachers, key=lambda r: r["latency_ms"])
+        student = min(students, key=lambda r: r["latency_ms"])
+        result.append(
+            {
+                "component": component,
+                "teacher_group": _group_label(teacher),
+                "teacher_latency_ms": teacher["latency_ms"],
+                "student": student["model"],
+                "student_group": _group_label(student),
+                "student_latency_ms": student["latency_ms"],
+                "speedup": _ratio(teacher, student, "latency_ms"),
             }
         )
     return result
 
 
 def sweep(pipelines: dict, scale: Scale, device: torch.device, dtype_name: str, progress=print) -> list[dict]:
-    """Latency and peak extra memory of whole pipeline calls against the output size, tiled (and untiled if small)."""
+    """Latency and peak extra memory of whole pipeline calls against the output size, tiled (and untiled if small),
+    of `pipelines` placed in place."""
     dtype = DTYPES[dtype_name]
     rows = []
-    placed = _place({model: pipelines[model] for model in scale.sweep_models}, device, dtype, compiled=False)
-    for model, pipe in placed.items():
+    _place(pipelines, device, dtype, compiled=False)
+    for model, pipe in pipelines.items():
         generator = torch.Generator().manual_seed(0)
         for size in scale.sweep_sizes:
             low_res = torch.rand(1, 3, size // 4, size // 4, generator=generator).to(device)
@@ -328,7 +484,8 @@ def sweep(pipelines: dict, scale: Scale, device: torch.device, dtype_name: str, 
                 progress(f"[efficiency] sweep {model} {size} px {'tiled' if tiled else 'untiled'}")
                 call = dict(tile_size=scale.tile_size if tiled else None, tile_overlap=scale.tile_overlap)
                 fn = lambda: pipe(low_res, output_type="pt", **call).images  # noqa: E731
-                latencies, peak = time_interleaved([Case("pipeline", model, fn)], device, 1, scale.sweep_repeats)[0]
+                case = Case("pipeline", model, fn, [pipe.transformer, pipe.vae])
+                latencies, peak = time_interleaved([case], device, 1, scale.sweep_repeats)[0]
                 rows.append(
                     {
                         "model": model,
@@ -355,6 +512,45 @@ def _fmt(value, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _drift(row: dict) -> float:
+    """How much a student's median moved between its runs before and after the teacher, relative to the faster."""
+    before, after = row["latency_ms_rounds"]
+    return abs(after - before) / min(before, after)
+
+
+def _schedule_markdown(scale: dict) -> str:
+    timing = f"Latency: median of {scale['repeats']} runs after {scale['warmup']} warm-up"
+    if scale["schedule"] == "interleaved":
+        return f"{timing}, all cases of a group interleaved (every model held at once)."
+    return (
+        f"{timing} per round, one model at a time (each built for its round and freed after it, to bound memory): "
+        "per group the students run first (half of the timed runs, both variants interleaved), then the teacher "
+        "alone, then the students again (the other half) on fresh copies of the same weights. Teacher and student "
+        "do not share rounds, so a machine that slows down while the teacher runs would bias their ratio; the "
+        "students' medians before and after the teacher (last column) show how much it drifted."
+    )
+
+
+def _memory_markdown(memory: dict) -> list[str]:
+    machine = memory["machine_mib"]
+    lines = [
+        "## Memory of this run",
+        "",
+        f"Peak resident memory of the benchmark process over the whole run (`VmHWM`, every model, activation, copy "
+        f"and the Python runtime): **{_fmt(memory['process_peak_mib'], 0)} MiB**"
+        + (f" of the machine's {machine:,.0f} MiB." if machine else "."),
+        "",
+    ]
+    if memory["stages"]:
+        lines.append(
+            markdown_table(
+                ["stage", "resident (MiB)", "peak so far (MiB)"],
+                [[s["stage"], _fmt(s["rss_mib"], 0), _fmt(s["peak_mib"], 0)] for s in memory["stages"]],
+            )
+        )
+    return lines
+
+
 def to_markdown(results: dict) -> str:
     scale, env = results["scale"], results["environment"]
     rows, sweep_rows = results["comparison"], results["sweep"]
@@ -369,9 +565,9 @@ def to_markdown(results: dict) -> str:
         "",
         f"Output {scale['output_size']} px from a {scale['output_size'] // 4} px input, batch 1, random weights; "
         f"teacher {scale['num_layers']} layers with {scale['text_tokens']} text tokens, student keeps layers "
-        f"{list(scale['keep_layers'])}. Latency: median of {scale['repeats']} runs after {scale['warmup']} warm-up, "
-        "all cases of a group interleaved. Peak memory: extra memory at the peak of a call above what was allocated "
-        "before it (CUDA: max_memory_allocated; CPU: peak resident set via /proc VmHWM), weights listed apart.",
+        f"{list(scale['keep_layers'])}. {_schedule_markdown(scale)} Peak memory: extra memory at the peak of a call "
+        "above what was allocated before it (CUDA: max_memory_allocated; CPU: peak resident set via /proc VmHWM), "
+        "weights listed apart. Params, MACs and FLOPs are counted on the meta device.",
         "",
         "## Size and compute (counted in fp32)",
         "",
@@ -388,17 +584,25 @@ def to_markdown(results: dict) -> str:
         )  # fmt: skip
     )
     lines += ["## Latency and peak memory", ""]
-    lines.append(
-        markdown_table(
-            ["group", "part", "model", "latency (ms)", "peak extra memory (MiB)", "weights (MiB)"],
-            [
-                [_group_label(r), r["component"], r["model"], _fmt(r["latency_ms"]), _fmt(r["peak_extra_mib"]),
-                 _fmt(r["weights_mib"])]
-                for r in rows
-            ],
-            align="lllrrr",
-        )  # fmt: skip
-    )
+    header = ["group", "part", "model", "latency (ms)", "peak extra memory (MiB)", "weights (MiB)"]
+    table = [
+        [_group_label(r), r["component"], r["model"], _fmt(r["latency_ms"]), _fmt(r["peak_extra_mib"]),
+         _fmt(r["weights_mib"])]
+        for r in rows
+    ]  # fmt: skip
+    if scale["schedule"] != "interleaved":
+        header.append("before / after teacher (ms)")
+        for line, r in zip(table, rows):
+            line.append(" / ".join(_fmt(value) for value in r["latency_ms_rounds"]) if r["model"] != TEACHER else "")
+    lines.append(markdown_table(header, table, align="lll" + "r" * (len(header) - 3)))
+    split = [r for r in rows if len(r["latency_ms_rounds"]) == 2]
+    if split:
+        worst = max(split, key=_drift)
+        lines += [
+            f"Largest gap between a student's medians before and after the teacher: {_drift(worst):.0%} "
+            f"({_group_label(worst)}, {worst['component']}, {worst['model']}).",
+            "",
+        ]
     lines += ["## Teacher / student", ""]
     lines.append(
         markdown_table(
@@ -412,6 +616,23 @@ def to_markdown(results: dict) -> str:
             align="lllrrrrr",
         )  # fmt: skip
     )
+    if results["best_ratios"]:
+        lines += [
+            "## Each in its best setting",
+            "",
+            "Per part, the teacher's fastest group against the fastest student (either variant, any group), both "
+            "from this run on this machine.",
+            "",
+            markdown_table(
+                ["part", "teacher group", "teacher (ms)", "student", "student group", "student (ms)", "speed-up"],
+                [
+                    [r["component"], r["teacher_group"], _fmt(r["teacher_latency_ms"]), r["student"],
+                     r["student_group"], _fmt(r["student_latency_ms"]), _fmt(r["speedup"], 2) + "x"]
+                    for r in results["best_ratios"]
+                ],
+                align="llrllrr",
+            ),  # fmt: skip
+        ]
     lines += ["![latency and memory, teacher vs student](comparison.png)", ""]
     if sweep_rows:
         lines += [
@@ -438,6 +659,7 @@ def to_markdown(results: dict) -> str:
             "![latency and memory against pixels](sweep.png)",
             "",
         ]
+    lines += _memory_markdown(results["memory"])
     return "\n".join(lines)
 
 
@@ -531,23 +753,46 @@ def _names(text: str, allowed: Sequence[str], option: str) -> list[str]:
 
 def run(
     scale: Scale, device: "str | torch.device", dtypes: Sequence[str], compile_dtypes: Sequence[str],
-    command: str, progress: Callable[[str], None] = print,
+    command: str, progress: Callable[[str], None] = print, models: Sequence[str] = tuple(MODELS.values()),
 ) -> dict:
-    """Build the models, run the comparison and the sweep, and return everything the reports need."""
+    """Count `models`, run the comparison and the sweep, and return everything the reports need, with the memory
+    the process held along the way."""
     device = torch.device(device)
-    pipelines = build_pipelines(scale)
-    rows = compare(pipelines, scale, device, dtypes, compile_dtypes, progress)
-    sweep_rows = sweep(pipelines, scale, device, dtypes[0], progress) if scale.sweep_sizes else []
+    memory_log = MemoryLog()
+    memory_log("start")
+    counts = count_all(scale, models)
+    memory_log("counted on the meta device")
+    source = ModelSource(scale, models)
+    if scale.schedule == "interleaved":
+        memory_log("all models built")
+    rows = compare(source, scale, device, dtypes, compile_dtypes, counts, memory_log, progress)
+    sweep_rows = []
+    for model in scale.sweep_models if scale.sweep_sizes else ():
+        if model in source.models:
+            sweep_rows += sweep(source.build([model]), scale, device, dtypes[0], progress)
+            release_free_memory(full=True)
+            memory_log(f"sweep {model}: measured and freed")
+    del source
+    release_free_memory(full=True)
+    memory_log("end")
+    peak = process_peak_mib()
     return {
         "command": command,
         "environment": environment(device),
         "scale": asdict(scale),
+        "models": [model for model in MODELS.values() if model in models],
         "transformer_config": transformer_config(scale),
         "vae_config": vae_config(scale),
         "tiny_vae_config": tiny_vae_config(scale),
         "comparison": rows,
         "ratios": ratios(rows),
+        "best_ratios": best_ratios(rows),
         "sweep": sweep_rows,
+        "memory": {
+            "process_peak_mib": None if peak is None else round(peak, 1),
+            "machine_mib": machine_memory_mib(),
+            "stages": memory_log.stages,
+        },
     }
 
 
@@ -557,6 +802,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Widths / 8, 4 of 8 layers, 256 px (2 CPU cores).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="Comma-separated, from fp32, fp16, bf16.")
+    parser.add_argument(
+        "--models", default=",".join(MODELS),
+        help="Comma-separated models to build and measure, from teacher, tinysr, tinysr-folded (default: all; the "
+        "ratios need the teacher). Fewer models take less time and memory: one at a time, the peak is the fp32 "
+        "teacher (built to cut the students from, even without `teacher`) or the largest model measured, plus its "
+        "activations.",
+    )
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES,
+        help="interleaved: every model held at once, all cases of a group run in turn (default with --quick); "
+        "one-at-a-time: one model held at a time, the students measured before and after the teacher (default at "
+        "full size, where the fp32 teacher and copies of it do not fit in 24 GB).",
+    )
     parser.add_argument(
         "--compile-dtypes", default=None,
         help="Dtypes also measured under torch.compile (default: fp32 with --quick, else all --dtypes; '' for none).",
@@ -574,7 +832,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--dtypes: give at least one")
     compile_dtypes = args.compile_dtypes if args.compile_dtypes is not None else ("fp32" if args.quick else args.dtypes)
     compile_dtypes = _names(compile_dtypes, DTYPES, "--compile-dtypes")
-    overrides = {}
+    models = [MODELS[name] for name in _names(args.models, MODELS, "--models")]
+    if not models:
+        raise SystemExit("--models: give at least one")
+    overrides = {} if args.schedule is None else {"schedule": args.schedule}
     for name in ("repeats", "warmup"):
         value = getattr(args, name)
         if value is not None:
@@ -596,7 +857,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
 
-    results = run(scale, device, dtypes, compile_dtypes, command_line("benchmarks.efficiency", argv))
+    command = command_line("benchmarks.efficiency", argv)
+    results = run(scale, device, dtypes, compile_dtypes, command, models=models)
     directory = os.path.join(args.output_dir, f"{scale.name}-{device.type}")
     for path in write_results(results, directory):
         print(f"[efficiency] wrote {path}")
