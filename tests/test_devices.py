@@ -86,3 +86,28 @@ def test_optimize_for_cpu_puts_the_vae_in_channels_last_and_keeps_the_output():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     tiled = pipe(image, output_type="pt", tile_size=2, tile_overlap=0).images
     assert tiled.shape == expected.shape
+
+
+@pytest.mark.parametrize("flags, expected", [(ZEN4, torch.bfloat16), (SKYLAKE, torch.float32)], ids=["bf16", "fp32"])
+def test_tinysr_upscale_dtype_auto_follows_the_cpu_and_puts_the_vae_in_channels_last(
+    cpuinfo, monkeypatch, tmp_path, flags, expected
+):
+    from tinysr_diffusers import cli
+    from tinysr_diffusers.pipelines import TinySRPipeline
+
+    cpuinfo(flags)
+    loaded = []
+
+    def load(*args, dtype=None, **kwargs):
+        pipe = tiny_student().to(dtype)
+        loaded.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(TinySRPipeline, "from_pretrained", load)
+    photo("astronaut", (24, 20)).save(tmp_path / "in.png")
+    assert cli.main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    (pipe,) = loaded
+    assert pipe.transformer.dtype == expected and pipe.vae.dtype == expected
+    weight = next(p for p in pipe.vae.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert (tmp_path / "out" / "in.png").is_file()

@@ -10,6 +10,7 @@ import torch
 
 from tests.tiny_pipelines import photo, tiny_student
 from tinysr_diffusers.cli import _read_image, main
+from tinysr_diffusers.devices import optimize_for_cpu
 
 
 cv2 = pytest.importorskip("cv2", reason="16-bit PNGs need opencv-python-headless")
@@ -47,14 +48,16 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _expected(pipe, array: np.ndarray, **kwargs) -> np.ndarray:
+    """What `tinysr upscale --dtype float32` computes: the pipeline with the CLI's CPU layout (channels_last VAE)."""
     generator = torch.Generator().manual_seed(0)
-    output = pipe(array, output_type="np", generator=generator, **kwargs).images[0]
+    output = optimize_for_cpu(pipe)(array, output_type="np", generator=generator, **kwargs).images[0]
     output = (output * 65535).round().astype(np.uint16)
     return output[..., 0] if output.shape[-1] == 1 else output
 
 
 def _upscale(model: Path, source: Path, out: Path, capsys, *options: str) -> list[str]:
-    assert main(["upscale", str(source), "--model", str(model), "-o", str(out), *options]) == 0
+    # float32, as `_expected` computes (`--dtype auto` is bfloat16 on CPUs with native bf16 units)
+    assert main(["upscale", str(source), "--model", str(model), "-o", str(out), "--dtype", "float32", *options]) == 0
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error: ", "warning: "))]
 
 

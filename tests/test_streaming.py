@@ -170,3 +170,11 @@ def test_streamed_peak_memory_grows_by_at_most_12_bytes_per_output_pixel():
         peaks[side] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
     growth = (peaks[4096] - peaks[2048]) * 2**20 / (4096**2 - 2048**2)
     assert growth <= 12, f"{growth:.1f} bytes per added output pixel (peaks {peaks} MiB)"
+
+
+def test_a_streamed_image_shows_one_tile_bar_over_its_three_passes(capsys):
+    pipe = tiny_student()
+    pipe.set_progress_bar_config(desc="Tiles")
+    pipe(photo("astronaut", (48, 40)), **TILES)  # 2x2 latent tiles: 4 to encode, 1 batch of 4, 4 to decode
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and " 9/9 [" in err.rsplit("\r", 1)[-1]  # one bar, closed once, all 9 batches

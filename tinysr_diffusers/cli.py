@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .devices import DTYPE_HELP  # standard library only at import
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
 from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
 
@@ -92,11 +93,9 @@ def _default_device() -> str:
 def _resolve_dtype(name: str, device: str) -> "torch.dtype":
     import torch
 
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from .devices import auto_dtype
+
+    return auto_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def _output_dir_problem(out_dir: Path) -> Optional[str]:
@@ -366,6 +365,8 @@ def upscale(args: argparse.Namespace) -> int:
         print("error: no input files", file=sys.stderr)
         return 1
 
+    from .devices import optimize_for_cpu
+
     device = args.device or _default_device()
     dtype = _resolve_dtype(args.dtype, device)
     try:
@@ -375,7 +376,7 @@ def upscale(args: argparse.Namespace) -> int:
             pipe = TinySRPipeline.from_pretrained(dtype=dtype)
         else:
             pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        pipe = pipe.to(device)
+        pipe = optimize_for_cpu(pipe.to(device))
     except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
         model = "the default model" if args.model is None else f"--model {args.model}"
         print(f"error: cannot load {model}: {_one_line(error)}", file=sys.stderr)
@@ -471,9 +472,7 @@ def add_upscale_parser(subparsers) -> None:
     parser.add_argument("--tile-overlap", type=int, default=8, help="Latent tile overlap in latent pixels.")
     parser.add_argument("--color-fix", choices=["default", "adain", "wavelet", "none"], default="default",
                         help="default: the model's own (saved with it; adain for the releases).")
-    parser.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16/float16 on CUDA, else float32."
-    )
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
     parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
     parser.add_argument(
@@ -528,7 +527,7 @@ def convert(args: argparse.Namespace) -> int:
     """Run `tinysr convert tinysr|tsdsr`: build the pipeline, save it into a temporary folder beside OUT, rename."""
     import torch
 
-    from .conversion import ConversionError, convert_tinysr, convert_tsdsr
+    from .hub.conversion import ConversionError, convert_tinysr, convert_tsdsr
     from .utils import atomic_directory
 
     output = Path(args.output)

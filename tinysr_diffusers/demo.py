@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from .devices import DTYPE_HELP  # standard library only at import
+
 
 EXAMPLES_DIR = Path(__file__).with_name("demo_examples")
 DEFAULT_MAX_PIXELS = 512 * 512  # input pixels; the 4x output has 16 times as many
@@ -56,6 +58,28 @@ def super_resolve(pipe, image, outscale: float, **call_kwargs):
     return pipe(image, outscale=outscale, **call_kwargs).images[0]
 
 
+TILES_DESC = "Super-resolving tiles"
+
+
+class _GradioBar:
+    """The part of tqdm's interface a pipeline's hand-advanced bar uses (`total`, `update`, `refresh`, `close`),
+    shown in a `gr.Progress` (whose own `tqdm` only wraps iterables)."""
+
+    def __init__(self, progress: Callable, total: int):
+        self.progress, self.total, self.n = progress, total, 0
+        self.refresh()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.progress(self.n / max(self.total, 1), desc=TILES_DESC)
+
+    def close(self) -> None:
+        self.refresh()
+
+
 @contextmanager
 def _tile_progress(pipe, progress: Optional[Callable]) -> Iterator[None]:
     """Report the pipeline's tile batches to a `gr.Progress` (the pipeline wraps them in `self.progress_bar`)."""
@@ -64,7 +88,9 @@ def _tile_progress(pipe, progress: Optional[Callable]) -> Iterator[None]:
         return
 
     def progress_bar(iterable=None, total=None):
-        return progress.tqdm(iterable, total=total, desc="Super-resolving tiles", unit="tile batch")
+        if iterable is None:  # the one bar of a streamed call's passes (`PassesProgress`), advanced by hand
+            return _GradioBar(progress, total)
+        return progress.tqdm(iterable, total=total, desc=TILES_DESC, unit="tile batch")
 
     pipe.progress_bar = progress_bar  # the instance attribute shadows DiffusionPipeline.progress_bar
     try:
@@ -356,6 +382,7 @@ def load_pipeline(
     """Load `--model` as `tinysr upscale` does, or the default model (`TinySRPipeline.from_pretrained()`) without
     one; raises `ModelLoadError` with one line."""
     from .cli import _default_device, _resolve_dtype
+    from .devices import optimize_for_cpu
 
     # All three imported: OneStepSRPipeline.from_pretrained accepts the subclasses defined so far.
     from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline  # noqa: F401
@@ -376,7 +403,7 @@ def load_pipeline(
             pipe = OneStepSRPipeline.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
             raise ModelLoadError(f"cannot load --model {model}: {_one_line(error)}") from error
-    pipe = pipe.to(device)
+    pipe = optimize_for_cpu(pipe.to(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -476,7 +503,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     parser.add_argument("--examples", default=None, help="Folder of example photos (default: the bundled ones).")
     parser.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16/float16 on CUDA, else float32."
+        "--dtype", choices=DTYPE_NAMES, default="auto", help=DTYPE_HELP
     )
     parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the VAE posterior sample (AutoencoderKL).")

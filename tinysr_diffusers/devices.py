@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 # CPU flags (as torch.cpu.get_capabilities and Linux's /proc/cpuinfo name them) of native bf16 matrix instructions.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = "/proc/cpuinfo"
+DTYPE_HELP = ("auto: bfloat16 (float16 where unsupported) on CUDA, bfloat16 on a CPU with native bf16 matrix units "
+              "(AMX / AVX512-BF16), else float32 (measured: benchmarks/results/cpu_settings.md).")
 
 
 def _cpuinfo_flags() -> set[str]:

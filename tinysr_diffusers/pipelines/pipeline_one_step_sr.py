@@ -1,8 +1,9 @@
 """What the TinySR student and the TSD-SR teacher pipelines share: the one-step 4x SR recipe and the folder layout.
 
-The recipe (DESIGN section 2): LR image in [0, 1] -> bicubic x4 in torch -> reflect-pad to what the VAE and the patch
-size need -> [-1, 1] -> `z_L = encode(x) * scaling_factor` -> `z_H = z_L - sigma * v` with sigma(t=1000) = 1 ->
-`decode(z_H / scaling_factor)` -> crop back to exactly 4x -> clamp -> colour fix against the LR image. Subclasses only
+The recipe (docs/method.md, "One-step super-resolution"): LR image in [0, 1] -> bicubic x4 in torch -> reflect-pad
+to what the VAE and the patch size need -> [-1, 1] -> `z_L = encode(x) * scaling_factor` -> `z_H = z_L - sigma * v`
+with sigma(t=1000) = 1 -> `decode(z_H / scaling_factor)` -> crop back to exactly 4x -> clamp -> colour fix against
+the LR image. Subclasses only
 say how the velocity `v` is predicted. The steps are public (`encode_latents`, `predict_velocity`, `step_latents`,
 `decode_latents`) so that training and pruning run exactly the inference path. Tiled calls with a tiny VAE run the
 same recipe streamed, tile by tile (`_upscale_streamed`), so that no full-resolution float tensor is made.
@@ -13,7 +14,7 @@ import os
 import tempfile
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -31,7 +32,7 @@ from ..color_fix import (
     check_color_fix,
     wavelet_color_fix,
 )
-from ..hub_utils import MODEL_INDEX, fetch_code_files, looks_like_a_path, verify_shims, write_shims
+from ..hub.pipeline_folders import MODEL_INDEX, fetch_code_files, looks_like_a_path, verify_shims, write_shims
 from ..image_processing import (
     OUTPUT_TYPES,
     PipelineImageInput,
@@ -47,7 +48,7 @@ from ..image_processing import (
     split_alpha,
     to_tensors,
 )
-from ..model_cards import pipeline_card
+from ..hub.model_cards import pipeline_card
 from ..models import TinySRAutoencoder
 from ..tiling import tiled_map, tiled_rows
 
@@ -61,6 +62,33 @@ STREAM_BAND_ROWS = 64  # output rows colour-fixed and written at a time in the s
 def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
     """The one step of the recipe: the clean latents `z_H = z_L - sigma * v` (flow matching, sigma = t / 1000)."""
     return latents - sigma * velocity
+
+
+class PassesProgress:
+    """One progress bar over several tiled passes of an image: each pass adds its tile batches to the bar's total
+    when it starts (a `progress` wrapper for `tiled_map` / `tiled_rows`), so users see one bar per image, not three.
+    `make_bar(total)` makes the bar (e.g. a pipeline's `progress_bar`) at the first pass."""
+
+    def __init__(self, make_bar: Callable[..., "tqdm"]):  # noqa: F821
+        self.make_bar = make_bar
+        self.bar = None
+
+    def __call__(self, batches: Sequence) -> Iterator:
+        if self.bar is None:
+            self.bar = self.make_bar(total=len(batches))
+        else:
+            self.bar.total += len(batches)
+            self.bar.refresh()
+        for batch in batches:
+            yield batch
+            self.bar.update()
+
+    def __enter__(self) -> "PassesProgress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class OneStepSRPipeline(DiffusionPipeline):
@@ -236,10 +264,16 @@ class OneStepSRPipeline(DiffusionPipeline):
         return apply_color_fix(image, low_res, upscaled, color_fix)
 
     def _velocity(
-        self, latents: torch.Tensor, tile_size: Optional[int], tile_overlap: int, tile_batch_size: int
+        self,
+        latents: torch.Tensor,
+        tile_size: Optional[int],
+        tile_overlap: int,
+        tile_batch_size: int,
+        progress: Optional[Callable[[Iterable], Iterable]] = None,
     ) -> torch.Tensor:
         """The transformer's velocity for `latents`: whole, or in latent tiles blended with Gaussian weights (the
-        tiled and the streamed paths share it, so both blend alike)."""
+        tiled and the streamed paths share it, so both blend alike). `progress` wraps the tile batches (default:
+        a progress bar of their own)."""
         if tile_size is None:
             return self.predict_velocity(latents)
         return tiled_map(
@@ -250,7 +284,7 @@ class OneStepSRPipeline(DiffusionPipeline):
             align=self.patch_size,
             tiles_per_batch=tile_batch_size,
             blend="gaussian",
-            progress=self.progress_bar,
+            progress=progress or self.progress_bar,
         )
 
     def _streams(self, low_res_size: tuple[int, int], output_type: str, tile_size: Optional[int]) -> bool:
@@ -291,27 +325,30 @@ class OneStepSRPipeline(DiffusionPipeline):
         def decode(tiles: torch.Tensor) -> torch.Tensor:
             return vae.decode(tiles).sample
 
-        # Latent-sized tensors (1 byte per output pixel each, in float32) are updated in place where the recipe allows:
-        # every extra one stays resident in the allocator's heap at the sizes where it keeps them (below 32 MiB).
-        latents = tiled_map(encode, pixels, tile, overlap, scale=1 / factor, align=factor, progress=self.progress_bar)
-        latents = latents.sub_(self._latent_shift()).mul_(vae.config.scaling_factor).to(self.transformer.dtype)
-        velocity = self._velocity(latents, tile_size, tile_overlap, tile_batch_size)
-        latents = step_latents(latents, velocity, self.sigma)
-        del velocity
-        latents = latents.div_(vae.config.scaling_factor).add_(self._latent_shift()).to(vae.dtype)
+        # One progress bar over the three tiled passes (encode, transformer, decode).
+        with PassesProgress(self.progress_bar) as progress:
+            # Latent-sized tensors (1 byte per output pixel each, in float32) are updated in place where the recipe
+            # allows: every extra one stays resident in the allocator's heap at the sizes where it keeps them (below
+            # 32 MiB).
+            latents = tiled_map(encode, pixels, tile, overlap, scale=1 / factor, align=factor, progress=progress)
+            latents = latents.sub_(self._latent_shift()).mul_(vae.config.scaling_factor).to(self.transformer.dtype)
+            velocity = self._velocity(latents, tile_size, tile_overlap, tile_batch_size, progress)
+            latents = step_latents(latents, velocity, self.sigma)
+            del velocity
+            latents = latents.div_(vae.config.scaling_factor).add_(self._latent_shift()).to(vae.dtype)
 
-        # Pass 1: decoded bands -> uint16 on the CPU (a 16-bit output loses nothing; the AdaIN sums see the floats).
-        # One allocation, committed as it is written and handed back whole (pieces freed early stay resident).
-        decoded = torch.empty(batch, 3, height, width, dtype=torch.uint16)
-        statistics = ChannelStatistics()
-        bands = tiled_rows(decode, latents, tile_size, tile_overlap, scale=factor, progress=self.progress_bar)
-        for top, rows in bands:
-            rows = rows[..., : max(0, height - top), :width].float()
-            if rows.shape[-2]:
-                rows = rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
-                statistics.update(rows)
-                decoded[..., top : top + rows.shape[-2], :] = rows.mul_(65535).round_().to(torch.uint16).cpu()
-        del latents, bands
+            # Pass 1: decoded bands -> uint16 on the CPU (a 16-bit output loses nothing; the AdaIN sums see the floats).
+            # One allocation, committed as it is written and handed back whole (pieces freed early stay resident).
+            decoded = torch.empty(batch, 3, height, width, dtype=torch.uint16)
+            statistics = ChannelStatistics()
+            bands = tiled_rows(decode, latents, tile_size, tile_overlap, scale=factor, progress=progress)
+            for top, rows in bands:
+                rows = rows[..., : max(0, height - top), :width].float()
+                if rows.shape[-2]:
+                    rows = rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
+                    statistics.update(rows)
+                    decoded[..., top : top + rows.shape[-2], :] = rows.mul_(65535).round_().to(torch.uint16).cpu()
+            del latents, bands
         image_statistics = statistics.mean_std()
 
         # Pass 2: colour fix and channel layout, band by band, into the output.
