@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,8 +81,8 @@ def main(argv=None) -> None:
         table.append(f"| {row['dtype']} | {layout} | {row['latency_s']:.3f} | {row['psnr_vs_fp32_db']:.1f} |")
     text = header + "\n" + "\n".join(table) + "\n"
     atomic_write_text(args.output, text)
-    write_json(args.output.rsplit(".", 1)[0] + ".json", {"command": command, "cpu": cpu_model(),
-                                                        "threads": torch.get_num_threads(), "rows": rows})
+    record = {"command": command, "cpu": cpu_model(), "threads": torch.get_num_threads(), "rows": rows}
+    write_json(Path(args.output).with_suffix(".json"), record)
     print(text)
 
 

@@ -232,6 +232,8 @@ def recipe_setup(args: argparse.Namespace) -> Setup:
     train = read_latents(run / "latents", args.batch_size, args.train_batches)
 
     files = sorted((run / "data" / "heldout" / "hr").glob("*.png"))
+    if not files:
+        raise SystemExit(f"error: no held-out photos in {run / 'data' / 'heldout' / 'hr'}.")
     per_photo = -(-args.eval_crops // len(files))
     lr_crops, hr_crops = [], []
     for file in files:
@@ -472,6 +474,8 @@ def main(argv=None) -> None:
     command = f"{threads}python -m benchmarks.pruning_methods " + " ".join(sys.argv[1:] if argv is None else argv)
     setup = (small_setup if args.small else recipe_setup if args.recipe_run else given_setup)(args)
     teacher, conditioning, train = setup.teacher, setup.conditioning, setup.train
+    if not train:
+        raise SystemExit(f"error: no full training batch of {args.batch_size} in the data.")
     args.num_layers = teacher.config.num_layers
     args.keep = args.keep or args.num_layers // 2
     args.eval_samples = sum(len(batch.lr) for batch in setup.evaluation)
@@ -503,6 +507,8 @@ def main(argv=None) -> None:
     MaskLearnerConfig.from_dict({"keep": args.keep, **learned})  # invalid settings stop before any method runs
     partial = Path(args.output).with_suffix(".partial.json")
     settings = {key: value for key, value in sorted(vars(args).items()) if key not in ("output", "methods", "space")}
+    # The teacher's scores fingerprint the teacher and the evaluation data, which the command line only names.
+    settings.update(learned=learned, teacher_metrics=teacher_metrics)
     rows = finished_rows(partial, settings)
     for name in args.methods.split(","):
         if any(row["method"] == name for row in rows):

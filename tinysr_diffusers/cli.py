@@ -368,8 +368,8 @@ def upscale(args: argparse.Namespace) -> int:
     from .devices import optimize_for_cpu
 
     device = args.device or _default_device()
-    dtype = _resolve_dtype(args.dtype, device)
     try:
+        dtype = _resolve_dtype(args.dtype, device)  # inside: a bad --device is one line too
         if args.model is None:
             from .pipelines import TinySRPipeline
 

@@ -388,7 +388,10 @@ def load_pipeline(
     from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline  # noqa: F401
 
     device = device or _default_device()
-    torch_dtype = _resolve_dtype(dtype, device)
+    try:
+        torch_dtype = _resolve_dtype(dtype, device)
+    except Exception as error:  # noqa: BLE001 - a bad --device is one clear line
+        raise ModelLoadError(f"--device {device}: {_one_line(error)}") from error
     if model is None:
         try:
             pipe = TinySRPipeline.from_pretrained(dtype=torch_dtype)

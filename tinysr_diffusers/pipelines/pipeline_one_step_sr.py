@@ -613,7 +613,7 @@ class OneStepSRPipeline(DiffusionPipeline):
 
         Without `trust_remote_code`, the folder is trusted only if every `.py` file in it is one of the shims that
         `save_pretrained` writes, byte for byte (they only import the installed `tinysr_diffusers`); anything else
-        raises [`~hub_utils.UntrustedFolderError`]. For a Hub repo only its code files are fetched first, checked,
+        raises [`~hub.pipeline_folders.UntrustedFolderError`]. For a Hub repo only its code files are fetched first, checked,
         and the load is pinned to that commit. Other arguments are those of `DiffusionPipeline.from_pretrained`
         (`torch_dtype`, `revision`, `variant`, ...).
         """
