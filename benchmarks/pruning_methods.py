@@ -218,6 +218,7 @@ def recipe_setup(args: argparse.Namespace) -> Setup:
     pipelines' own bicubic x4 and TAEF2 encoder). PSNR/SSIM compare TAEF2's decoding of each prediction with the real
     HR pixels, without colour fix.
     """
+    from benchmarks.quality import load_image
     from tinysr_diffusers import TSDSRPipeline
     from tinysr_diffusers.image_processing import bicubic_upscale
 
@@ -237,8 +238,8 @@ def recipe_setup(args: argparse.Namespace) -> Setup:
     per_photo = -(-args.eval_crops // len(files))
     lr_crops, hr_crops = [], []
     for file in files:
-        hr = _image_tensor(file)
-        lr = bicubic_upscale(_image_tensor(run / "data" / "heldout" / "lr" / file.name)[None], 4)[0]
+        hr = load_image(file)[0]
+        lr = bicubic_upscale(load_image(run / "data" / "heldout" / "lr" / file.name), 4)[0]
         size = args.crop_size
         grid = [(top, left) for top in range(0, hr.shape[1] - size + 1, size)
                 for left in range(0, hr.shape[2] - size + 1, size)]
@@ -266,14 +267,6 @@ def recipe_setup(args: argparse.Namespace) -> Setup:
         "against the real HR pixels (no colour fix); 'Degraded input' is the bicubic x4 of the LR photo."
     )
     return Setup(teacher, conditioning, train, evaluation, description, decode, references)
-
-
-def _image_tensor(path: Path) -> torch.Tensor:
-    import PIL.Image
-
-    with PIL.Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 # -------------------------------------------------------------------------------------------------- evaluation

@@ -9,25 +9,16 @@ import pytest
 import torch
 
 from benchmarks import efficiency, memory
-from benchmarks.efficiency import QUICK, STUDENT, STUDENT_FOLDED, TEACHER
+from benchmarks.efficiency import STUDENT, STUDENT_FOLDED, TEACHER
+from tests.test_efficiency import TINY
 from tinysr_diffusers.evaluation.profiling import count_parameters, module_macs, total_flops
 
 
-ONE_AT_A_TIME = replace(
-    QUICK,
-    name="tiny",
-    width_divisor=24,  # one attention head of 64, 2-channel tiny VAE
-    num_layers=2,
-    keep_layers=(1,),
-    output_size=64,
+ONE_AT_A_TIME = replace(  # test_efficiency's tiny scale, tiled only, in the full mode's schedule
+    TINY,
     sweep_sizes=(64,),
-    untiled_max=0,  # tiled only
+    untiled_max=0,
     repeats=3,  # the students: 2 runs before the teacher, 1 after
-    warmup=1,
-    sweep_repeats=1,
-    text_tokens=5,
-    tile_size=8,
-    tile_overlap=2,
     schedule="one-at-a-time",
 )
 STUDENTS = [STUDENT, STUDENT_FOLDED]
