@@ -11,6 +11,7 @@ from pruning.losses import DecodedPerceptualLoss, PruningLoss
 from pruning.masked import MaskedTransformer
 from tinysr_diffusers import TinySRTransformer2DModel
 
+from .payloads import Payload
 from .pruning_models import conditioning, latents, planted_teacher, tiny_sd3
 
 
@@ -278,18 +279,6 @@ def test_tinyfusion_finds_planted_layers_in_the_static_space():
     assert found == 1, [d.keep_layers for d in decisions]
 
 
-class _Payload:
-    """A pickle that runs code when unpickled (it creates `marker`)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-
-        return os.mkdir, (self.marker,)
-
-
 def test_resume_reads_no_pickle_and_applies_the_configured_learning_rates(tmp_path, caplog):
     """The progress is JSON and a planted `custom_checkpoint_0.pkl` is refused unread; resume stays exact; a learning
     rate changed on resume applies, logged."""
@@ -305,7 +294,7 @@ def test_resume_reads_no_pickle_and_applies_the_configured_learning_rates(tmp_pa
         interrupted.train(_DiesAfter(data, 2))
     checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
     planted = checkpoint / "custom_checkpoint_0.pkl"
-    torch.save(_Payload(tmp_path / "pwned"), planted)
+    torch.save(Payload(tmp_path / "pwned"), planted)
     with pytest.raises(ValueError, match="custom_checkpoint_0.pkl: a pickle, which could run code, is never loaded"):
         MaskLearner(teacher, config, output_dir=tmp_path / "resumed", **cond).train(data, resume_from="latest")
     assert not (tmp_path / "pwned").exists()

@@ -44,3 +44,19 @@ def test_heldout_photos_are_five_distinct_known_sources():
     assert len(recipe["heldout"]) >= 5 and len(set(recipe["heldout"])) == len(recipe["heldout"])
     assert all(name.split(":")[0] in mini.LICENCES for name in recipe["heldout"])
     assert Path(mini.CONFIG_DIR, "recipe.yaml").is_file() and set(mini.STAGES) >= set(TRAINING_STAGES)
+
+
+def test_the_aims_table_marks_each_aim_from_the_figures():
+    from training.recipes.evaluate import aims_markdown
+
+    def row(psnr, lpips):
+        return {"mean": {"psnr": psnr, "lpips": lpips}}
+
+    results = {"quality": {"bicubic": row(28.0, 0.60), "teacher": row(29.5, 0.40), "tinysr": row(28.9, 0.45)},
+               "efficiency": {"speedup": 2.5}}
+    lines = {line.split(" | ")[0].strip("| "): line for line in aims_markdown(results).splitlines()[2:]}
+    assert "+0.90 dB" in lines["PSNR-Y over bicubic"] and lines["PSNR-Y over bicubic"].endswith("**missed** |")
+    assert "25%" in lines["LPIPS below bicubic"] and lines["LPIPS below bicubic"].endswith("| met |")
+    assert lines["PSNR-Y behind the teacher"].endswith("**missed** |")  # 0.6 dB
+    assert lines["LPIPS above the teacher"].endswith("**missed** |")  # 0.05
+    assert "2.50x" in lines["CPU speed-up over the teacher"] and lines["CPU speed-up over the teacher"].endswith("| met |")

@@ -11,22 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.payloads import Payload
 from tests.release_layouts import make_tinysr_release
 from tests.tiny_pipelines import photo, tiny_student
 from tinysr_diffusers import TinySRPipeline
 from tinysr_diffusers.hub.conversion import ConversionError, convert_taef2, convert_tinysr
 from tinysr_diffusers.hub.pipeline_folders import SHIM_SOURCE, UntrustedFolderError
 from training.latents import check_latent_cache
-
-
-class Payload:
-    """Unpickling it creates `marker`: what a tampered pickle could do instead."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def _upscale(pipe) -> np.ndarray:

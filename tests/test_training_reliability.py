@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from tests.payloads import Payload
 from tests.test_training import _transformer_state, config_for, make_assets
 from training.config import load_config
 from training.distill import NonFiniteLossError, main, train
@@ -22,22 +23,12 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("reliability"))
 
 
-class _Payload:
-    """A pickle that runs code when unpickled (it creates `marker`)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 def test_ema_resume_reads_no_pickle_and_is_exact(assets, tmp_path):
     common = ["max_steps=4", "checkpointing_steps=2", "hr_size=64", "lora_rank=0", "ema_decay=0.5"]
     full = train(config_for(assets, "latent", tmp_path / "full", *common))
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "killed" / "checkpoint-2")
     planted = tmp_path / "killed" / "checkpoint-2" / "custom_checkpoint_0.pkl"
-    torch.save(_Payload(tmp_path / "pwned"), planted)  # what accelerate's register_for_checkpointing unpickles
+    torch.save(Payload(tmp_path / "pwned"), planted)  # what accelerate's register_for_checkpointing unpickles
     resume = config_for(assets, "latent", tmp_path / "killed", *common, "resume_from_checkpoint=latest")
     with pytest.raises(Exception) as error:
         train(resume)

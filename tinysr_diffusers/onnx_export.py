@@ -149,7 +149,12 @@ def _float32_cpu(module: "torch.nn.Module") -> "torch.nn.Module":
 
 def _quantize_linears(source: str, target: str) -> None:
     """int8 weights (per output channel) and dynamically quantised activations for the linear layers (MatMul and
-    Gemm with a constant weight; the attention's activation-by-activation products stay float32)."""
+    Gemm with a constant weight; the attention's activation-by-activation products stay float32).
+
+    Weights use 7 of the 8 bits (`reduce_range`): onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2,
+    AVX-512 without VNNI) add pairs of products in 16 bits, which saturates with full-range weights (measured on a
+    2-core AVX2 AMD EPYC: mean error 0.040 of the float32 output with full range). An exported folder may run on
+    any CPU, so the range is reduced everywhere."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -157,6 +162,7 @@ def _quantize_linears(source: str, target: str) -> None:
         target,
         op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=True,
+        reduce_range=True,
         weight_type=QuantType.QInt8,
         use_external_data_format=True,
     )

@@ -117,7 +117,28 @@ def efficiency_markdown(results: dict) -> str:
     return "\n".join(rows)
 
 
+def aims_markdown(results: dict) -> str:
+    """The recipe's aims (issue #11) against this run's figures, each marked met or missed: computed, not written."""
+    quality = results["quality"]
+    bicubic, teacher, tinysr = (quality[name]["mean"] for name in ("bicubic", "teacher", "tinysr"))
+    lpips_drop = 1 - tinysr["lpips"] / bicubic["lpips"]
+    aims = [
+        ("PSNR-Y over bicubic", "+1.0 dB or more", f"{tinysr['psnr'] - bicubic['psnr']:+.2f} dB",
+         tinysr["psnr"] - bicubic["psnr"] >= 1.0),
+        ("LPIPS below bicubic", "20% or more", f"{lpips_drop:.0%}", lpips_drop >= 0.2),
+        ("PSNR-Y behind the teacher", "0.5 dB or less", f"{teacher['psnr'] - tinysr['psnr']:.2f} dB",
+         teacher["psnr"] - tinysr["psnr"] <= 0.5),
+        ("LPIPS above the teacher", "0.02 or less", f"{tinysr['lpips'] - teacher['lpips']:.4f}",
+         tinysr["lpips"] - teacher["lpips"] <= 0.02),
+        ("CPU speed-up over the teacher", "2x or more", f"{results['efficiency']['speedup']:.2f}x",
+         results["efficiency"]["speedup"] >= 2.0),
+    ]
+    rows = ["| Aim | Target | Measured | |", "|---|---|---|---|"]
+    rows += [f"| {name} | {target} | {value} | {'met' if met else '**missed**'} |" for name, target, value, met in aims]
+    return "\n".join(rows)
+
+
 def results_markdown(results: dict) -> str:
-    return "\n\n".join([quality_markdown(results), efficiency_markdown(results),
+    return "\n\n".join([quality_markdown(results), efficiency_markdown(results), aims_markdown(results),
                          f"Held-out photos: {', '.join(results['photos'])}; teacher and TinySR with the "
                          f"{results['color_fix']} colour fix.", ""])

@@ -425,7 +425,7 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
     `benchmarks/results/mini/`, to be committed. `folder` (<out>/ship) records what was shipped."""
     import string
 
-    from training.recipes.evaluate import efficiency_markdown, quality_markdown
+    from training.recipes.evaluate import aims_markdown, efficiency_markdown, quality_markdown
 
     results = json.loads((out / "evaluate" / "results.json").read_text())
     sources = json.loads((out / "data" / "sources.json").read_text())
@@ -450,6 +450,7 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
         "heldout": ", ".join(results["photos"]),
         "quality_table": quality_markdown(results),
         "efficiency_table": efficiency_markdown(results),
+        "aims_table": aims_markdown(results),
         "precision": export["chosen"],
         "export_difference": f"{export['tried'][-1]['max_abs_difference']:.1e}",
         "sources_table": "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
