@@ -1,18 +1,23 @@
 """Which CPU settings pay for a real pipeline: dtype (fp32 / bf16) x VAE memory layout (contiguous / channels_last),
-each with its latency and its output's PSNR against the fp32 contiguous output (the quality kept).
+and `torch.compile` (`tinysr_diffusers.devices.compile_pipeline`) on top of channels_last in both dtypes, each with
+its latency and its output's PSNR against the fp32 contiguous output (the quality kept).
 
-    python -m benchmarks.cpu_settings [--model PATH] [--photo skimage:astronaut] [--repeats 5]
-                                      [--output benchmarks/results/cpu_settings.md]
+    python -m benchmarks.cpu_settings [--model PATH] [--photo skimage:astronaut] [--repeats 5] [--dtypes fp32 bf16]
+                                      [--no-compile] [--inductor-cache DIR] [--output FILE.md]
 
 The model defaults to the package's default model (`tinysr_diffusers.DEFAULT_MODEL`) and the photo to a held-out
 photo of the mini recipe with its seeded degradation, so every install can rerun it. Settings run interleaved,
-repetition after repetition, so a noisy machine slows them alike; latency is the median. This is what `--dtype auto`
-and the CLI's CPU layout are chosen from (`tinysr_diffusers.devices`).
+repetition after repetition, so a noisy machine slows them alike; latency is the median. The first call of each
+setting (its warm-up) is reported apart: for the compiled settings it holds the compile, which the steady-state
+latency does not. Compiles start cold, in a fresh inductor cache, unless `--inductor-cache` names one to reuse. This
+is what `--dtype auto` and the CLI's CPU layout are chosen from (`tinysr_diffusers.devices`).
 """
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +28,9 @@ from benchmarks.reporting import cpu_model
 from tinysr_diffusers.utils import atomic_write_text, write_json
 
 
-SETTINGS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (dtype, channels_last VAE)
+# (dtype, channels_last VAE, torch.compile)
+SETTINGS = (("fp32", False, False), ("fp32", True, False), ("bf16", False, False), ("bf16", True, False))
+COMPILED_SETTINGS = (("fp32", True, True), ("bf16", True, True))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -31,12 +38,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def load(model: str, dtype: str, channels_last: bool):
+def load(model: str, dtype: str, channels_last: bool, compiled: bool = False):
     from tinysr_diffusers import TinySRPipeline
+    from tinysr_diffusers.devices import compile_pipeline
 
     pipe = TinySRPipeline.from_pretrained(model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     if channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
+    if compiled:
+        compile_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -49,15 +59,28 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=tinysr_diffusers.DEFAULT_MODEL)
     parser.add_argument("--photo", default="skimage:astronaut", help="A held-out photo of the mini recipe.")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+        help="The dtypes measured (fp32 contiguous, the reference, always runs).",
+    )  # fmt: skip
+    parser.add_argument("--no-compile", action="store_true", help="Leave out the torch.compile settings.")
+    parser.add_argument("--inductor-cache", help="An inductor cache folder to reuse (default: a fresh one).")
     parser.add_argument("--output", default="benchmarks/results/cpu_settings.md")
     args = parser.parse_args(argv)
 
+    settings = SETTINGS if args.no_compile else SETTINGS + COMPILED_SETTINGS
+    settings = SETTINGS[:1] + tuple(setting for setting in settings[1:] if setting[0] in args.dtypes)
+    cache = args.inductor_cache
+    if not args.no_compile:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache or tempfile.mkdtemp(prefix="cpu_settings_inductor_")
     _, lr = heldout_pair(args.photo)
-    pipes = {setting: load(args.model, *setting) for setting in SETTINGS}
-    outputs, times = {}, {setting: [] for setting in SETTINGS}
+    pipes = {setting: load(args.model, *setting) for setting in settings}
+    outputs, first_call, times = {}, {}, {setting: [] for setting in settings}
     with torch.no_grad():
-        for setting, pipe in pipes.items():  # warm-up, and the outputs compared
+        for setting, pipe in pipes.items():  # warm-up (and compile), and the outputs compared
+            start = time.perf_counter()
             outputs[setting] = pipe(lr, output_type="np").images[0]
+            first_call[setting] = time.perf_counter() - start
         for _ in range(args.repeats):
             for setting, pipe in pipes.items():
                 start = time.perf_counter()
@@ -65,21 +88,29 @@ def main(argv=None) -> None:
                 times[setting].append(time.perf_counter() - start)
     reference = outputs[SETTINGS[0]]
     rows = [
-        {"dtype": setting[0], "channels_last_vae": setting[1], "latency_s": statistics.median(times[setting]),
+        {"dtype": setting[0], "channels_last_vae": setting[1], "compile": setting[2],
+         "latency_s": statistics.median(times[setting]), "first_call_s": first_call[setting],
          "psnr_vs_fp32_db": psnr(outputs[setting], reference)}
-        for setting in SETTINGS
-    ]
+        for setting in settings
+    ]  # fmt: skip
     model_name = "tinysr_diffusers.DEFAULT_MODEL" if args.model == tinysr_diffusers.DEFAULT_MODEL else args.model
     command = "python -m benchmarks.cpu_settings " + " ".join(sys.argv[1:] if argv is None else argv)
+    compiled = "" if args.no_compile else (
+        " torch.compile: `tinysr_diffusers.devices.compile_pipeline` (inductor, default mode; "
+        f"{'a reused' if cache else 'a fresh'} inductor cache); its compile is the first call, not the latency."
+    )
     header = (f"# CPU settings of a real pipeline\n\nCommand: `{command}`\n\n{cpu_model()}, {torch.get_num_threads()} "
               f"threads, torch {torch.__version__}; model `{model_name}`, held-out photo {args.photo} "
               f"({lr.width}x{lr.height} -> {4 * lr.width}x{4 * lr.height}), median of {args.repeats} interleaved "
-              "runs.\n")
-    table = ["| dtype | VAE layout | latency (s) | PSNR vs fp32 (dB) |", "|---|---|---|---|"]
+              f"runs.{compiled}\n")
+    table = ["| dtype | VAE layout | compile | latency (s) | first call (s) | PSNR vs fp32 (dB) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         layout = "channels_last" if row["channels_last_vae"] else "contiguous"
-        table.append(f"| {row['dtype']} | {layout} | {row['latency_s']:.3f} | {row['psnr_vs_fp32_db']:.1f} |")
+        table.append(f"| {row['dtype']} | {layout} | {'yes' if row['compile'] else 'no'} | {row['latency_s']:.3f} "
+                     f"| {row['first_call_s']:.1f} | {row['psnr_vs_fp32_db']:.1f} |")
     text = header + "\n" + "\n".join(table) + "\n"
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, text)
     record = {"command": command, "cpu": cpu_model(), "threads": torch.get_num_threads(), "rows": rows}
     write_json(Path(args.output).with_suffix(".json"), record)

@@ -1,10 +1,11 @@
 """Peak memory and latency of one TinySR pipeline call as the output grows: streamed vs the tiled pipeline before it.
 
-Run: `python -m benchmarks.tiling_memory [--sides 1024 2048 4096 8192 16384]` (output sides in pixels; CPU, each
-measurement in a fresh process). The model has the paper's tiny-VAE configuration (64 channels, separable encoder)
-and a 2-layer, 2x64-wide transformer with random weights: memory depends on the architecture, not on the weights.
+Run: `python -m benchmarks.tiling_memory [--sides 1024 2048 4096 8192 16384] [--output-type uint16]` (output sides
+in pixels; CPU, each measurement in a fresh process; `uint16` measures the 16-bit path of `tinysr upscale`). The
+model has the paper's tiny-VAE configuration (64 channels, separable encoder) and a 2-layer, 2x64-wide transformer
+with random weights: memory depends on the architecture, not on the weights.
 Peak memory is the process's peak resident set size during the call (Linux `VmHWM`, reset just before it, after
-freed memory is handed back) minus the resident size before it, so it counts every activation and the PIL output.
+freed memory is handed back) minus the resident size before it, so it counts every activation and the output.
 "Tiled" is the same call with streaming switched off (every full-resolution float tensor of the old pipeline); it
 runs only up to `--tiled-max` pixels. Latency is one call's wall time: on a shared CPU it is an upper bound.
 Writes `tiling_memory.md`, `tiling_memory.json` and `tiling_memory.png` into `--out`.
@@ -20,10 +21,11 @@ from pathlib import Path
 
 
 SIDES = (1024, 2048, 4096, 8192, 16384)  # output sides; the low-resolution input is a quarter
+OUTPUT_BYTES = {"pil": 1, "uint16": 2}  # bytes per sample of each measured output type (RGB outputs)
 TILE_SIZE, TILE_OVERLAP = 64, 8  # the release's latent tiles (512 px)
 
 
-def measure(side: int, streamed: bool) -> dict:
+def measure(side: int, streamed: bool, output_type: str = "pil") -> dict:
     import numpy as np
     import torch
 
@@ -43,21 +45,23 @@ def measure(side: int, streamed: bool) -> dict:
     peak = PeakMemory("cpu")
     peak.start()
     start = time.perf_counter()
-    output = pipe(image, tile_size=TILE_SIZE, tile_overlap=TILE_OVERLAP).images[0]
+    output = pipe(image, output_type=output_type, tile_size=TILE_SIZE, tile_overlap=TILE_OVERLAP).images[0]
     seconds = time.perf_counter() - start
     extra_mib = peak.stop()
-    pixels = output.size[0] * output.size[1]
+    pixels = output.size[0] * output.size[1] if output_type == "pil" else output.shape[0] * output.shape[1]
     return {
         "side": side,
         "streamed": streamed,
+        "output_type": output_type,
         "peak_extra_mib": round(extra_mib, 1),
         "seconds": round(seconds, 2),
-        "output_mib": round(pixels * 3 / 2**20, 1),
+        "output_mib": round(pixels * 3 * OUTPUT_BYTES[output_type] / 2**20, 1),
     }
 
 
-def _worker(side: int, streamed: bool) -> dict:
+def _worker(side: int, streamed: bool, output_type: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.tiling_memory", "--worker", str(side), str(int(streamed))]
+    command += ["--output-type", output_type]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
 
@@ -72,7 +76,7 @@ def _bytes_per_pixel(results: list[dict], streamed: bool) -> str:
     return f"{growth:.1f}"
 
 
-def _plot(results: list[dict], path: Path) -> None:
+def _plot(results: list[dict], path: Path, output_type: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +90,8 @@ def _plot(results: list[dict], path: Path) -> None:
             memory.plot(sides, [r["peak_extra_mib"] for r in rows], "o-", label=label)
             latency.plot(sides, [r["seconds"] for r in rows], "o-", label=label)
     rows = sorted({r["side"]: r for r in results}.values(), key=lambda r: r["side"])
-    memory.plot([r["side"] for r in rows], [r["output_mib"] for r in rows], "k--", label="uint8 output alone")
+    label = f"{_sample_type(output_type)} output alone"
+    memory.plot([r["side"] for r in rows], [r["output_mib"] for r in rows], "k--", label=label)
     for axis, ylabel in ((memory, "peak extra memory (MiB)"), (latency, "latency (s)")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -99,6 +104,10 @@ def _plot(results: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _sample_type(output_type: str) -> str:
+    return "uint8" if output_type == "pil" else "uint16"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "STREAMED"), help=argparse.SUPPRESS)
@@ -106,20 +115,29 @@ def main() -> None:
     parser.add_argument("--tiled-max", type=int, default=4096, help="Largest side also run without streaming.")
     parser.add_argument("--out", default="benchmarks/results/tiling_memory", help="Folder for the results.")
     parser.add_argument("--note", default="", help="A line about the machine, written under the table.")
+    parser.add_argument(
+        "--output-type",
+        choices=sorted(OUTPUT_BYTES),
+        default="pil",
+        help="The pipeline's output: pil (8-bit, the CLI's 8-bit path) or uint16 (its 16-bit PNG/TIFF path).",
+    )
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1")))
+        print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1", args.output_type)))
         return
 
     results = []
     for side in args.sides:
         for streamed in (True, False):
             if streamed or side <= args.tiled_max:
-                results.append(_worker(side, streamed))
+                results.append(_worker(side, streamed, args.output_type))
                 print(json.dumps(results[-1]), flush=True)
 
+    sample = _sample_type(args.output_type)
+    option = "" if args.output_type == "pil" else f" --output-type {args.output_type}"
+    described = "PIL" if args.output_type == "pil" else "uint16"
     lines = [
-        "| output | pipeline | peak extra memory (MiB) | uint8 output (MiB) | latency (s) |",
+        f"| output | pipeline | peak extra memory (MiB) | {sample} output (MiB) | latency (s) |",
         "|---|---|---:|---:|---:|",
     ]
     for r in results:
@@ -130,11 +148,12 @@ def main() -> None:
     lines += [
         "",
         f"Growth per added output pixel: streamed {_bytes_per_pixel(results, True)} B, "
-        f"tiled (before) {_bytes_per_pixel(results, False)} B (the uint8 output alone: 3 B).",
+        f"tiled (before) {_bytes_per_pixel(results, False)} B (the {sample} output alone: "
+        f"{3 * OUTPUT_BYTES[args.output_type]} B).",
         "",
         f"Command: `python -m benchmarks.tiling_memory --sides {' '.join(map(str, args.sides))} "
-        f"--tiled-max {args.tiled_max}`; latent tiles {TILE_SIZE}/{TILE_OVERLAP}, PIL output, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '1')}.",
+        f"--tiled-max {args.tiled_max}{option}`; latent tiles {TILE_SIZE}/{TILE_OVERLAP}, {described} output, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}.",
     ]
     if args.note:
         lines += ["", args.note]
@@ -142,7 +161,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tiling_memory.md").write_text("\n".join(lines) + "\n")
     (out / "tiling_memory.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, out / "tiling_memory.png")
+    _plot(results, out / "tiling_memory.png", args.output_type)
     print("\n".join(lines))
 
 

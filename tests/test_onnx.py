@@ -95,6 +95,17 @@ def test_pil_outputs_and_greyscale_go_through_the_same_call(exported):
     assert difference.max() <= 1
 
 
+def test_uint16_outputs_are_the_float_outputs_at_16_bits(exported):
+    """The base class's `__call__`, so every output type; the sessions' VAE is tiled, never streamed."""
+    _, pipe, _ = exported
+    rgba = np.dstack([np.asarray(photo(size=(40, 24))), np.full((24, 40), 200, dtype=np.uint8)])
+    kwargs = {"tile_size": 4, "tile_overlap": 2}
+    deep = pipe(rgba, output_type="uint16", **kwargs).images
+    floats = pipe(rgba, output_type="np", **kwargs).images
+    assert deep.dtype == np.uint16 and deep.shape == (1, 96, 160, 4)
+    np.testing.assert_array_equal(deep, (floats * 65535).round().astype(np.uint16))
+
+
 def test_autoencoder_tiny_pipelines_export_too(tmp_path):
     torch_pipe = tiny_student(vae=tiny_autoencoder_tiny())
     pipe = OnnxTinySRPipeline.from_pretrained(export_onnx(torch_pipe, str(tmp_path)))

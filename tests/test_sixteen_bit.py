@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.tiny_pipelines import photo, tiny_student
-from tinysr_diffusers.cli import _read_image, main
+from tinysr_diffusers.cli import main
 from tinysr_diffusers.devices import optimize_for_cpu
+from tinysr_diffusers.image_io import read_image
 
 
 cv2 = pytest.importorskip("cv2", reason="16-bit PNGs need opencv-python-headless")
@@ -69,7 +70,7 @@ def test_16_bit_rgb_round_trip_keeps_the_precision(pipe, model, tmp_path, capsys
         _write_png(source, array)
     else:
         tifffile.imwrite(source, array, photometric="rgb")
-    read, notes = _read_image(source, deep=True)
+    read, notes = read_image(source, deep=True)
     assert notes == [] and read.dtype == np.uint16 and np.array_equal(read, array)  # not truncated to 8 bits
 
     assert _upscale(model, source, tmp_path / "out", capsys, "--format", file_format) == []
@@ -94,14 +95,41 @@ def test_16_bit_greyscale_alpha_and_outscale(pipe, model, tmp_path, capsys):
         assert image.mode == "RGBA" and image.size == (48, 40)
 
 
+@pytest.mark.parametrize("file_format", ["png", "tiff"])
+def test_streamed_16_bit_output_keeps_the_precision(pipe, model, tmp_path, capsys, file_format):
+    """A multi-tile image: the pipeline streams it straight into uint16 (no full-size float image)."""
+    array = _photo_16_bit((60, 44))  # 240x176 out: 30x22 latents, 2x2 tiles of 16
+    source = tmp_path / "photo.png"
+    _write_png(source, array)
+    tiles = ("--tile-size", "16", "--tile-overlap", "4")
+    assert _upscale(model, source, tmp_path / "out", capsys, "--format", file_format, *tiles) == []
+    output = _read(tmp_path / "out" / f"photo.{file_format}")
+    assert output.dtype == np.uint16 and output.shape == (176, 240, 3)
+    expected = _expected(pipe, array, tile_size=16, tile_overlap=4)  # the float output, rounded to 16 bits
+    assert np.abs(output.astype(np.int32) - expected).max() <= 1
+    assert np.any(output % 257)
+
+
+def test_8_bit_input_in_a_16_bit_batch_stays_8_bit(pipe, model, tmp_path, capsys):
+    photo("rocket", (20, 14)).save(tmp_path / "a_eight.png")
+    _write_png(tmp_path / "b_deep.png", _photo_16_bit())
+    out = tmp_path / "out"
+    assert _upscale(model, tmp_path, out, capsys, "--batch-size", "2") == []  # one call, output_type="uint16"
+    with PIL.Image.open(out / "a_eight.png") as image:
+        assert image.mode == "RGB" and image.size == (80, 56)
+        expected = np.round(_expected(pipe, np.asarray(photo("rocket", (20, 14)))) / 257)
+        assert np.abs(np.asarray(image, dtype=np.int32) - expected).max() <= 1
+    assert _read(out / "b_deep.png").dtype == np.uint16
+
+
 def test_exif_orientation_is_applied_to_16_bit_tiffs(tmp_path):
     array = _photo_16_bit()
     plain, oriented = tmp_path / "plain.tif", tmp_path / "oriented.tif"
     tifffile.imwrite(plain, array, photometric="rgb")
     tifffile.imwrite(oriented, array, photometric="rgb", extratags=[(274, "H", 1, 6, True)])  # rotate 90 cw
-    read, _ = _read_image(oriented, deep=True)
+    read, _ = read_image(oriented, deep=True)
     assert np.array_equal(read, np.rot90(array, -1))
-    eight_bit, _ = _read_image(oriented)  # PIL's own orientation of the same file agrees
+    eight_bit, _ = read_image(oriented)  # PIL's own orientation of the same file agrees
     assert eight_bit.size == (read.shape[1], read.shape[0])
 
 

@@ -178,3 +178,61 @@ def test_a_streamed_image_shows_one_tile_bar_over_its_three_passes(capsys):
     pipe(photo("astronaut", (48, 40)), **TILES)  # 2x2 latent tiles: 4 to encode, 1 batch of 4, 4 to decode
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and " 9/9 [" in err.rsplit("\r", 1)[-1]  # one bar, closed once, all 9 batches
+
+
+# ------------------------------------------------------------------------------------------ uint16 outputs
+def _as_uint16(floats) -> np.ndarray:
+    """What `output_type="uint16"` promises: round(65535 * x) of the float output."""
+    return (np.clip(np.asarray(floats, dtype=np.float32), 0, 1) * 65535).round().astype(np.uint16)
+
+
+@pytest.mark.parametrize("color_fix", ["adain", "wavelet", None])
+def test_streamed_uint16_is_the_float_output_at_16_bits(pipe, color_fix):
+    rgb = np.asarray(photo("coffee", (60, 44)))  # 240x176 out: 30x22 latents, 2x2 tiles of 16
+    grey = np.asarray(photo("camera", (60, 44)).convert("L"))
+    rgba = np.dstack([np.asarray(photo("chelsea", (60, 44))), grey])
+    for image, channels in ((rgb, 3), (grey, 1), (rgba, 4)):
+        kwargs = {"color_fix": color_fix, **TILES}
+        deep = pipe(image, output_type="uint16", **kwargs).images
+        floats = pipe(image, output_type="np", **kwargs).images
+        assert isinstance(deep, np.ndarray) and deep.dtype == np.uint16 and deep.shape == (1, 176, 240, channels)
+        difference = np.abs(deep.astype(np.int32) - _as_uint16(floats))
+        assert difference.max() <= 1, (channels, difference.max())
+
+
+def test_streamed_uint16_batches_mixed_layouts_and_outscale(pipe):
+    rgb = np.asarray(photo("coffee", (60, 44)))
+    grey = np.asarray(photo("camera", (60, 44)).convert("L"))
+    rgba = np.dstack([np.asarray(photo("chelsea", (60, 44))), grey])
+    images = [rgb, grey, rgba]
+    deep = pipe(images, output_type="uint16", outscale=2.5, **TILES).images
+    floats = pipe(images, output_type="np", outscale=2.5, **TILES).images
+    assert isinstance(deep, list)  # shapes differ in channels: a list, as for "np"
+    assert [image.shape for image in deep] == [(110, 150, 3), (110, 150, 1), (110, 150, 4)]
+    for a, b in zip(deep, floats):
+        assert a.dtype == np.uint16
+        # the streamed uint16 is resampled from 16 bits, the float one from floats: one more rounding
+        assert np.abs(a.astype(np.int32) - _as_uint16(b)).max() <= 1
+    same_size = pipe([rgb, rgb[::-1].copy()], output_type="uint16", **TILES).images
+    assert isinstance(same_size, np.ndarray) and same_size.shape == (2, 176, 240, 3)
+
+
+@pytest.mark.parametrize("outscale", [None, 3])
+def test_untiled_uint16_is_the_pt_output_converted(pipe, outscale):
+    rgb = np.asarray(photo("coffee", (20, 14)))
+    rgba = np.dstack([rgb, np.asarray(photo("camera", (20, 14)).convert("L"))])
+    grey = rgb[..., 1].copy()
+    images = [rgb, grey, rgba]
+    deep = pipe(images, output_type="uint16", tile_size=None, outscale=outscale).images
+    floats = pipe(images, output_type="pt", tile_size=None, outscale=outscale).images
+    for a, b in zip(deep, floats):
+        assert a.dtype == np.uint16 and a.shape == tuple(b.permute(1, 2, 0).shape)
+        np.testing.assert_array_equal(a, _as_uint16(b.permute(1, 2, 0)))
+
+
+def test_unknown_output_types_are_refused_and_a_one_tile_uint16_output_is_16_bit():
+    pipe = tiny_student()
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(photo("astronaut", (16, 16)), output_type="uint8")
+    single = pipe(photo("astronaut", (16, 16)), output_type="uint16", **TILES).images  # one tile: not streamed
+    assert single.dtype == np.uint16 and single.shape == (1, 64, 64, 3)

@@ -12,24 +12,21 @@ the pipelines are imported only when a subcommand runs, so `--help` and argument
 """
 
 import argparse
-import io
 import math
 import os
-import re
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 
 from .devices import DTYPE_HELP  # standard library only at import
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
+from .image_io import DEEP_FORMATS, OUTPUT_FORMATS, read_image, write_image  # numpy and PIL only at import
 from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
 
 
@@ -37,38 +34,7 @@ if TYPE_CHECKING:
     import torch
 
 
-OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG", "tiff": "TIFF"}
-DEEP_FORMATS = ("png", "tiff")  # the output formats that keep 16 bits per sample
-# PIL format -> (module, package) that reads and writes it at 16 bits (PIL keeps only 8 bits of 16-bit colour).
-SIXTEEN_BIT_CODECS = {"PNG": ("cv2", "opencv-python-headless"), "TIFF": ("tifffile", "tifffile")}
-# EXIF orientation -> the numpy transform of an (H, W, ...) array that PIL.ImageOps.exif_transpose applies.
-EXIF_TRANSFORMS = {
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
-    8: lambda a: np.rot90(a),
-}
 DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
-# Raw modes of more than 8 bits per sample (I;16B, RGB;16B, RGBA;16L, ...; not BMP's packed 5-6-5 BGR;16).
-SIXTEEN_BIT_RAWMODE = re.compile(r"I;16|;16[A-Z]")
-# The ICC colour space of each PIL mode that a profile can describe.
-MODE_SPACES = {
-    "1": "GRAY",
-    "L": "GRAY",
-    "LA": "GRAY",
-    "I;16": "GRAY",
-    "I;16B": "GRAY",
-    "I;16L": "GRAY",
-    "RGB": "RGB",
-    "RGBA": "RGB",
-    "RGBX": "RGB",
-    "P": "RGB",
-    "PA": "RGB",
-    "CMYK": "CMYK",
-}
 
 
 @dataclass
@@ -160,160 +126,6 @@ def _collect_jobs(
     return kept, skipped, errors
 
 
-def _read_image(path: Path, deep: bool = False) -> tuple[Union[PIL.Image.Image, np.ndarray], list[str]]:
-    """Open and fully decode an image (so truncated files fail here), applying its EXIF orientation and converting
-    it to sRGB; returns it and warnings (PIL's, and what the one-frame output cannot keep).
-
-    With `deep` (the output format keeps 16 bits), a file of more than 8 bits per sample comes back as a uint16
-    numpy array (H, W[, C]) in RGB(A) order, read by OpenCV (PNG) or tifffile (TIFF) because PIL truncates 16-bit
-    colour to 8 bits; otherwise as a PIL image, with a warning that the output is 8-bit.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with PIL.Image.open(path) as image:
-            bits = _bits_per_sample(image)  # before load(), which drops the tiles
-            frames = getattr(image, "n_frames", 1)
-            image_format = image.format
-            orientation = image.getexif().get(0x0112, 1)  # before load(), which applies and drops a TIFF's
-            image.load()
-            image = PIL.ImageOps.exif_transpose(image)
-    notes = [" ".join(str(warning.message).split()) for warning in caught]
-    if frames > 1:
-        notes.append(f"it has {frames} frames (animated or multi-page): only the first is upscaled")
-    if bits > 8:
-        reason = _deep_problem(image, image_format) if deep else None
-        array = _read_16_bit(path, image_format, orientation) if deep and not reason else None
-        if array is not None:
-            return array, notes
-        notes.append(f"{bits}-bit input: the output is 8-bit" + (f" ({reason})" if reason else ""))
-    return _to_srgb(image, notes), notes
-
-
-def _deep_problem(image: PIL.Image.Image, image_format: Optional[str]) -> Optional[str]:
-    """Why a more-than-8-bit input cannot give a 16-bit output (None if it can)."""
-    if image_format not in SIXTEEN_BIT_CODECS:
-        return f"16-bit {image_format} files are read at 8 bits; PNG and TIFF keep 16"
-    if image.info.get("icc_profile"):
-        return "its ICC profile is converted to sRGB in 8 bits"
-    return _codec_problem(image_format)
-
-
-def _codec_problem(image_format: str) -> Optional[str]:
-    module, package = SIXTEEN_BIT_CODECS[image_format]
-    try:
-        __import__(module)
-    except ImportError:
-        return f"install {package} to keep 16 bits"
-    return None
-
-
-def _read_16_bit(path: Path, image_format: str, orientation: int) -> Optional[np.ndarray]:
-    """The first image of a 16-bit PNG or TIFF as uint16 (H, W[, C]) RGB(A), EXIF-oriented as PIL orients the 8-bit
-    image; None if it is stored at another depth or the reader fails (the caller then falls back to 8 bits)."""
-    if image_format == "TIFF":
-        import tifffile
-
-        with tifffile.TiffFile(path) as tiff:
-            page = tiff.pages[0]
-            array = page.asarray()
-            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
-                array = np.moveaxis(array, 0, -1)
-    else:
-        import cv2
-
-        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # BGR(A); ignores the EXIF orientation
-        if array is not None and array.ndim == 3 and array.shape[-1] in (3, 4):
-            array = array[..., [2, 1, 0, 3][: array.shape[-1]]]
-    if array is None or array.dtype != np.uint16 or array.ndim not in (2, 3):
-        return None
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
-        return None
-    return np.ascontiguousarray(EXIF_TRANSFORMS.get(orientation, lambda a: a)(array))
-
-
-def _bits_per_sample(image: PIL.Image.Image) -> int:
-    """Bits per sample of the file: PIL decodes 16-bit RGB(A) to 8 bits, which only the raw mode of its tiles shows."""
-    if any(SIXTEEN_BIT_RAWMODE.search(str(rawmode)) for rawmode in [image.mode, *(tile[3] for tile in image.tile)]):
-        return 16
-    return 32 if image.mode in ("I", "F") else 8
-
-
-def _to_srgb(image: PIL.Image.Image, notes: list[str]) -> PIL.Image.Image:
-    """Convert an image with an embedded ICC profile to sRGB, the space the model works in and untagged outputs are
-    read in (greyscale stays greyscale, alpha is kept); a profile that cannot be used is reported in `notes` and
-    ignored. Outputs carry no profile: copying the input's would tag them with a colour space they are not in."""
-    from PIL import ImageCms
-
-    icc = image.info.get("icc_profile")
-    if not icc:
-        return image
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        space = profile.profile.xcolor_space.strip()
-        if MODE_SPACES.get(image.mode) != space:
-            raise ValueError(f"a {space} profile for {image.mode} pixels")
-        alpha = None
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            alpha = image.convert("RGBA").getchannel("A")
-        colour = image
-        if image.mode in ("1", "LA", "P", "PA", "RGBA", "RGBX"):
-            colour = image.convert("L" if space == "GRAY" else "RGB")
-        converted = ImageCms.profileToProfile(colour, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except (OSError, ValueError, ImageCms.PyCMSError) as error:
-        notes.append(f"ignoring its ICC profile ({_one_line(error)}); its colours are taken as sRGB")
-        return image
-    if space == "GRAY":
-        converted = converted.convert("L")
-    if alpha is not None:
-        converted.putalpha(alpha)
-    return converted
-
-
-def _write_atomically(
-    image: "Union[PIL.Image.Image, torch.Tensor]", target: Path, image_format: str, deep: bool = False
-) -> None:
-    """Write a PIL output, or a (C, H, W) one in [0, 1], through a temporary file beside `target` (ordinary
-    permissions), so no partial output is ever left; `deep` writes 16 bits per sample
-    (PNG by OpenCV, TIFF by tifffile)."""
-    from .image_processing import to_pil
-    from .utils import atomic_path
-
-    if deep:
-        array = (image.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 65535).round().astype(np.uint16)
-        array = array[..., 0] if array.shape[-1] == 1 else array
-        with atomic_path(target) as temporary:
-            _write_16_bit(array, temporary, image_format)
-        return
-    if not isinstance(image, PIL.Image.Image):
-        image = to_pil(image)
-    if image_format == "JPEG" and image.mode in ("RGBA", "LA"):
-        image = image.convert("RGB")
-    with atomic_path(target) as temporary:
-        image.save(temporary, format=image_format)
-
-
-def _write_16_bit(array: np.ndarray, path: str, image_format: str) -> None:
-    """Write uint16 (H, W[, C]) RGB(A) as a 16-bit PNG or TIFF (zlib-compressed, alpha as unassociated)."""
-    problem = _codec_problem(image_format)
-    if problem:
-        raise RuntimeError(problem)
-    if image_format == "TIFF":
-        import tifffile
-
-        extras = {"extrasamples": ["unassalpha"]} if array.ndim == 3 and array.shape[-1] == 4 else {}
-        photometric = "rgb" if array.ndim == 3 else "minisblack"
-        tifffile.imwrite(path, array, photometric=photometric, compression="zlib", **extras)
-        return
-    import cv2
-
-    if array.ndim == 3:
-        array = array[..., [2, 1, 0, 3][: array.shape[-1]]]
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError("OpenCV could not encode a 16-bit PNG")
-    Path(path).write_bytes(encoded.tobytes())
-
-
 def _tile_size(value: str) -> "int | str":
     """--tile-size: a number of latent pixels or "auto"."""
     if value == "auto":
@@ -365,7 +177,7 @@ def upscale(args: argparse.Namespace) -> int:
         print("error: no input files", file=sys.stderr)
         return 1
 
-    from .devices import optimize_for_cpu
+    from .devices import compile_pipeline, optimize_for_cpu
 
     device = args.device or _default_device()
     try:
@@ -377,6 +189,8 @@ def upscale(args: argparse.Namespace) -> int:
         else:
             pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
         pipe = optimize_for_cpu(pipe.to(device))
+        if args.compile:
+            pipe = compile_pipeline(pipe)
     except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
         model = "the default model" if args.model is None else f"--model {args.model}"
         print(f"error: cannot load {model}: {_one_line(error)}", file=sys.stderr)
@@ -404,8 +218,8 @@ def upscale(args: argparse.Namespace) -> int:
         nonlocal written
         start = time.perf_counter()
         try:
-            # PIL outputs keep the streamed pipeline's memory at its least; 16-bit ones need the floats.
-            output_type = "pt" if any(job.deep for job, _ in batch) else "pil"
+            # PIL and uint16 outputs keep the streamed pipeline's memory at its least (no full-size float image).
+            output_type = "uint16" if any(job.deep for job, _ in batch) else "pil"
             outputs = pipe([image for _, image in batch], output_type=output_type, **call_kwargs).images
         except Exception as error:  # noqa: BLE001 - isolate the failing image, keep going
             if len(batch) > 1:
@@ -418,7 +232,7 @@ def upscale(args: argparse.Namespace) -> int:
         seconds = (time.perf_counter() - start) / len(batch)
         for (job, _), output in zip(batch, outputs):
             try:
-                _write_atomically(output, job.target, OUTPUT_FORMATS[args.format], job.deep)
+                write_image(output, job.target, OUTPUT_FORMATS[args.format], job.deep)
                 written += 1
                 times.append((job, seconds))
                 if args.verbose:
@@ -431,7 +245,7 @@ def upscale(args: argparse.Namespace) -> int:
     batch: list[tuple[Job, Union[PIL.Image.Image, np.ndarray]]] = []
     for job in jobs:
         try:
-            image, notes = _read_image(job.source, deep=args.format in DEEP_FORMATS)
+            image, notes = read_image(job.source, deep=args.format in DEEP_FORMATS)
             job.deep = isinstance(image, np.ndarray)
         except Exception as error:  # noqa: BLE001 - unreadable, truncated, empty, not an image
             report(job, error)
@@ -474,6 +288,12 @@ def add_upscale_parser(subparsers) -> None:
                         help="default: the model's own (saved with it; adain for the releases).")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
     parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer and the VAE (opt-in: the first call compiles, about 80 s on 2 CPU "
+        "threads, and no steady-state gain was measured on an AVX2 CPU; benchmarks/cpu_settings.py).",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
     parser.add_argument(
         "--outscale",

@@ -181,7 +181,7 @@ def upscale_file(
     import PIL.Image
     import torch
 
-    from .cli import _read_image
+    from .image_io import read_image
     from .image_processing import to_pil, to_tensors
 
     outscale, color_fix, tile_size = check_settings(outscale, color_fix, tile_size)
@@ -189,7 +189,7 @@ def upscale_file(
     if progress is not None:
         progress(0.0, desc="Reading the image")
     try:
-        image, notes = _read_image(path)
+        image, notes = read_image(path)
         low_res = to_pil(to_tensors(image)[0])  # 8-bit L, RGB or RGBA: what the model sees
     except Exception as error:  # noqa: BLE001 - truncated, corrupt, NaN, empty
         raise DemoInputError(_unreadable(path, error)) from error

@@ -70,3 +70,27 @@ def optimize_for_cpu(pipe: "OneStepSRPipeline") -> "OneStepSRPipeline":
     if pipe.vae.device.type == "cpu":
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
+
+
+def compile_pipeline(
+    pipe: "OneStepSRPipeline", mode: str | None = None, dynamic: bool | None = None
+) -> "OneStepSRPipeline":
+    """Compile the pipeline's heavy modules in place with `torch.compile`: the transformer and the VAE's encoder
+    and decoder (which `vae.encode` / `vae.decode` and the VAE's own tiling call). Returns `pipe`.
+
+    Opt-in, because compiling takes tens of seconds on the first call (and again for each new input shape); it pays
+    only when many same-size inputs follow, as tiles do (every tile of an image, and of every image tiled alike, has
+    one shape). `mode` and `dynamic` are `torch.compile`'s. `nn.Module.compile` is used, so the module objects,
+    their configs and state dicts (no `_orig_mod.` prefixes) are unchanged and `save_pretrained` writes the same
+    files. Raises `ValueError` for a pipeline without torch modules (ONNX).
+    """
+    import torch
+
+    vae = pipe.vae
+    modules = [pipe.transformer, getattr(vae, "encoder", None), getattr(vae, "decoder", None)]
+    modules = [module for module in modules if isinstance(module, torch.nn.Module)]
+    if not modules:
+        raise ValueError(f"{type(pipe).__name__} has no torch modules to compile (ONNX runs in onnxruntime).")
+    for module in modules:
+        module.compile(mode=mode, dynamic=dynamic)
+    return pipe

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 PipelineImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
 ]
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OUTPUT_TYPES = ("pil", "np", "uint16", "pt", "latent")
 _CHANNELS = (1, 3, 4)
 # ITU-R 601-2 luma, as PIL's RGB -> L conversion.
 _LUMA = (0.299, 0.587, 0.114)
@@ -252,13 +252,27 @@ def to_pil(image: torch.Tensor) -> PIL.Image.Image:
     return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-def postprocess(images: list[torch.Tensor], output_type: str):
-    """(C, H, W) tensors -> `output_type`: PIL list, numpy (B, H, W, C) float32, torch (B, C, H, W), or latents.
+def to_uint16(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> uint16 numpy (H, W, C), `round(x * 65535)`: all the precision a 16-bit file keeps."""
+    array = image.detach().clamp(0, 1).permute(1, 2, 0).cpu().float().numpy()
+    return (array * 65535).round().astype(np.uint16)
 
-    numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list.
+
+def postprocess(images: list[Union[torch.Tensor, PIL.Image.Image, np.ndarray]], output_type: str):
+    """(C, H, W) tensors -> `output_type`: PIL list, numpy (B, H, W, C) float32 or uint16, torch (B, C, H, W), or
+    latents.
+
+    numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list. The
+    streaming pipeline makes its PIL images and uint16 arrays itself (they pass through).
     """
-    if output_type == "pil":  # the streaming pipeline makes its PIL images itself
+    if output_type == "pil":
         return [image if isinstance(image, PIL.Image.Image) else to_pil(image) for image in images]
+    if output_type == "uint16":
+        images = [image if isinstance(image, np.ndarray) else to_uint16(image) for image in images]
+        if len(images) == 1:  # a view, not a copy: a large output is not held twice
+            return images[0][None]
+        same_shape = all(image.shape == images[0].shape for image in images)
+        return np.stack(images) if same_shape else images
     same_shape = all(image.shape == images[0].shape for image in images)
     if output_type == "np":
         arrays = [image.permute(1, 2, 0).cpu().float().numpy() for image in images]

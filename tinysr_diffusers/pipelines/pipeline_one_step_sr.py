@@ -47,6 +47,7 @@ from ..image_processing import (
     reflect_pad_to_multiple,
     split_alpha,
     to_tensors,
+    to_uint16,
 )
 from ..hub.model_cards import pipeline_card
 from ..models import TinySRAutoencoder
@@ -304,14 +305,15 @@ class OneStepSRPipeline(DiffusionPipeline):
         tile_size: int,
         tile_overlap: int,
         tile_batch_size: int,
-    ) -> list[Union[PIL.Image.Image, torch.Tensor]]:
+    ) -> list[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]:
         """`_upscale` plus `merge_channels` without a full-resolution float tensor: the same tiles, blended the same.
 
         The VAE encodes tiles made on demand from the LR image (`UpscaledPixels`); latents (1 byte per output pixel
         in float32) are tiled as before; decoded tiles are blended in bands of rows (`tiled_rows`), and each finished
         band is clamped, stored in a uint16 buffer and added to the AdaIN statistics. A second pass colour-fixes
         bands of that buffer (the wavelet fix with `WAVELET_HALO` rows around each band) into the output: uint8
-        for PIL images, float32 for numpy and torch. Returns one image per input: PIL, or (C, H, W) float32.
+        for PIL images, uint16 for "uint16", float32 for numpy and torch. Returns one image per input: PIL, uint16
+        (H, W, C) numpy, or (C, H, W) float32.
         """
         factor = self.vae_scale_factor
         vae, scale = self.vae, self.upscale_factor
@@ -352,7 +354,8 @@ class OneStepSRPipeline(DiffusionPipeline):
         image_statistics = statistics.mean_std()
 
         # Pass 2: colour fix and channel layout, band by band, into the output.
-        dtype = np.uint8 if output_type == "pil" else np.float32
+        # Integer outputs hold round(x * levels): uint8 for PIL images, uint16 for 16-bit files; else the floats.
+        dtype, levels = {"pil": (np.uint8, 255), "uint16": (np.uint16, 65535)}.get(output_type, (np.float32, None))
         outputs = [np.empty((height, width, count), dtype=dtype) for count in channels]
         halo = WAVELET_HALO if color_fix == "wavelet" else 0
         for top in range(0, height, STREAM_BAND_ROWS):
@@ -371,7 +374,7 @@ class OneStepSRPipeline(DiffusionPipeline):
                 if alpha is not None:
                     alpha = bicubic_crop(alpha[None].to(rgb.device), scale, top, bottom, 0, width)[0]
                 band = merge_channels(rgb[index], alpha, channels[index]).permute(1, 2, 0)
-                output[top:bottom] = (band.mul(255).round_() if output_type == "pil" else band).cpu().numpy()
+                output[top:bottom] = (band.mul(levels).round_() if levels else band).cpu().numpy()
         del decoded  # before the PIL images are made: the uint8 arrays and their PIL copies are the peak
         if output_type == "pil":
             images = []
@@ -380,6 +383,8 @@ class OneStepSRPipeline(DiffusionPipeline):
                 images.append(PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array))
                 del array
             return images
+        if output_type == "uint16":
+            return outputs
         return [torch.from_numpy(output).permute(2, 0, 1).to(low_res.device) for output in outputs]
 
     @torch.no_grad()
@@ -403,17 +408,19 @@ class OneStepSRPipeline(DiffusionPipeline):
             image: A PIL image, numpy array (uint8, uint16 or float in [0, 1]; HW, HWC or BHWC), torch tensor (uint8
                 or float in [0, 1]; CHW or BCHW), or a list of them. Greyscale, RGB or RGBA; any size. Images of
                 different sizes in one list are processed in same-size groups.
-            output_type: `"pil"`, `"np"` (float32 BHWC in [0, 1]), `"pt"` (float32 BCHW in [0, 1]) or `"latent"`
-                (z_H of the padded image). Outputs keep the input's channels: greyscale stays greyscale, RGBA keeps a
-                bicubically upscaled alpha. numpy/torch outputs of different shapes come back as a list.
+            output_type: `"pil"`, `"np"` (float32 BHWC in [0, 1]), `"uint16"` (uint16 BHWC, `round(65535 * x)`
+                of the float output: 16-bit files without a full-size float image when streamed), `"pt"` (float32
+                BCHW in [0, 1]) or `"latent"` (z_H of the padded image). Outputs keep the input's channels: greyscale
+                stays greyscale, RGBA keeps a bicubically upscaled alpha. numpy/torch outputs of different shapes
+                come back as a list.
             color_fix: `"adain"` (match the LR image's channel statistics), `"wavelet"` (take the low frequencies of
                 the bicubic upscale), `None`, or `"default"`: the pipeline's own (`pipe.config.color_fix`, saved with
                 it; `"adain"`, the releases' recipe, for folders saved without one).
             tile_size: Latent tile side in latent pixels (64 = 512 output pixels, as the releases); larger latents are
                 processed in overlapping tiles blended with Gaussian weights, and the VAE is tiled with the same
                 geometry, so peak memory depends on the tile size, not the image size. With a tiny VAE the whole
-                call is streamed tile by tile (no full-resolution float tensor for PIL outputs). `None` disables
-                tiling; `"auto"` takes the largest tile that fits on CUDA (the whole image, halved while it runs out
+                call is streamed tile by tile (no full-resolution float tensor for PIL and uint16 outputs). `None`
+                disables tiling; `"auto"` takes the largest tile that fits on CUDA (the whole image, halved while it runs out
                 of memory), else 64. On a CUDA out-of-memory error the tile batch, then the tile, is halved and the
                 group retried, with a warning.
             tile_overlap: Minimum overlap of neighbouring latent tiles, in latent pixels.
@@ -437,7 +444,7 @@ class OneStepSRPipeline(DiffusionPipeline):
             groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
 
         device = self._execution_device
-        outputs: list[Union[PIL.Image.Image, torch.Tensor, None]] = [None] * len(images)
+        outputs: list[Union[PIL.Image.Image, np.ndarray, torch.Tensor, None]] = [None] * len(images)
         for size, indices in groups.items():
             rgb, alpha = zip(*(split_alpha(images[index]) for index in indices))
             channels = [images[index].shape[0] for index in indices]
@@ -466,7 +473,7 @@ class OneStepSRPipeline(DiffusionPipeline):
         tile_size: Optional[int],
         tile_overlap: int,
         tile_batch_size: int,
-    ) -> list[Union[PIL.Image.Image, torch.Tensor]]:
+    ) -> list[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]:
         """One same-size group at 4x, in the input's channel layout: streamed where `_streams` says so."""
         if self._streams(size, output_type, tile_size):
             streamed = (output_type, color_fix, tile_size, tile_overlap, tile_batch_size)
@@ -526,8 +533,8 @@ class OneStepSRPipeline(DiffusionPipeline):
 
     @staticmethod
     def _resample(
-        image: Union[PIL.Image.Image, torch.Tensor], size: tuple[int, int], outscale: Optional[float]
-    ) -> Union[PIL.Image.Image, torch.Tensor]:
+        image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], size: tuple[int, int], outscale: Optional[float]
+    ) -> Union[PIL.Image.Image, np.ndarray, torch.Tensor]:
         """The 4x output of an input of `size` (height, width) resampled to `outscale` with Lanczos."""
         if outscale is None:
             return image
@@ -535,6 +542,11 @@ class OneStepSRPipeline(DiffusionPipeline):
         if isinstance(image, PIL.Image.Image):  # a streamed 8-bit output: PIL's own Lanczos
             same = image.size == (width, height)
             return image if same else image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        if isinstance(image, np.ndarray):  # a streamed uint16 (H, W, C) output: resampled in float32, as the others
+            if image.shape[:2] == (height, width):
+                return image
+            floats = torch.from_numpy(image.astype(np.float32) / 65535).permute(2, 0, 1)
+            return to_uint16(lanczos_resize(floats, height, width))
         return lanczos_resize(image, height, width)
 
     # ---------------------------------------------------------------------------------------------- saving, loading
