@@ -57,12 +57,56 @@ SUPPORTED_VAES = (TinySRAutoencoder, AutoencoderTiny, AutoencoderKL)
 STREAMED_VAES = (TinySRAutoencoder, AutoencoderTiny)  # VAEs tiled by `tiled_map`, whose tiles can be streamed
 DEFAULT_TILE_SIZE = 64  # latent pixels (512 output pixels), as the releases
 MIN_TILE_SIZE = 16  # the out-of-memory fallback halves tiles down to this many latent pixels (128 output pixels)
-STREAM_BAND_ROWS = 64  # output rows colour-fixed and written at a time in the streaming pipeline's second pass
+STREAM_BAND_ROWS = 64  # output rows read back at a time in the streaming pipeline's AdaIN pass
 
 
 def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
     """The one step of the recipe: the clean latents `z_H = z_L - sigma * v` (flow matching, sigma = t / 1000)."""
     return latents - sigma * velocity
+
+
+def _unit_rows(bands: Iterable[tuple[int, torch.Tensor]], height: int, width: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Decoded rows (top, (B, 3, n, W) in [-1, 1]) cropped to the image and mapped to [0, 1] float32, in place."""
+    for top, rows in bands:
+        rows = rows[..., : max(0, height - top), :width].float()
+        if rows.shape[-2]:
+            yield top, rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
+
+
+def colour_fixed_rows(
+    rows: Iterable[tuple[int, torch.Tensor]],
+    height: int,
+    color_fix: Optional[str],
+    low_res: torch.Tensor,
+    scale: int,
+    statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The colour-fixed image in bands, top to bottom, from the decoded image's rows in [0, 1], top to bottom.
+
+    AdaIN uses the whole image's `statistics`; the wavelet fix sees `WAVELET_HALO` rows on each side of a band (the
+    reach of its blurs), so each band equals the same rows of the whole image fixed; no fix clamps. Only a band and
+    its halo are held.
+    """
+    halo = WAVELET_HALO if color_fix == "wavelet" else 0
+    width = low_res.shape[-1] * scale
+    window, window_top, done = None, 0, 0  # decoded rows [window_top, end) not yet needed by no later band
+    for top, piece in rows:
+        window = piece if window is None else torch.cat([window, piece], dim=-2)
+        end = top + piece.shape[-2]
+        ready = height if end >= height else end - halo  # rows above `ready` have all their context
+        if ready <= done:
+            continue
+        first, last = max(0, done - halo), min(height, ready + halo)
+        context = window[..., first - window_top : last - window_top, :]
+        if color_fix == "adain":
+            fixed = adain_color_fix(context, low_res, statistics)
+        elif color_fix == "wavelet":
+            fixed = wavelet_color_fix(context, bicubic_crop(low_res, scale, first, last, 0, width))
+        else:
+            fixed = context.clamp(0, 1)
+        yield done, fixed[..., done - first : ready - first, :]
+        done, keep = ready, max(0, ready - halo)
+        window, window_top = window[..., keep - window_top :, :], keep
 
 
 class PassesProgress:
@@ -309,10 +353,10 @@ class OneStepSRPipeline(DiffusionPipeline):
         """`_upscale` plus `merge_channels` without a full-resolution float tensor: the same tiles, blended the same.
 
         The VAE encodes tiles made on demand from the LR image (`UpscaledPixels`); latents (1 byte per output pixel
-        in float32) are tiled as before; decoded tiles are blended in bands of rows (`tiled_rows`), and each finished
-        band is clamped, stored in a uint16 buffer and added to the AdaIN statistics. A second pass colour-fixes
-        bands of that buffer (the wavelet fix with `WAVELET_HALO` rows around each band) into the output: uint8
-        for PIL images, uint16 for "uint16", float32 for numpy and torch. Returns one image per input: PIL, uint16
+        in float32) are tiled as before; decoded tiles are blended in bands of rows (`tiled_rows`) and each finished
+        band is colour-fixed (`colour_fixed_rows`) into the output. AdaIN needs the whole image's statistics first,
+        so for it the bands are kept in a uint16 buffer while the statistics are summed, then fixed in a second pass.
+        Outputs are uint8 for PIL images, uint16 for "uint16", float32 for numpy and torch. Returns one image per input: PIL, uint16
         (H, W, C) numpy, or (C, H, W) float32.
         """
         factor = self.vae_scale_factor
@@ -339,43 +383,37 @@ class OneStepSRPipeline(DiffusionPipeline):
             del velocity
             latents = latents.div_(vae.config.scaling_factor).add_(self._latent_shift()).to(vae.dtype)
 
-            # Pass 1: decoded bands -> uint16 on the CPU (a 16-bit output loses nothing; the AdaIN sums see the floats).
-            # One allocation, committed as it is written and handed back whole (pieces freed early stay resident).
-            decoded = torch.empty(batch, 3, height, width, dtype=torch.uint16)
-            statistics = ChannelStatistics()
             bands = tiled_rows(decode, latents, tile_size, tile_overlap, scale=factor, progress=progress)
-            for top, rows in bands:
-                rows = rows[..., : max(0, height - top), :width].float()
-                if rows.shape[-2]:
-                    rows = rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
-                    statistics.update(rows)
-                    decoded[..., top : top + rows.shape[-2], :] = rows.mul_(65535).round_().to(torch.uint16).cpu()
-            del latents, bands
-        image_statistics = statistics.mean_std()
-
-        # Pass 2: colour fix and channel layout, band by band, into the output.
-        # Integer outputs hold round(x * levels): uint8 for PIL images, uint16 for 16-bit files; else the floats.
-        dtype, levels = {"pil": (np.uint8, 255), "uint16": (np.uint16, 65535)}.get(output_type, (np.float32, None))
-        outputs = [np.empty((height, width, count), dtype=dtype) for count in channels]
-        halo = WAVELET_HALO if color_fix == "wavelet" else 0
-        for top in range(0, height, STREAM_BAND_ROWS):
-            bottom = min(height, top + STREAM_BAND_ROWS)
-            first, last = max(0, top - halo), min(height, bottom + halo)
-            rgb = decoded[..., first:last, :].to(low_res.device).float() / 65535
+            rows = _unit_rows(bands, height, width)
+            statistics = None
             if color_fix == "adain":
-                rgb = adain_color_fix(rgb, low_res, image_statistics)
-            elif color_fix == "wavelet":
-                rgb = wavelet_color_fix(rgb, bicubic_crop(low_res, scale, first, last, 0, width))
-            else:
-                rgb = rgb.clamp(0, 1)
-            rgb = rgb[..., top - first : bottom - first, :]
-            for index, output in enumerate(outputs):
-                alpha = alphas[index]
-                if alpha is not None:
-                    alpha = bicubic_crop(alpha[None].to(rgb.device), scale, top, bottom, 0, width)[0]
-                band = merge_channels(rgb[index], alpha, channels[index]).permute(1, 2, 0)
-                output[top:bottom] = (band.mul(levels).round_() if levels else band).cpu().numpy()
-        del decoded  # before the PIL images are made: the uint8 arrays and their PIL copies are the peak
+                # AdaIN needs the whole output's statistics before any band is fixed: pass 1 keeps the decoded image
+                # as uint16 on the CPU (a 16-bit output loses nothing; the sums see the floats), pass 2 reads it back
+                # in bands. One allocation, committed as it is written and handed back whole.
+                decoded = torch.empty(batch, 3, height, width, dtype=torch.uint16)
+                sums = ChannelStatistics()
+                for top, piece in rows:
+                    sums.update(piece)
+                    decoded[..., top : top + piece.shape[-2], :] = piece.mul_(65535).round_().to(torch.uint16).cpu()
+                del latents, bands
+                statistics = sums.mean_std()
+                rows = (
+                    (top, decoded[..., top : top + STREAM_BAND_ROWS, :].to(low_res.device).float() / 65535)
+                    for top in range(0, height, STREAM_BAND_ROWS)
+                )
+            # The wavelet fix and no fix are local: decoded bands go straight to the output (one pass, no buffer).
+            # Integer outputs hold round(x * levels): uint8 for PIL images, uint16 for 16-bit files; else the floats.
+            dtype, levels = {"pil": (np.uint8, 255), "uint16": (np.uint16, 65535)}.get(output_type, (np.float32, None))
+            outputs = [np.empty((height, width, count), dtype=dtype) for count in channels]
+            for top, rgb in colour_fixed_rows(rows, height, color_fix, low_res, scale, statistics):
+                bottom = top + rgb.shape[-2]
+                for index, output in enumerate(outputs):
+                    alpha = alphas[index]
+                    if alpha is not None:
+                        alpha = bicubic_crop(alpha[None].to(rgb.device), scale, top, bottom, 0, width)[0]
+                    band = merge_channels(rgb[index], alpha, channels[index]).permute(1, 2, 0)
+                    output[top:bottom] = (band.mul(levels).round_() if levels else band).cpu().numpy()
+            rows = bands = latents = decoded = None  # freed before the PIL images are made
         if output_type == "pil":
             images = []
             while outputs:  # each array is freed once PIL has copied it
