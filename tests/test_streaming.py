@@ -153,12 +153,14 @@ print(json.dumps(peak.stop()))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("color_fix, bound", [("wavelet", 12), ("adain", 14)])
-def test_streamed_peak_memory_grows_by_a_few_bytes_per_output_pixel(color_fix, bound):
+@pytest.mark.parametrize("color_fix", ["wavelet", "adain"])
+def test_streamed_peak_memory_grows_by_a_few_bytes_per_output_pixel(color_fix):
     """A benchmark figure, not a timing: each size in a fresh process, peak RSS above the resident size before the
     call. Measured from 2048 to 4096 px output on an AVX2 AMD EPYC: wavelet (one pass; the uint8 output and its PIL
-    copy 7, latents 1) 8.6 B/px; AdaIN, whose global statistics need the decoded image kept as uint16 (6 B/px), 10.8
-    to 13.3 B/px over runs (the allocator's heap), hence its looser bound."""
+    copy 7, latents 1) 8.6 to 12.5 B/px over runs; AdaIN, whose global statistics need the decoded image kept as
+    uint16 (6 B/px more), 10.8 to 13.3 B/px. The spread is the allocator's retained heap, so the bound (16) guards
+    against a full-size float buffer coming back (4 B/px a channel; the pipeline before streaming: 57 B/px)."""
+    bound = 16
     import json
     import os
     import subprocess
