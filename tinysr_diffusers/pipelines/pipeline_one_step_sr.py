@@ -65,7 +65,9 @@ def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) ->
     return latents - sigma * velocity
 
 
-def _unit_rows(bands: Iterable[tuple[int, torch.Tensor]], height: int, width: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _unit_rows(
+    bands: Iterable[tuple[int, torch.Tensor]], height: int, width: int
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Decoded rows (top, (B, 3, n, W) in [-1, 1]) cropped to the image and mapped to [0, 1] float32, in place."""
     for top, rows in bands:
         rows = rows[..., : max(0, height - top), :width].float()
@@ -89,7 +91,7 @@ def colour_fixed_rows(
     """
     halo = WAVELET_HALO if color_fix == "wavelet" else 0
     width = low_res.shape[-1] * scale
-    window, window_top, done = None, 0, 0  # decoded rows [window_top, end) not yet needed by no later band
+    window, window_top, done = None, 0, 0  # decoded rows from `window_top` on: later bands may still need them
     for top, piece in rows:
         window = piece if window is None else torch.cat([window, piece], dim=-2)
         end = top + piece.shape[-2]
@@ -356,8 +358,8 @@ class OneStepSRPipeline(DiffusionPipeline):
         in float32) are tiled as before; decoded tiles are blended in bands of rows (`tiled_rows`) and each finished
         band is colour-fixed (`colour_fixed_rows`) into the output. AdaIN needs the whole image's statistics first,
         so for it the bands are kept in a uint16 buffer while the statistics are summed, then fixed in a second pass.
-        Outputs are uint8 for PIL images, uint16 for "uint16", float32 for numpy and torch. Returns one image per input: PIL, uint16
-        (H, W, C) numpy, or (C, H, W) float32.
+        Outputs are uint8 for PIL images, uint16 for "uint16", float32 for numpy and torch. Returns one image per
+        input: PIL, uint16 (H, W, C) numpy, or (C, H, W) float32.
         """
         factor = self.vae_scale_factor
         vae, scale = self.vae, self.upscale_factor
@@ -458,8 +460,8 @@ class OneStepSRPipeline(DiffusionPipeline):
                 processed in overlapping tiles blended with Gaussian weights, and the VAE is tiled with the same
                 geometry, so peak memory depends on the tile size, not the image size. With a tiny VAE the whole
                 call is streamed tile by tile (no full-resolution float tensor for PIL and uint16 outputs). `None`
-                disables tiling; `"auto"` takes the largest tile that fits on CUDA (the whole image, halved while it runs out
-                of memory), else 64. On a CUDA out-of-memory error the tile batch, then the tile, is halved and the
+                disables tiling; `"auto"` takes the largest tile that fits on CUDA (the whole image, halved while it
+                runs out of memory), else 64. On a CUDA out-of-memory error the tile batch, then the tile, is halved and the
                 group retried, with a warning.
             tile_overlap: Minimum overlap of neighbouring latent tiles, in latent pixels.
             tile_batch_size: Latent tiles run through the transformer together.
