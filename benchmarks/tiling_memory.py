@@ -1,9 +1,11 @@
 """Peak memory and latency of one TinySR pipeline call as the output grows: streamed vs the tiled pipeline before it.
 
-Run: `python -m benchmarks.tiling_memory [--sides 1024 2048 4096 8192 16384] [--output-type uint16]` (output sides
-in pixels; CPU, each measurement in a fresh process; `uint16` measures the 16-bit path of `tinysr upscale`). The
-model has the paper's tiny-VAE configuration (64 channels, separable encoder) and a 2-layer, 2x64-wide transformer
-with random weights: memory depends on the architecture, not on the weights.
+Run: `python -m benchmarks.tiling_memory [--sides 1024 2048 4096 8192 16384] [--output-type uint16] [--vae narrow]`
+(output sides in pixels; CPU, each measurement in a fresh process; `uint16` measures the 16-bit path of `tinysr
+upscale`). The model has a 2-layer, 2x64-wide transformer with random weights (memory depends on the architecture,
+not on the weights) and the paper's tiny-VAE configuration (64 channels, separable encoder), or with `--vae narrow`
+the same VAE 8 channels wide: its fixed activations are smaller and it runs many times faster, while what grows with
+the image (the output, the blending bands) is the same, so it reaches 16K outputs in minutes.
 Peak memory is the process's peak resident set size during the call (Linux `VmHWM`, reset just before it, after
 freed memory is handed back) minus the resident size before it, so it counts every activation and the output.
 "Tiled" is the same call with streaming switched off (every full-resolution float tensor of the old pipeline); it
@@ -23,9 +25,13 @@ from pathlib import Path
 SIDES = (1024, 2048, 4096, 8192, 16384)  # output sides; the low-resolution input is a quarter
 OUTPUT_BYTES = {"pil": 1, "uint16": 2}  # bytes per sample of each measured output type (RGB outputs)
 TILE_SIZE, TILE_OVERLAP = 64, 8  # the release's latent tiles (512 px)
+VAES = {  # TinySRAutoencoder overrides
+    "paper": {},
+    "narrow": {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4},
+}
 
 
-def measure(side: int, streamed: bool, output_type: str = "pil") -> dict:
+def measure(side: int, streamed: bool, output_type: str = "pil", vae: str = "paper") -> dict:
     import numpy as np
     import torch
 
@@ -34,7 +40,7 @@ def measure(side: int, streamed: bool, output_type: str = "pil") -> dict:
 
     torch.manual_seed(0)
     transformer = TinySRTransformer2DModel(num_layers=2, attention_head_dim=64, num_attention_heads=2)
-    pipe = TinySRPipeline(transformer=transformer.eval(), vae=TinySRAutoencoder().eval())
+    pipe = TinySRPipeline(transformer=transformer.eval(), vae=TinySRAutoencoder(**VAES[vae]).eval())
     pipe.set_progress_bar_config(disable=True)
     if not streamed:
         pipe._streams = lambda *args: False
@@ -53,15 +59,16 @@ def measure(side: int, streamed: bool, output_type: str = "pil") -> dict:
         "side": side,
         "streamed": streamed,
         "output_type": output_type,
+        "vae": vae,
         "peak_extra_mib": round(extra_mib, 1),
         "seconds": round(seconds, 2),
         "output_mib": round(pixels * 3 * OUTPUT_BYTES[output_type] / 2**20, 1),
     }
 
 
-def _worker(side: int, streamed: bool, output_type: str) -> dict:
+def _worker(side: int, streamed: bool, output_type: str, vae: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.tiling_memory", "--worker", str(side), str(int(streamed))]
-    command += ["--output-type", output_type]
+    command += ["--output-type", output_type, "--vae", vae]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
 
@@ -76,7 +83,7 @@ def _bytes_per_pixel(results: list[dict], streamed: bool) -> str:
     return f"{growth:.1f}"
 
 
-def _plot(results: list[dict], path: Path, output_type: str) -> None:
+def _plot(results: list[dict], path: Path, output_type: str, vae: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +106,7 @@ def _plot(results: list[dict], path: Path, output_type: str) -> None:
         axis.set_ylabel(ylabel)
         axis.legend()
         axis.grid(True, which="both", alpha=0.3)
-    figure.suptitle("TinySR pipeline, tiny random model, CPU")
+    figure.suptitle(f"TinySR pipeline, tiny random model ({vae} VAE), CPU")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -109,6 +116,9 @@ def _sample_type(output_type: str) -> str:
 
 
 def main() -> None:
+    from benchmarks.reporting import cpu_model
+    from tinysr_diffusers.utils import atomic_write_text, write_json
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "STREAMED"), help=argparse.SUPPRESS)
     parser.add_argument("--sides", type=int, nargs="+", default=list(SIDES), help="Output sides in pixels.")
@@ -121,20 +131,24 @@ def main() -> None:
         default="pil",
         help="The pipeline's output: pil (8-bit, the CLI's 8-bit path) or uint16 (its 16-bit PNG/TIFF path).",
     )
+    parser.add_argument(
+        "--vae", choices=sorted(VAES), default="paper", help="paper: the paper's tiny VAE; narrow: 8 channels wide."
+    )
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1", args.output_type)))
+        print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1", args.output_type, args.vae)))
         return
 
     results = []
     for side in args.sides:
         for streamed in (True, False):
             if streamed or side <= args.tiled_max:
-                results.append(_worker(side, streamed, args.output_type))
+                results.append(_worker(side, streamed, args.output_type, args.vae))
                 print(json.dumps(results[-1]), flush=True)
 
     sample = _sample_type(args.output_type)
     option = "" if args.output_type == "pil" else f" --output-type {args.output_type}"
+    option += "" if args.vae == "paper" else f" --vae {args.vae}"
     described = "PIL" if args.output_type == "pil" else "uint16"
     lines = [
         f"| output | pipeline | peak extra memory (MiB) | {sample} output (MiB) | latency (s) |",
@@ -153,15 +167,16 @@ def main() -> None:
         "",
         f"Command: `python -m benchmarks.tiling_memory --sides {' '.join(map(str, args.sides))} "
         f"--tiled-max {args.tiled_max}{option}`; latent tiles {TILE_SIZE}/{TILE_OVERLAP}, {described} output, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}.",
+        f"{args.vae} VAE, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; CPU: {cpu_model()}.",
     ]
     if args.note:
         lines += ["", args.note]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tiling_memory.md").write_text("\n".join(lines) + "\n")
-    (out / "tiling_memory.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, out / "tiling_memory.png", args.output_type)
+    atomic_write_text(out / "tiling_memory.md", "\n".join(lines) + "\n")
+    write_json(out / "tiling_memory.json", results)
+    _plot(results, out / "tiling_memory.png", args.output_type, args.vae)
     print("\n".join(lines))
 
 
