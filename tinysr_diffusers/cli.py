@@ -1,6 +1,6 @@
 """The `tinysr` command line.
 
-    tinysr upscale INPUT... [--model PATH_OR_REPO] -o OUT_DIR [--overwrite | --skip-existing]
+    tinysr upscale INPUT... [--model PATH_OR_REPO_OR_ONNX_DIR] -o OUT_DIR [--overwrite | --skip-existing]
     tinysr convert tinysr --transformer DIR --vae DIR --lora FILE --pool-embeds FILE -o OUT
     tinysr convert tsdsr --sd3 DIR --transformer-lora FILE --vae-lora FILE --prompt-embeds FILE --pool-embeds FILE
         -o OUT
@@ -27,7 +27,8 @@ import PIL.Image
 from .devices import DTYPE_HELP  # standard library only at import
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
 from .image_io import DEEP_FORMATS, OUTPUT_FORMATS, read_image, write_image  # numpy and PIL only at import
-from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
+from .onnx_export import CONFIG_NAME as ONNX_CONFIG_NAME  # standard library only: onnx loads when `tinysr export` runs
+from .onnx_export import add_export_parser
 
 
 if TYPE_CHECKING:
@@ -62,6 +63,11 @@ def _resolve_dtype(name: str, device: str) -> "torch.dtype":
     from .devices import auto_dtype
 
     return auto_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def _is_onnx_export(model: Optional[str]) -> bool:
+    """Whether `--model` is a folder written by `tinysr export onnx` (run by `OnnxTinySRPipeline`, not torch)."""
+    return model is not None and os.path.isfile(os.path.join(model, ONNX_CONFIG_NAME))
 
 
 def _output_dir_problem(out_dir: Path) -> Optional[str]:
@@ -179,18 +185,25 @@ def upscale(args: argparse.Namespace) -> int:
 
     from .devices import compile_pipeline, optimize_for_cpu
 
-    device = args.device or _default_device()
     try:
-        dtype = _resolve_dtype(args.dtype, device)  # inside: a bad --device is one line too
-        if args.model is None:
-            from .pipelines import TinySRPipeline
+        if _is_onnx_export(args.model):  # `main` refused the torch options
+            from .pipelines import OnnxTinySRPipeline
 
-            pipe = TinySRPipeline.from_pretrained(dtype=dtype)
+            pipe = OnnxTinySRPipeline.from_pretrained(args.model, runtime=args.runtime or "onnxruntime")
         else:
-            pipe = OneStepSRPipeline.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        pipe = optimize_for_cpu(pipe.to(device))
-        if args.compile:
-            pipe = compile_pipeline(pipe)
+            device = args.device or _default_device()
+            dtype = _resolve_dtype(args.dtype, device)  # inside: a bad --device is one line too
+            if args.model is None:
+                from .pipelines import TinySRPipeline
+
+                pipe = TinySRPipeline.from_pretrained(dtype=dtype)
+            else:
+                pipe = OneStepSRPipeline.from_pretrained(
+                    args.model, dtype=dtype, trust_remote_code=args.trust_remote_code
+                )
+            pipe = optimize_for_cpu(pipe.to(device))
+            if args.compile:
+                pipe = compile_pipeline(pipe)
     except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
         model = "the default model" if args.model is None else f"--model {args.model}"
         print(f"error: cannot load {model}: {_one_line(error)}", file=sys.stderr)
@@ -273,8 +286,16 @@ def add_upscale_parser(subparsers) -> None:
         "Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files and folders of images.")
-    parser.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (saved by save_pretrained); "
-                        "default: the model shipped with the package (tinysr_diffusers.DEFAULT_MODEL).")
+    parser.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (saved by save_pretrained), "
+                        "or a folder written by `tinysr export onnx`; default: the model shipped with the package "
+                        "(tinysr_diffusers.DEFAULT_MODEL).")
+    parser.add_argument(
+        "--runtime",
+        choices=["onnxruntime", "openvino"],
+        default=None,
+        help="The runtime of an ONNX --model (default: onnxruntime; openvino was faster on an AVX2 CPU, "
+        "benchmarks/cpu_settings.py).",
+    )
     parser.add_argument("-o", "--output-dir", required=True, help="Folder for the upscaled images (created).")
     parser.add_argument(
         "--tile-size",
@@ -424,6 +445,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tile = 16 if args.tile_size == "auto" else args.tile_size  # auto tiles are at least 16 (MIN_TILE_SIZE)
         if tile < 0 or args.tile_overlap < 0 or (tile and args.tile_overlap >= tile):
             parser.error("need --tile-size >= 0 (0: no tiling) and 0 <= --tile-overlap < --tile-size")
+        onnx = _is_onnx_export(args.model)
+        if args.runtime and not onnx:
+            parser.error(f"--runtime {args.runtime} runs an ONNX export: a --model folder from `tinysr export onnx`")
+        if onnx and (args.device not in (None, "cpu") or args.dtype not in ("auto", "float32") or args.compile):
+            parser.error("an ONNX export runs in float32 on the CPU: leave out --device, --dtype and --compile")
     return args.func(args)
 
 

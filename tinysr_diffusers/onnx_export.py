@@ -2,8 +2,9 @@
 
 The folder holds the tiny VAE's encoder and decoder and the transformer, each with dynamic batch, height and width
 (the dynamo exporter of `torch.onnx`), plus `onnx_pipeline.json` with what the recipe needs besides the graphs
-(latent scale and shift, VAE and patch factors). [`OnnxTinySRPipeline`] runs it with onnxruntime, with the same
-`__call__` and tiling as the torch pipeline:
+(latent scale and shift, VAE and patch factors, the pipeline's own colour fix). [`OnnxTinySRPipeline`] runs it with
+onnxruntime or OpenVINO, with the same `__call__` and tiling as the torch pipeline; `tinysr upscale --model DIR`
+takes it too:
 
     DIR/vae_encoder/model.onnx  images in [-1, 1] (B, 3, 8h, 8w) -> unscaled latents (B, C, h, w)
     DIR/vae_decoder/model.onnx  unscaled latents (B, C, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), not clamped
@@ -89,6 +90,7 @@ def export_onnx(pipe: "OneStepSRPipeline", output_dir: str, int8: bool = False) 
         "vae_scale_factor": factor,
         "patch_size": patch,
         "max_latent_size": max_patches * patch,
+        "color_fix": pipe.config.get("color_fix", "adain"),  # what a call's color_fix="default" resolves to
         "int8": int8,
         "exported_with_torch": torch.__version__,
     }
@@ -184,7 +186,10 @@ def export(args: argparse.Namespace) -> int:
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    print(f"Exported {type(pipe).__name__} to {args.output_dir}; run it with OnnxTinySRPipeline.from_pretrained.")
+    print(
+        f"Exported {type(pipe).__name__} to {args.output_dir}; run it with `tinysr upscale --model "
+        f"{args.output_dir}` or OnnxTinySRPipeline.from_pretrained."
+    )
     return 0
 
 
@@ -199,8 +204,9 @@ def add_export_parser(subparsers) -> None:
         "onnx",
         help="The tiny VAE's encoder and decoder and the transformer as ONNX graphs (dynamic height and width).",
         description="Write DIR/vae_encoder, DIR/vae_decoder and DIR/transformer (model.onnx each, float32, dynamic "
-        "batch, height and width) and DIR/onnx_pipeline.json; OnnxTinySRPipeline.from_pretrained(DIR) runs them with "
-        "onnxruntime. Needs the onnx extra (pip install 'tinysr-diffusers[onnx]').",
+        "batch, height and width) and DIR/onnx_pipeline.json; `tinysr upscale --model DIR` and "
+        "OnnxTinySRPipeline.from_pretrained(DIR) run them with onnxruntime or OpenVINO. Needs the onnx extra (pip "
+        "install 'tinysr-diffusers[onnx]'; OpenVINO: the openvino extra).",
     )
     onnx.add_argument("pipeline", metavar="PIPELINE", help="TinySR pipeline folder or Hub repo id.")
     onnx.add_argument("-o", "--output-dir", required=True, help="Folder to create (written atomically).")
