@@ -237,12 +237,15 @@ def _compile(pipe) -> None:
 
 
 def _place(pipelines: dict, device: torch.device, dtype: torch.dtype, compiled: bool) -> None:
-    """Move and cast the pipelines in place, one tensor at a time (no second copy of the weights); compile them."""
+    """Move and cast the pipelines in place, one tensor at a time (no second copy of the weights); on the CPU the
+    VAEs in channels_last, as `tinysr upscale` runs them (`devices.optimize_for_cpu`); compile them."""
+    from tinysr_diffusers.devices import optimize_for_cpu
+
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # diffusers warns at every cast of a model built in fp32
     try:
         for pipe in pipelines.values():
-            pipe.to(device=device, dtype=dtype)
+            optimize_for_cpu(pipe.to(device=device, dtype=dtype))
             if compiled:
                 _compile(pipe)
     finally:
@@ -567,7 +570,8 @@ def to_markdown(results: dict) -> str:
         f"teacher {scale['num_layers']} layers with {scale['text_tokens']} text tokens, student keeps layers "
         f"{list(scale['keep_layers'])}. {_schedule_markdown(scale)} Peak memory: extra memory at the peak of a call "
         "above what was allocated before it (CUDA: max_memory_allocated; CPU: peak resident set via /proc VmHWM), "
-        "weights listed apart. Params, MACs and FLOPs are counted on the meta device.",
+        "weights listed apart. Params, MACs and FLOPs are counted on the meta device. On the CPU every VAE runs in "
+        "channels_last, as `tinysr upscale` runs them.",
         "",
         "## Size and compute (counted in fp32)",
         "",

@@ -1,13 +1,16 @@
 """Peak memory and latency of one TinySR pipeline call as the output grows: streamed vs the tiled pipeline before it.
 
 Run: `python -m benchmarks.tiling_memory [--sides 1024 2048 4096 8192 16384] [--output-type uint16] [--vae narrow]`
-(output sides in pixels; CPU, each measurement in a fresh process; `uint16` measures the 16-bit path of `tinysr
-upscale`). The model has a 2-layer, 2x64-wide transformer with random weights (memory depends on the architecture,
-not on the weights) and the paper's tiny-VAE configuration (64 channels, separable encoder), or with `--vae narrow`
-the same VAE 8 channels wide: its fixed activations are smaller and it runs many times faster, while what grows with
-the image (the output, the blending bands) is the same, so it reaches 16K outputs in minutes.
-Peak memory is the process's peak resident set size during the call (Linux `VmHWM`, reset just before it, after
-freed memory is handed back) minus the resident size before it, so it counts every activation and the output.
+(output sides in pixels; each measurement in a fresh process; `uint16` measures the 16-bit path of `tinysr
+upscale`; `--device cuda` measures on a GPU). The model has a 2-layer, 2x64-wide transformer with random weights
+(memory depends on the architecture, not on the weights) and the paper's tiny-VAE configuration (64 channels,
+separable encoder), or with `--vae narrow` the same VAE 8 channels wide: its fixed activations are smaller and it
+runs many times faster, while what grows with the image (the output, the blending bands) is the same, so it reaches
+16K outputs in minutes.
+Peak memory on the CPU is the process's peak resident set size during the call (Linux `VmHWM`, reset just before it,
+after freed memory is handed back) minus the resident size before it, so it counts every activation and the output;
+on CUDA it is the peak of allocated GPU memory above what the call started with (`benchmarks.memory.PeakMemory`;
+the output is returned in CPU memory, so the GPU figure should stay flat).
 "Tiled" is the same call with streaming switched off (every full-resolution float tensor of the old pipeline); it
 runs only up to `--tiled-max` pixels. Latency is one call's wall time: on a shared CPU it is an upper bound.
 Writes `tiling_memory.md`, `tiling_memory.json` and `tiling_memory.png` into `--out`.
@@ -31,7 +34,7 @@ VAES = {  # TinySRAutoencoder overrides
 }
 
 
-def measure(side: int, streamed: bool, output_type: str = "pil", vae: str = "paper") -> dict:
+def measure(side: int, streamed: bool, output_type: str = "pil", vae: str = "paper", device: str = "cpu") -> dict:
     import numpy as np
     import torch
 
@@ -40,7 +43,7 @@ def measure(side: int, streamed: bool, output_type: str = "pil", vae: str = "pap
 
     torch.manual_seed(0)
     transformer = TinySRTransformer2DModel(num_layers=2, attention_head_dim=64, num_attention_heads=2)
-    pipe = TinySRPipeline(transformer=transformer.eval(), vae=TinySRAutoencoder(**VAES[vae]).eval())
+    pipe = TinySRPipeline(transformer=transformer.eval(), vae=TinySRAutoencoder(**VAES[vae]).eval()).to(device)
     pipe.set_progress_bar_config(disable=True)
     if not streamed:
         pipe._streams = lambda *args: False
@@ -48,7 +51,7 @@ def measure(side: int, streamed: bool, output_type: str = "pil", vae: str = "pap
     image = np.random.default_rng(0).integers(0, 256, (low_res, low_res, 3), dtype=np.uint8)
     pipe(image[:80, :80], tile_size=8, tile_overlap=2)  # warm-up of both paths' kernels, a few tiles
 
-    peak = PeakMemory("cpu")
+    peak = PeakMemory(device)
     peak.start()
     start = time.perf_counter()
     output = pipe(image, output_type=output_type, tile_size=TILE_SIZE, tile_overlap=TILE_OVERLAP).images[0]
@@ -60,15 +63,16 @@ def measure(side: int, streamed: bool, output_type: str = "pil", vae: str = "pap
         "streamed": streamed,
         "output_type": output_type,
         "vae": vae,
+        "device": device,
         "peak_extra_mib": round(extra_mib, 1),
         "seconds": round(seconds, 2),
         "output_mib": round(pixels * 3 * OUTPUT_BYTES[output_type] / 2**20, 1),
     }
 
 
-def _worker(side: int, streamed: bool, output_type: str, vae: str) -> dict:
+def _worker(side: int, streamed: bool, output_type: str, vae: str, device: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.tiling_memory", "--worker", str(side), str(int(streamed))]
-    command += ["--output-type", output_type, "--vae", vae]
+    command += ["--output-type", output_type, "--vae", vae, "--device", device]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
 
@@ -83,7 +87,7 @@ def _bytes_per_pixel(results: list[dict], streamed: bool) -> str:
     return f"{growth:.1f}"
 
 
-def _plot(results: list[dict], path: Path, output_type: str, vae: str) -> None:
+def _plot(results: list[dict], path: Path, output_type: str, vae: str, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +110,7 @@ def _plot(results: list[dict], path: Path, output_type: str, vae: str) -> None:
         axis.set_ylabel(ylabel)
         axis.legend()
         axis.grid(True, which="both", alpha=0.3)
-    figure.suptitle(f"TinySR pipeline, tiny random model ({vae} VAE), CPU")
+    figure.suptitle(f"TinySR pipeline, tiny random model ({vae} VAE), {device.upper()}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -115,7 +119,7 @@ def _sample_type(output_type: str) -> str:
     return "uint8" if output_type == "pil" else "uint16"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from benchmarks.reporting import cpu_model
     from tinysr_diffusers.utils import atomic_write_text, write_json
 
@@ -134,22 +138,29 @@ def main() -> None:
     parser.add_argument(
         "--vae", choices=sorted(VAES), default="paper", help="paper: the paper's tiny VAE; narrow: 8 channels wide."
     )
-    args = parser.parse_args()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: peak RSS; cuda: max allocated.")
+    args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1", args.output_type, args.vae)))
+        print(json.dumps(measure(int(args.worker[0]), args.worker[1] == "1", args.output_type, args.vae, args.device)))
         return
 
     results = []
     for side in args.sides:
         for streamed in (True, False):
             if streamed or side <= args.tiled_max:
-                results.append(_worker(side, streamed, args.output_type, args.vae))
+                results.append(_worker(side, streamed, args.output_type, args.vae, args.device))
                 print(json.dumps(results[-1]), flush=True)
 
     sample = _sample_type(args.output_type)
     option = "" if args.output_type == "pil" else f" --output-type {args.output_type}"
     option += "" if args.vae == "paper" else f" --vae {args.vae}"
+    option += "" if args.device == "cpu" else f" --device {args.device}"
     described = "PIL" if args.output_type == "pil" else "uint16"
+    gpu = ""
+    if args.device == "cuda":
+        import torch
+
+        gpu = f"; GPU: {torch.cuda.get_device_name()}"
     lines = [
         f"| output | pipeline | peak extra memory (MiB) | {sample} output (MiB) | latency (s) |",
         "|---|---|---:|---:|---:|",
@@ -168,7 +179,7 @@ def main() -> None:
         f"Command: `python -m benchmarks.tiling_memory --sides {' '.join(map(str, args.sides))} "
         f"--tiled-max {args.tiled_max}{option}`; latent tiles {TILE_SIZE}/{TILE_OVERLAP}, {described} output, "
         f"{args.vae} VAE, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; CPU: {cpu_model()}.",
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; CPU: {cpu_model()}{gpu}.",
     ]
     if args.note:
         lines += ["", args.note]
@@ -176,7 +187,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "tiling_memory.md", "\n".join(lines) + "\n")
     write_json(out / "tiling_memory.json", results)
-    _plot(results, out / "tiling_memory.png", args.output_type, args.vae)
+    _plot(results, out / "tiling_memory.png", args.output_type, args.vae, args.device)
     print("\n".join(lines))
 
 
