@@ -96,7 +96,7 @@ def main(argv=None) -> None:
 
     settings = SETTINGS if args.no_compile else SETTINGS + COMPILED_SETTINGS
     settings = SETTINGS[:1] + tuple(setting for setting in settings[1:] if setting[1] in args.dtypes)
-    if not args.no_onnx and importlib.util.find_spec("onnxruntime"):  # the onnx extra
+    if not args.no_onnx and all(map(importlib.util.find_spec, ("onnx", "onnxscript", "onnxruntime"))):  # onnx extra
         settings += ONNX_SETTINGS + (OPENVINO_SETTINGS if importlib.util.find_spec("openvino") else ())
     cache = args.inductor_cache
     if not args.no_compile:

@@ -10,7 +10,8 @@ runs many times faster, while what grows with the image (the output, the blendin
 Peak memory on the CPU is the process's peak resident set size during the call (Linux `VmHWM`, reset just before it,
 after freed memory is handed back) minus the resident size before it, so it counts every activation and the output;
 on CUDA it is the peak of allocated GPU memory above what the call started with (`benchmarks.memory.PeakMemory`;
-the output is returned in CPU memory, so the GPU figure should stay flat).
+the output is kept in CPU memory, while the low-resolution input and the latents, about 1 B per output pixel, stay
+on the GPU when streamed, and every full-size float tensor when not).
 "Tiled" is the same call with streaming switched off (every full-resolution float tensor of the old pipeline); it
 runs only up to `--tiled-max` pixels. Latency is one call's wall time: on a shared CPU it is an upper bound.
 Writes `tiling_memory.md`, `tiling_memory.json` and `tiling_memory.png` into `--out`.

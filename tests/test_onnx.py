@@ -171,6 +171,8 @@ def test_runtime_arguments_are_checked(exported):
         OnnxTinySRPipeline.from_pretrained(root, runtime="openvino", providers=["CPUExecutionProvider"])
     with pytest.raises(ValueError, match="not both"):
         OnnxTinySRPipeline.from_pretrained(root, num_threads=1, session_options=object())
+    with pytest.raises(ValueError, match="num_threads must be at least 1, got 0"):
+        OnnxTinySRPipeline.from_pretrained(root, num_threads=0)
     pipe = OnnxTinySRPipeline.from_pretrained(root, num_threads=1)
     assert pipe.transformer.session.get_session_options().intra_op_num_threads == 1
 

@@ -5,6 +5,9 @@ import json
 import pytest
 
 
+pytest.importorskip("matplotlib")  # the plot (pruning, training and metrics extras)
+
+
 @pytest.mark.slow
 def test_streamed_and_tiled_rows_and_the_growth_line(tmp_path):
     from benchmarks.tiling_memory import main

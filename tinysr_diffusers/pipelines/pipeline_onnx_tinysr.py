@@ -206,6 +206,8 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
             raise ValueError(f"Unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
         if runtime == "openvino" and (providers or session_options):
             raise ValueError("`providers` and `session_options` are onnxruntime's: OpenVINO takes `num_threads`.")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {num_threads}.")
         if num_threads and session_options is not None:
             raise ValueError("Pass `num_threads` or `session_options` (its `intra_op_num_threads`), not both.")
         folder = os.fspath(pretrained_model_name_or_path)
