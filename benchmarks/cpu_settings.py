@@ -51,7 +51,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def load(model: str, runtime: str, dtype: str, channels_last: bool, compiled: bool, exports: dict):
     """The pipeline of one setting; ONNX settings run the export in `exports` (folder per dtype)."""
     from tinysr_diffusers import TinySRPipeline
-    from tinysr_diffusers.devices import compile_pipeline
+    from tinysr_diffusers.devices import compile_pipeline, optimize_for_cpu
     from tinysr_diffusers.pipelines.pipeline_onnx_tinysr import OnnxTinySRPipeline
 
     if runtime != "torch":
@@ -60,7 +60,7 @@ def load(model: str, runtime: str, dtype: str, channels_last: bool, compiled: bo
         return pipe
     pipe = TinySRPipeline.from_pretrained(model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     if channels_last:
-        pipe.vae.to(memory_format=torch.channels_last)
+        optimize_for_cpu(pipe)
     if compiled:
         compile_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
@@ -104,7 +104,8 @@ def main(argv=None) -> None:
     _, lr = heldout_pair(args.photo)
     outputs, first_call, times = {}, {}, {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory(prefix="cpu_settings_onnx_") as scratch, torch.no_grad():
-        exports = export_onnx_folders(args.model, scratch) if settings[-1][0] != "torch" else {}
+        onnx = any(setting[0] != "torch" for setting in settings)
+        exports = export_onnx_folders(args.model, scratch) if onnx else {}
         pipes = {setting: load(args.model, *setting, exports) for setting in settings}
         for setting, pipe in pipes.items():  # warm-up (and compile), and the outputs compared
             start = time.perf_counter()

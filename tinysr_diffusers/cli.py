@@ -28,7 +28,7 @@ from .devices import DTYPE_HELP  # standard library only at import
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
 from .image_io import DEEP_FORMATS, OUTPUT_FORMATS, read_image, write_image  # numpy and PIL only at import
 from .onnx_export import CONFIG_NAME as ONNX_CONFIG_NAME  # standard library only: onnx loads when `tinysr export` runs
-from .onnx_export import add_export_parser
+from .onnx_export import RUNTIMES, add_export_parser
 
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def add_upscale_parser(subparsers) -> None:
                         "(tinysr_diffusers.DEFAULT_MODEL).")
     parser.add_argument(
         "--runtime",
-        choices=["onnxruntime", "openvino"],
+        choices=RUNTIMES,
         default=None,
         help="The runtime of an ONNX --model (default: onnxruntime; openvino was faster on an AVX2 CPU, "
         "benchmarks/cpu_settings.py).",

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "onnx_pipeline.json"
 MODEL_FILE = "model.onnx"
+RUNTIMES = ("onnxruntime", "openvino")  # what `OnnxTinySRPipeline` runs an export with
 COMPONENTS = ("vae_encoder", "vae_decoder", "transformer")
 
 
@@ -90,7 +91,7 @@ def export_onnx(pipe: "OneStepSRPipeline", output_dir: str, int8: bool = False) 
         "vae_scale_factor": factor,
         "patch_size": patch,
         "max_latent_size": max_patches * patch,
-        "color_fix": pipe.config.get("color_fix", "adain"),  # what a call's color_fix="default" resolves to
+        "color_fix": pipe._default_color_fix(),  # what a call's color_fix="default" resolves to
         "int8": int8,
         "exported_with_torch": torch.__version__,
     }

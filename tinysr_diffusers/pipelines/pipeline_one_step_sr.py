@@ -173,6 +173,10 @@ class OneStepSRPipeline(DiffusionPipeline):
         # The TSD-SR/TinySR releases use no shift factor even with SD3's VAE (whose config has 0.0609).
         return (self.vae.config.shift_factor or 0.0) if self.config.use_shift_factor else 0.0
 
+    def _default_color_fix(self) -> Optional[str]:
+        """The colour fix of a call's `color_fix="default"`: the pipeline's own (saved with it), else AdaIN."""
+        return self.config.get("color_fix", "adain")
+
     def predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """The velocity `v` for scaled latents `z_L` (a batch of images or of latent tiles), by `transformer`
         (default: the pipeline's; training passes its wrapped, e.g. DDP, copy)."""
@@ -461,8 +465,8 @@ class OneStepSRPipeline(DiffusionPipeline):
                 geometry, so peak memory depends on the tile size, not the image size. With a tiny VAE the whole
                 call is streamed tile by tile (no full-resolution float tensor for PIL and uint16 outputs). `None`
                 disables tiling; `"auto"` takes the largest tile that fits on CUDA (the whole image, halved while it
-                runs out of memory), else 64. On a CUDA out-of-memory error the tile batch, then the tile, is halved and the
-                group retried, with a warning.
+                runs out of memory), else 64. On a CUDA out-of-memory error the tile batch, then the tile, is halved
+                and the group retried, with a warning.
             tile_overlap: Minimum overlap of neighbouring latent tiles, in latent pixels.
             tile_batch_size: Latent tiles run through the transformer together.
             outscale: Output size as a multiple of the input size (any number > 0, e.g. 2 or 3.5): the image is
@@ -476,7 +480,7 @@ class OneStepSRPipeline(DiffusionPipeline):
             a tuple).
         """
         if color_fix == "default":
-            color_fix = self.config.get("color_fix", "adain")
+            color_fix = self._default_color_fix()
         self._check_call_arguments(output_type, color_fix, tile_size, tile_overlap, tile_batch_size, outscale)
         images = to_tensors(image)
         groups: dict[tuple[int, int], list[int]] = {}

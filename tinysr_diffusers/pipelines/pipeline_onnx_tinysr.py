@@ -15,14 +15,13 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..color_fix import check_color_fix
-from ..onnx_export import CONFIG_NAME, MODEL_FILE
+from ..onnx_export import CONFIG_NAME, MODEL_FILE, RUNTIMES
 from ..tiling import tiled_map
 from .pipeline_one_step_sr import OneStepSRPipeline
 
 
 # The settings of `onnx_pipeline.json` that the pipeline's config takes (see `onnx_export.export_onnx`).
 CONFIG_KEYS = ("scaling_factor", "latent_shift", "vae_scale_factor", "patch_size", "max_latent_size", "color_fix")
-RUNTIMES = ("onnxruntime", "openvino")
 
 
 class OnnxModel:
@@ -178,9 +177,7 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
         factor = self.vae_scale_factor
         return tiled_map(self.vae.decoder, latents, vae_tile[0] // factor, vae_tile[1] // factor, scale=factor)
 
-    def predict_velocity(
-        self, latents: torch.Tensor, transformer: Optional[ExportedModel] = None
-    ) -> torch.Tensor:
+    def predict_velocity(self, latents: torch.Tensor, transformer: Optional[ExportedModel] = None) -> torch.Tensor:
         """The exported transformer on `z_L`; latents larger than its position-embedding grid need tiling."""
         limit = self.config.max_latent_size
         if max(latents.shape[-2:]) > limit:
