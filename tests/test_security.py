@@ -100,3 +100,62 @@ def test_a_malformed_latent_cache_index_is_named(tmp_path, info):
         check_latent_cache(str(tmp_path))
     path.write_text(json.dumps({"teacher": "t", "samples": 4, "hr_size": 64}))
     assert check_latent_cache(str(tmp_path))["samples"] == 4
+
+
+# A component's library in model_index.json is a module name that diffusers imports, or a file `<component>/<name>.py`
+# it runs; these must be refused before diffusers sees the folder (issue 27, item 1).
+TAMPERED_LIBRARIES = [
+    "../../evil", "../evil", "..", "./evil", "vae/../../evil", "/tmp/evil", "evil", "os", "os.path", "subprocess",
+    "antigravity", "tinysr_diffusers.evil", "tinysr_diffusers/../evil", "tinysr_diffusers.py", " tinysr_diffusers",
+    "TINYSR_DIFFUSERS", "diffusers.evil", "pipeline_tinysr_diffusers", "", 7, ["tinysr_diffusers"],
+]
+
+
+@pytest.mark.parametrize("library", TAMPERED_LIBRARIES, ids=repr)
+def test_a_tampered_library_name_imports_nothing(saved, tmp_path, library):
+    import sys
+
+    marker = tmp_path / "ran"
+    payload = f"open({str(marker)!r}, 'w').close()\nfrom tinysr_diffusers import *  # noqa\n"
+    for place in (tmp_path / "evil.py", saved / "evil.py", saved / "vae" / "evil.py"):
+        place.write_text(payload)
+    (saved / "vae" / "evil.py").unlink()  # a .py beside the shims is refused for another reason: keep it outside
+    (saved / "evil.py").unlink()
+    index = json.loads((saved / "model_index.json").read_text())
+    index["vae"] = [library, index["vae"][1]]
+    (saved / "model_index.json").write_text(json.dumps(index))
+    modules = set(sys.modules)
+    with pytest.raises(UntrustedFolderError, match="vae.*names the library|refusing"):
+        TinySRPipeline.from_pretrained(saved)
+    assert not marker.exists()
+    assert not {name for name in set(sys.modules) - modules if "evil" in name or name in ("antigravity",)}
+
+
+def test_a_tampered_pipeline_module_is_refused(saved, tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    index = json.loads((saved / "model_index.json").read_text())
+    index["_class_name"] = ["../evil", "TinySRPipeline"]
+    (saved / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UntrustedFolderError, match="pipeline module '../evil'"):
+        TinySRPipeline.from_pretrained(saved)
+    assert not marker.exists()
+
+
+def test_the_cli_refuses_a_library_path_without_running_it(saved, tmp_path, capsys):
+    """The reproduction of issue 27: `"vae": ["../../evil", ...]` with the shims removed, `tinysr upscale`."""
+    from tinysr_diffusers.cli import main
+
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nfrom tinysr_diffusers import *  # noqa\n")
+    for shim in saved.glob("vae/*.py"):
+        shim.unlink()
+    index = json.loads((saved / "model_index.json").read_text())
+    index["vae"] = ["../../evil", index["vae"][1]]
+    (saved / "model_index.json").write_text(json.dumps(index))
+    image = tmp_path / "small.png"
+    photo("astronaut", (32, 24)).save(image)
+    assert main(["upscale", str(image), "-o", str(tmp_path / "out"), "--model", str(saved)]) == 2
+    assert not marker.exists()
+    error = capsys.readouterr().err
+    assert "names the library '../../evil'" in error and len(error.strip().splitlines()) == 1

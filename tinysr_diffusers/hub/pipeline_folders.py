@@ -34,6 +34,10 @@ SHIM_SOURCE = (
     f"from {PACKAGE} import *  # noqa: F401,F403\n"
 )
 MODEL_INDEX = "model_index.json"
+# The libraries a trusted folder's components may name: diffusers imports each by name, and looks a name that is none
+# of its own up as a file `<component>/<library>.py` (so `../../evil` would run `<folder>/../evil.py`). Only installed
+# packages that hold the classes a TinySR or TSD-SR folder uses are plain enough to import without trust.
+TRUSTED_LIBRARIES = (PACKAGE, "diffusers", "transformers")
 
 
 class UntrustedFolderError(ValueError):
@@ -109,13 +113,38 @@ def _python_files(folder: Path) -> Iterator[tuple[str, Path]]:
                     yield path.as_posix(), folder / path
 
 
+def check_libraries(index: dict, folder: str | os.PathLike) -> None:
+    """Raise `UntrustedFolderError` unless the pipeline and every component of `model_index.json` name one of our
+    own modules: the pipeline `pipeline_tinysr_diffusers` (or a diffusers class name), each component a library of
+    `TRUSTED_LIBRARIES`. Anything else (a path, a dotted or another package's name) would make diffusers import code
+    from outside the checked files."""
+    pipeline = index.get("_class_name")
+    if isinstance(pipeline, list) and (len(pipeline) != 2 or pipeline[0] != PIPELINE_MODULE):
+        raise UntrustedFolderError(
+            f"{folder}/{MODEL_INDEX} names the pipeline module {pipeline[0]!r}, not {PIPELINE_MODULE!r}; refusing to "
+            "import it (load with `trust_remote_code=True` only if you trust that code)."
+        )
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        library = value[0] if len(value) == 2 else value
+        if library is not None and library not in TRUSTED_LIBRARIES:
+            raise UntrustedFolderError(
+                f"{folder}/{MODEL_INDEX}: component {name!r} names the library {library!r}, not one of "
+                f"{list(TRUSTED_LIBRARIES)}; refusing to import it (load with `trust_remote_code=True` only if you "
+                "trust that code)."
+            )
+
+
 def verify_shims(folder: str | os.PathLike) -> dict:
-    """Raise `UntrustedFolderError` unless every `.py` file under `folder` is one of our shims; return the index.
+    """Raise `UntrustedFolderError` unless every `.py` file under `folder` is one of our shims and every library that
+    `model_index.json` names is one of ours (`check_libraries`); return the index.
 
     Each file is read where diffusers imports it from (symlinks followed), so a link cannot bring in other code.
     """
     folder = Path(folder)
     index = read_model_index(folder)
+    check_libraries(index, folder)
     allowed = expected_shims(index)
     shim = SHIM_SOURCE.encode("utf-8")
     for relative, path in _python_files(folder):
