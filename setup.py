@@ -25,9 +25,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tinysr_diffusers", "tinysr_diffusers.*", "pruning", "pruning.*", "training",
-                                     "training.*"]),
-    # the default model (tinysr_diffusers.DEFAULT_MODEL: weights, configs, shims, card, licences) and the demo's photos
-    package_data={"tinysr_diffusers": ["default_model/*", "default_model/*/*", "demo_examples/*"]},
+                                     "training.*", "model_cards"]),
+    package_data={
+        # the default model (tinysr_diffusers.DEFAULT_MODEL: weights, configs, shims, card, licences), the demo's photos
+        "tinysr_diffusers": ["default_model/*", "default_model/*/*", "demo_examples/*"],
+        "model_cards": ["*.md"],  # the Hub card templates that `push_to_hub` fills (tinysr_diffusers.hub.model_cards)
+    },
     # torch is pinned by the install script (scripts/install.sh): an open torch requirement pulls a CUDA build.
     install_requires=[
         "torch>=2.4",

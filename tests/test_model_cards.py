@@ -1,13 +1,27 @@
 """Model cards: `push_to_hub` of each pipeline uploads the saved layout plus a card filled from the model (hub client
-replaced by local fakes), and the pruned-transformer card reports only figures it is given, with their commands."""
+replaced by local fakes), and the pruned-transformer card reports only figures it is given, with their commands.
+Cards are read from the object given (no pipeline classes imported by `hub.model_cards`); the wheel's templates are
+checked in `test_wheel.py`."""
+
+import ast
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard
 
+import tinysr_diffusers.hub.model_cards as model_cards
 from tests.test_loading import _files, hub  # noqa: F401 - `hub` is the fake-Hub fixture
 from tests.tiny_pipelines import tiny_teacher
 from tinysr_diffusers import TinySRPipeline
-from tinysr_diffusers.hub.model_cards import NOT_MEASURED, SD3_BASE_MODEL, SD3_LICENSE_LINK, pruned_transformer_card
+from tinysr_diffusers.hub.model_cards import (
+    NOT_MEASURED,
+    SD3_BASE_MODEL,
+    SD3_LICENSE_LINK,
+    pipeline_card,
+    pruned_transformer_card,
+    read_template,
+)
 
 
 def _check_metadata(card: ModelCard, *tags: str) -> None:
@@ -54,3 +68,26 @@ def test_pruned_transformer_card_reports_given_measurements_with_commands(hub): 
     assert "| module MACs at 512x512 | 0.12 G | `python -m benchmarks.architecture` |" in card.text
     assert NOT_MEASURED not in card.text
     assert "from tinysr_diffusers import TinySRTransformer2DModel" in card.text
+
+
+def test_model_cards_import_no_pipeline_module():
+    """No import ring: the pipelines import `hub.model_cards`, which reads what it prints from the pipeline given."""
+    tree = ast.parse(Path(model_cards.__file__).read_text(encoding="utf-8"))
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert imported and not [name for name in imported if "pipelines" in name]
+
+
+def test_pipeline_card_reads_any_object_with_the_pipeline_attributes(hub):  # noqa: F811 - no network
+    student = TinySRPipeline.from_teacher(tiny_teacher(), keep_layers=[0, 2])
+    duck = SimpleNamespace(transformer=student.transformer, vae=student.vae, timestep=1000.0)
+    card = pipeline_card(duck, "user/duck", pruning_method="learned depth pruning")
+    _check_metadata(card, "pruned")
+    assert "`SimpleNamespace`" in card.text and "source block indices [0, 2]" in card.text
+    assert "Pruning method: learned depth pruning." in card.text and "modulation cached at t = 1000." in card.text
+
+
+def test_templates_are_the_model_cards_package_files():
+    folder = Path(__file__).resolve().parents[1] / "model_cards"
+    for name in ("tinysr_pipeline.md", "teacher_pipeline.md", "pruned_transformer.md"):
+        assert read_template(name) == (folder / name).read_text(encoding="utf-8")

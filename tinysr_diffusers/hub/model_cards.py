@@ -1,13 +1,15 @@
 """Hub model cards for TinySR pipelines and pruned transformers, filled from the models themselves.
 
-Templates live in the repository's `model_cards/` folder (`string.Template` fields). Configuration, kept layers and
-parameter counts are read from the model; efficiency and quality figures are printed only when measured values are
-passed in with the command that produced them, never invented.
+Templates live in the top-level `model_cards` package (`string.Template` fields), installed with the wheel as package
+data. Configuration, kept layers and parameter counts are read from the objects given (attributes and configs, no
+pipeline classes are imported, so the pipelines can import this module); efficiency and quality figures are printed
+only when measured values are passed in with the command that produced them, never invented.
 """
 
 import string
+from importlib import resources
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
@@ -18,7 +20,7 @@ from diffusers.utils.hub_utils import populate_model_card
 from ..evaluation.profiling import count_parameters
 
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATE_PACKAGE = "model_cards"
 SD3_BASE_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 SD3_LICENSE_NAME = "stabilityai-ai-community"
 SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md"
@@ -34,8 +36,20 @@ NOT_MEASURED = "Not measured for this checkpoint."
 Measurements = Mapping[str, tuple[str, str]]
 
 
+def read_template(name: str) -> str:
+    """The text of the template `name` (e.g. `"tinysr_pipeline.md"`) from the installed `model_cards` package.
+
+    A source checkout whose editable install predates that package (its finder does not map it) reads the
+    repository's `model_cards/` folder instead.
+    """
+    try:
+        return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parents[2] / TEMPLATE_PACKAGE / name).read_text(encoding="utf-8")
+
+
 def _render(template: str, **fields) -> str:
-    return string.Template((TEMPLATE_DIR / template).read_text(encoding="utf-8")).substitute(fields)
+    return string.Template(read_template(template)).substitute(fields)
 
 
 def _measurements(measurements: Optional[Measurements]) -> str:
@@ -71,16 +85,19 @@ def _card(
 
 
 def pipeline_card(
-    pipe,
+    pipe: Any,
     repo_id: str,
     token: Optional[str] = None,
     base_model: str = SD3_BASE_MODEL,
     pruning_method: Optional[str] = None,
     measurements: Optional[Measurements] = None,
 ) -> ModelCard:
-    """The card of a [`TinySRPipeline`] or [`TSDSRPipeline`] pushed to `repo_id`."""
-    from ..pipelines import TinySRPipeline
+    """The card of a one-step SR pipeline pushed to `repo_id`, read from the pipeline's attributes.
 
+    A pipeline with a `prompt_embeddings` component (the teacher, [`TSDSRPipeline`]) gets the teacher's card; any
+    other (the student, [`TinySRPipeline`]) the TinySR card, with the kept layers (`source_layers`) and folded
+    modulation recorded in its transformer's config and its `timestep`.
+    """
     config = pipe.transformer.config
     components = [("transformer", pipe.transformer), ("vae", pipe.vae)]
     common = dict(
@@ -93,32 +110,32 @@ def pipeline_card(
         measurements=_measurements(measurements),
         licence=LICENCE_NOTICE.format(base_model=base_model),
     )
-    if isinstance(pipe, TinySRPipeline):
-        vae = pipe.vae.config
-        if "encoder_conv" in vae:
-            vae_description = f"TAESD topology, {vae.encoder_conv} encoder and {vae.decoder_conv} decoder convolutions"
-        else:
-            vae_description = type(pipe.vae).__name__
-        description = _render(
-            "tinysr_pipeline.md",
-            **common,
-            kept_layers=list(config.source_layers) if config.source_layers is not None else "not recorded",
-            timestep=f"{pipe.timestep:g}",
-            folded=", folded into the weights" if config.modulation_folded else "",
-            pruning_method=pruning_method or "not recorded",
-            vae_description=vae_description,
-        )
-        tags = [*TAGS, "pruned"]
-    else:
-        embeddings = pipe.prompt_embeddings.config
+    embeddings = getattr(pipe, "prompt_embeddings", None)
+    if embeddings is not None:
         description = _render(
             "teacher_pipeline.md",
             **common,
-            num_tokens=embeddings.num_tokens,
-            prompt=f"`{embeddings.prompt}`" if embeddings.prompt else "not recorded",
+            num_tokens=embeddings.config.num_tokens,
+            prompt=f"`{embeddings.config.prompt}`" if embeddings.config.prompt else "not recorded",
         )
-        tags = [*TAGS, "tsd-sr"]
-    return _card(description, repo_id, base_model, tags=tags, token=token)
+        return _card(description, repo_id, base_model, tags=[*TAGS, "tsd-sr"], token=token)
+
+    vae = pipe.vae.config
+    if "encoder_conv" in vae:
+        vae_description = f"TAESD topology, {vae.encoder_conv} encoder and {vae.decoder_conv} decoder convolutions"
+    else:
+        vae_description = type(pipe.vae).__name__
+    kept_layers = getattr(config, "source_layers", None)
+    description = _render(
+        "tinysr_pipeline.md",
+        **common,
+        kept_layers=list(kept_layers) if kept_layers is not None else "not recorded",
+        timestep=f"{pipe.timestep:g}",
+        folded=", folded into the weights" if getattr(config, "modulation_folded", False) else "",
+        pruning_method=pruning_method or "not recorded",
+        vae_description=vae_description,
+    )
+    return _card(description, repo_id, base_model, tags=[*TAGS, "pruned"], token=token)
 
 
 def pruned_transformer_card(
