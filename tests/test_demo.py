@@ -25,7 +25,8 @@ import torch
 
 from tests.tiny_pipelines import photo
 from tinysr_diffusers import demo as demo_module
-from tinysr_diffusers.demo import INSTALL_HINT, add_demo_parser, launch, load_pipeline
+from tinysr_diffusers.demo import INSTALL_HINT, add_demo_parser, launch
+from tinysr_diffusers.loading import load_pipeline
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,9 @@ def _port_is_free(port: int) -> bool:
 @pytest.fixture(scope="module")
 def reference(model_args):
     """The same model loaded here, to compute what the app must return."""
-    return load_pipeline(_parse(["demo", *model_args]).model, device="cpu")
+    pipe = load_pipeline(_parse(["demo", *model_args]).model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(scope="module")

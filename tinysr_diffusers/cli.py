@@ -24,18 +24,17 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 
-from .devices import DTYPE_HELP  # standard library only at import
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
 from .image_io import DEEP_FORMATS, OUTPUT_FORMATS, read_image, write_image  # numpy and PIL only at import
-from .onnx_export import CONFIG_NAME as ONNX_CONFIG_NAME  # standard library only: onnx loads when `tinysr export` runs
-from .onnx_export import RUNTIMES, add_export_parser
+from .loading import ModelLoadError, add_model_arguments, check_model_arguments, load_pipeline_from_args, one_line
+from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
 
 
 if TYPE_CHECKING:
     import torch
 
 
-DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
+MAX_OUTPUT_PIXELS = 16384 * 16384  # the largest output the streamed pipeline's memory was measured at (issue 15)
 
 
 @dataclass
@@ -45,29 +44,6 @@ class Job:
     source: Path
     target: Path
     deep: bool = False  # write 16 bits per sample (the input has more than 8)
-
-
-def _default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _resolve_dtype(name: str, device: str) -> "torch.dtype":
-    import torch
-
-    from .devices import auto_dtype
-
-    return auto_dtype(device) if name == "auto" else getattr(torch, name)
-
-
-def _is_onnx_export(model: Optional[str]) -> bool:
-    """Whether `--model` is a folder written by `tinysr export onnx` (run by `OnnxTinySRPipeline`, not torch)."""
-    return model is not None and os.path.isfile(os.path.join(model, ONNX_CONFIG_NAME))
 
 
 def _output_dir_problem(out_dir: Path) -> Optional[str]:
@@ -80,6 +56,26 @@ def _output_dir_problem(out_dir: Path) -> Optional[str]:
     except OSError as error:
         return f"cannot write there: {error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
     return None
+
+
+def _input_folder_problem(inputs: Sequence[str], out_dir: Path) -> Optional[str]:
+    """Why `out_dir` cannot take the outputs of these inputs: it is one of the input folders (outputs would mix with
+    the inputs, and every rerun would read them back as inputs)."""
+    for name in inputs:
+        if Path(name).is_dir() and Path(name).resolve() == out_dir.resolve():
+            return f"is the input folder {name}: outputs would mix with the inputs; choose another folder"
+    return None
+
+
+def output_size(size: tuple[int, int], outscale: Optional[float]) -> tuple[int, int]:
+    """The (width, height) of the output for an input of `size`: 4x, or round(outscale x size), at least 1."""
+    if outscale is None:
+        return size[0] * 4, size[1] * 4
+    return tuple(max(1, round(outscale * side)) for side in size)
+
+
+def _image_size(image: Union[PIL.Image.Image, np.ndarray]) -> tuple[int, int]:
+    return image.size if isinstance(image, PIL.Image.Image) else (image.shape[1], image.shape[0])
 
 
 def _collect_jobs(
@@ -109,7 +105,11 @@ def _collect_jobs(
         else:
             errors.append(f"{name}: no such file or folder")
 
-    sources = {job.source.resolve() for job in jobs}
+    unique: dict[Path, Job] = {}
+    for job in jobs:  # a file named twice (or inside a folder also named) is one input
+        unique.setdefault(job.source.resolve(), job)
+    jobs = list(unique.values())
+    sources = set(unique)
     claimed: dict[Path, Path] = {}
     kept, skipped = [], 0
     for job in jobs:
@@ -142,21 +142,14 @@ def _tile_size(value: str) -> "int | str":
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {value!r}") from None
 
 
-def _one_line(error: BaseException) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {message}"
-
-
 def upscale(args: argparse.Namespace) -> int:
     """Run `tinysr upscale`; returns the exit code (1 if any input failed)."""
     import torch
     from tqdm.auto import tqdm
 
-    from .pipelines import OneStepSRPipeline
-
     extension = "." + args.format
     out_dir = Path(args.output_dir)
-    problem = _output_dir_problem(out_dir)
+    problem = _output_dir_problem(out_dir) or _input_folder_problem(args.inputs, out_dir)
     if problem:
         print(f"error: -o {out_dir}: {problem}", file=sys.stderr)
         return 2
@@ -183,30 +176,10 @@ def upscale(args: argparse.Namespace) -> int:
         print("error: no input files", file=sys.stderr)
         return 1
 
-    from .devices import compile_pipeline, optimize_for_cpu
-
     try:
-        if _is_onnx_export(args.model):  # `main` refused the torch options
-            from .pipelines import OnnxTinySRPipeline
-
-            pipe = OnnxTinySRPipeline.from_pretrained(args.model, runtime=args.runtime or "onnxruntime")
-        else:
-            device = args.device or _default_device()
-            dtype = _resolve_dtype(args.dtype, device)  # inside: a bad --device is one line too
-            if args.model is None:
-                from .pipelines import TinySRPipeline
-
-                pipe = TinySRPipeline.from_pretrained(dtype=dtype)
-            else:
-                pipe = OneStepSRPipeline.from_pretrained(
-                    args.model, dtype=dtype, trust_remote_code=args.trust_remote_code
-                )
-            pipe = optimize_for_cpu(pipe.to(device))
-            if args.compile:
-                pipe = compile_pipeline(pipe)
-    except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
-        model = "the default model" if args.model is None else f"--model {args.model}"
-        print(f"error: cannot load {model}: {_one_line(error)}", file=sys.stderr)
+        pipe = load_pipeline_from_args(args)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     # The pipeline's bar over tile batches, under the bar over files; it appears only for images of several tiles.
     pipe.set_progress_bar_config(desc="Tiles", unit="batch", position=1, leave=False)
@@ -225,10 +198,10 @@ def upscale(args: argparse.Namespace) -> int:
     def report(job: Job, error: BaseException) -> None:
         nonlocal failed
         failed += 1
-        progress.write(f"error: {job.source}: {_one_line(error)}", file=sys.stderr)
+        progress.write(f"error: {job.source}: {one_line(error)}", file=sys.stderr)
 
     def run(batch: list[tuple[Job, Union[PIL.Image.Image, np.ndarray]]]) -> None:
-        nonlocal written
+        nonlocal written, skipped
         start = time.perf_counter()
         try:
             # PIL and uint16 outputs keep the streamed pipeline's memory at its least (no full-size float image).
@@ -245,35 +218,59 @@ def upscale(args: argparse.Namespace) -> int:
         seconds = (time.perf_counter() - start) / len(batch)
         for (job, _), output in zip(batch, outputs):
             try:
-                write_image(output, job.target, OUTPUT_FORMATS[args.format], job.deep)
+                write_image(output, job.target, OUTPUT_FORMATS[args.format], job.deep,
+                            overwrite=args.existing == "overwrite")
                 written += 1
                 times.append((job, seconds))
                 if args.verbose:
                     depth = "16-bit" if job.deep else "8-bit"
                     progress.write(f"{job.source} -> {job.target} ({depth}, {seconds:.2f} s)")
+            except FileExistsError:  # another run wrote it since the check: keep that one
+                if args.existing == "skip":
+                    skipped += 1
+                else:
+                    report(job, FileExistsError(f"its output {job.target} exists (written meanwhile by another run); "
+                                                "pass --overwrite to replace it or --skip-existing to keep it"))
             except Exception as error:  # noqa: BLE001
                 report(job, error)
             progress.update(1)
 
     batch: list[tuple[Job, Union[PIL.Image.Image, np.ndarray]]] = []
-    for job in jobs:
-        try:
-            image, notes = read_image(job.source, deep=args.format in DEEP_FORMATS)
-            job.deep = isinstance(image, np.ndarray)
-        except Exception as error:  # noqa: BLE001 - unreadable, truncated, empty, not an image
-            report(job, error)
-            progress.update(1)
-            continue
-        for note in notes:
-            progress.write(f"warning: {job.source}: {note}", file=sys.stderr)
-        batch.append((job, image))
-        if len(batch) == args.batch_size:
+    try:
+        for job in jobs:
+            try:
+                image, notes = read_image(job.source, deep=args.format in DEEP_FORMATS, alpha=args.format != "jpg")
+                job.deep = isinstance(image, np.ndarray)
+                _check_output_size(_image_size(image), args.outscale, args.max_output_pixels)
+            except Exception as error:  # noqa: BLE001 - unreadable, truncated, empty, not an image, too large
+                report(job, error)
+                progress.update(1)
+                continue
+            for note in notes:
+                progress.write(f"warning: {job.source}: {note}", file=sys.stderr)
+            batch.append((job, image))
+            if len(batch) == args.batch_size:
+                run(batch)
+                batch = []
+        if batch:
             run(batch)
-            batch = []
-    if batch:
-        run(batch)
+    except KeyboardInterrupt:  # what was written stays (each file atomic); say so, as the shell expects: 128 + SIGINT
+        progress.close()
+        print(f"Interrupted: {len(jobs) - progress.n} input(s) not processed.", file=sys.stderr)
+        summary(written, failed)
+        return 130
     progress.close()
     return summary(written, failed)
+
+
+def _check_output_size(size: tuple[int, int], outscale: Optional[float], limit: int) -> None:
+    """Refuse an output of more than `limit` pixels before anything runs, giving the size it would have had."""
+    width, height = output_size(size, outscale)
+    if width * height > limit:
+        raise ValueError(
+            f"the output would be {width}x{height} ({width * height / 1e6:,.0f} megapixels), above "
+            f"--max-output-pixels {limit:,}; lower --outscale or raise the limit"
+        )
 
 
 def add_upscale_parser(subparsers) -> None:
@@ -286,16 +283,7 @@ def add_upscale_parser(subparsers) -> None:
         "Files that cannot be read are reported and skipped; the exit code is 1 if any input failed.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files and folders of images.")
-    parser.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (saved by save_pretrained), "
-                        "or a folder written by `tinysr export onnx`; default: the model shipped with the package "
-                        "(tinysr_diffusers.DEFAULT_MODEL).")
-    parser.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default=None,
-        help="The runtime of an ONNX --model (default: onnxruntime; openvino was faster on an AVX2 CPU, "
-        "benchmarks/cpu_settings.py).",
-    )
+    add_model_arguments(parser)
     parser.add_argument("-o", "--output-dir", required=True, help="Folder for the upscaled images (created).")
     parser.add_argument(
         "--tile-size",
@@ -307,14 +295,6 @@ def add_upscale_parser(subparsers) -> None:
     parser.add_argument("--tile-overlap", type=int, default=8, help="Latent tile overlap in latent pixels.")
     parser.add_argument("--color-fix", choices=["default", "adain", "wavelet", "none"], default="default",
                         help="default: the model's own (saved with it; adain for the releases).")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
-    parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the transformer and the VAE (opt-in: the first call compiles, about 80 s on 2 CPU "
-        "threads, and no steady-state gain was measured on an AVX2 CPU; benchmarks/cpu_settings.py).",
-    )
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
     parser.add_argument(
         "--outscale",
@@ -323,6 +303,14 @@ def add_upscale_parser(subparsers) -> None:
         metavar="F",
         help="Output size as F times the input (any F > 0, e.g. 2 or 3.5): super-resolve 4x, then resample with "
         "Lanczos to round(F * size), as Real-ESRGAN's --outscale (default: 4x).",
+    )
+    parser.add_argument(
+        "--max-output-pixels",
+        type=int,
+        default=MAX_OUTPUT_PIXELS,
+        metavar="N",
+        help=f"Refuse an input whose output would have more pixels than N (default {MAX_OUTPUT_PIXELS:,} = "
+        "16384x16384, where memory was measured to stay flat: docs/pipelines-and-streaming.md).",
     )
     parser.add_argument(
         "--format",
@@ -353,11 +341,6 @@ def add_upscale_parser(subparsers) -> None:
         help="Skip inputs whose output already exists, e.g. to resume an interrupted run.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the VAE posterior sample (AutoencoderKL).")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Allow a model folder whose code is not TinySR's own shims (only for code you have read).",
-    )
     parser.set_defaults(func=upscale)
 
 
@@ -385,7 +368,7 @@ def convert(args: argparse.Namespace) -> int:
                 args.sd3, args.transformer_lora, args.vae_lora, args.prompt_embeds, args.pool_embeds, torch_dtype=dtype
             )
     except (ConversionError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     print(f"[2/2] Saving {type(pipe).__name__} ({args.dtype}) to {output} ...", file=sys.stderr)
     with atomic_directory(str(output), overwrite=args.overwrite) as folder:
@@ -442,15 +425,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--batch-size must be at least 1")
         if args.outscale is not None and not (math.isfinite(args.outscale) and args.outscale > 0):
             parser.error(f"--outscale must be a number > 0, got {args.outscale:g}")
+        if args.max_output_pixels < 1:
+            parser.error(f"--max-output-pixels must be at least 1, got {args.max_output_pixels}")
         tile = 16 if args.tile_size == "auto" else args.tile_size  # auto tiles are at least 16 (MIN_TILE_SIZE)
         if tile < 0 or args.tile_overlap < 0 or (tile and args.tile_overlap >= tile):
             parser.error("need --tile-size >= 0 (0: no tiling) and 0 <= --tile-overlap < --tile-size")
-        onnx = _is_onnx_export(args.model)
-        if args.runtime and not onnx:
-            parser.error(f"--runtime {args.runtime} runs an ONNX export: a --model folder from `tinysr export onnx`")
-        if onnx and (args.device not in (None, "cpu") or args.dtype not in ("auto", "float32") or args.compile):
-            parser.error("an ONNX export runs in float32 on the CPU: leave out --device, --dtype and --compile")
-    return args.func(args)
+    if args.command in ("upscale", "demo"):
+        check_model_arguments(parser, args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C while a model loads: no traceback (upscale reports its own progress)
+        print("Interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

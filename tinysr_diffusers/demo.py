@@ -29,26 +29,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from .devices import DTYPE_HELP  # standard library only at import
+from .loading import (  # standard library only at import
+    ModelLoadError,
+    add_model_arguments,
+    check_model_arguments,
+    load_pipeline_from_args,
+    one_line,
+)
 
 
 EXAMPLES_DIR = Path(__file__).with_name("demo_examples")
-DEFAULT_MAX_PIXELS = 512 * 512  # input pixels; the 4x output has 16 times as many
+DEFAULT_MAX_PIXELS = 512 * 512  # input pixels of work (`padded_work`); the 4x output has 16 times as many
+# The pipeline pads the 4x upscale to multiples of 16 output pixels and runs tiles of latent rows, so a thin image
+# costs more per pixel: a side below 8 input pixels is counted as 8.
+WORK_MIN_SIDE = 8
 OUTSCALE_RANGE = (1.0, 4.0)
 TILE_SIZES = (0, 32, 48, 64, 96, 128)  # latent pixels (x8 = output pixels of a tile); 0: no tiling
 TILE_OVERLAP = 8  # latent pixels, as `tinysr upscale`
 COLOR_FIXES = ("default", "adain", "wavelet", "none")  # default: the model's own
-DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 RESULT_MAX_AGE_S = 3600  # downloadable PNGs older than this are deleted at the next run
 INSTALL_HINT = 'pip install "tinysr-diffusers[demo]"'
 
 
 class DemoInputError(ValueError):
     """An input the demo refuses, with the message shown to the user."""
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message is one line."""
 
 
 # ----------------------------------------------------------------------------------------------------- the work
@@ -99,12 +103,6 @@ def _tile_progress(pipe, progress: Optional[Callable]) -> Iterator[None]:
         del pipe.progress_bar
 
 
-def _one_line(error: BaseException) -> str:
-    from .cli import _one_line as one_line
-
-    return one_line(error)
-
-
 def _probe_size(path: Path) -> tuple[int, int]:
     """The image's size from its header, before anything is decoded."""
     import PIL.Image
@@ -115,13 +113,13 @@ def _probe_size(path: Path) -> tuple[int, int]:
             with PIL.Image.open(path) as image:
                 return image.size
         except PIL.Image.DecompressionBombError as error:
-            raise DemoInputError(f"This image is too large for the demo ({_one_line(error)}).") from error
+            raise DemoInputError(f"This image is too large for the demo ({one_line(error)}).") from error
         except Exception as error:  # noqa: BLE001 - not an image, empty, unknown format
             raise DemoInputError(_unreadable(path, error)) from error
 
 
 def _unreadable(path: Path, error: BaseException) -> str:
-    reason = _one_line(error).replace(str(path), path.name)  # not the server's upload folder
+    reason = one_line(error).replace(str(path), path.name)  # not the server's upload folder
     return f"Cannot read this file as an image ({reason}). Upload a PNG, JPEG, WebP, TIFF or BMP photo."
 
 
@@ -133,13 +131,21 @@ def _pixels(count: int) -> str:
     return f"{count / 1e6:.2f} MP" if count >= 100_000 else f"{count:,} pixels"
 
 
+def padded_work(size: tuple[int, int]) -> int:
+    """The input pixels a run costs about as much as: each side counted as at least `WORK_MIN_SIDE`. A thin image
+    pays for the model's padding (a 1x100000 input took as long as 7 times its pixels, issue 27)."""
+    return math.prod(max(WORK_MIN_SIDE, side) for side in size)
+
+
 def check_size(size: tuple[int, int], max_pixels: int) -> None:
-    """Refuse an input of more than `max_pixels` pixels, saying how to get under the limit."""
+    """Refuse an input whose padded work (`padded_work`) is above `max_pixels`, saying how to get under the limit."""
     width, height = size
-    if width * height > max_pixels:
+    work = padded_work(size)
+    if work > max_pixels:
         side = math.isqrt(max_pixels)
+        padded = f"; padded for the model it costs as much as {_pixels(work)}" if work > width * height else ""
         raise DemoInputError(
-            f"This image is {_describe(size)} ({_pixels(width * height)}), above this demo's limit of "
+            f"This image is {_describe(size)} ({_pixels(width * height)}{padded}), above this demo's limit of "
             f"{_pixels(max_pixels)} (e.g. {side}x{side}); crop or downscale it, or run `tinysr upscale` on it "
             "(no limit)."
         )
@@ -376,53 +382,11 @@ def launch_kwargs(demo, host: Optional[str] = None, port: Optional[int] = None, 
 
 
 # --------------------------------------------------------------------------------------------- model and launch
-def load_pipeline(
-    model: Optional[str] = None, device: Optional[str] = None, dtype: str = "auto", trust_remote_code: bool = False
-):
-    """Load `--model` as `tinysr upscale` does, or the default model (`TinySRPipeline.from_pretrained()`) without
-    one; raises `ModelLoadError` with one line."""
-    from .cli import _default_device, _resolve_dtype
-    from .devices import optimize_for_cpu
-
-    # All three imported: OneStepSRPipeline.from_pretrained accepts the subclasses defined so far.
-    from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline  # noqa: F401
-
-    device = device or _default_device()
-    try:
-        torch_dtype = _resolve_dtype(dtype, device)
-    except Exception as error:  # noqa: BLE001 - a bad --device is one clear line
-        raise ModelLoadError(f"--device {device}: {_one_line(error)}") from error
-    if model is None:
-        try:
-            pipe = TinySRPipeline.from_pretrained(dtype=torch_dtype)
-        except Exception as error:  # noqa: BLE001
-            default = _default_model_path()
-            where = f" ({default})" if default else " (this install ships none: tinysr_diffusers.DEFAULT_MODEL)"
-            raise ModelLoadError(
-                f"cannot load the default model{where}: {_one_line(error)}; pass --model PATH_OR_REPO"
-            ) from error
-    else:
-        try:
-            pipe = OneStepSRPipeline.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
-            raise ModelLoadError(f"cannot load --model {model}: {_one_line(error)}") from error
-    pipe = optimize_for_cpu(pipe.to(device))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _default_model_path() -> Optional[str]:
-    import tinysr_diffusers
-
-    path = getattr(tinysr_diffusers, "DEFAULT_MODEL", None)
-    return None if path is None else os.fspath(path)
-
-
 def _require_gradio() -> None:
     try:
         import gradio  # noqa: F401
     except ImportError as error:
-        raise ModelLoadError(f"`tinysr demo` needs gradio ({_one_line(error)}): {INSTALL_HINT}") from error
+        raise ModelLoadError(f"`tinysr demo` needs gradio ({one_line(error)}): {INSTALL_HINT}") from error
 
 
 def launch(args: argparse.Namespace, *, block: bool = True):
@@ -430,7 +394,8 @@ def launch(args: argparse.Namespace, *, block: bool = True):
     server stops (`block=True`, Ctrl-C) or at once with the server running (`block=False`: close it with
     `demo.close()`). Raises `ModelLoadError` (one line) if gradio or the model is missing."""
     _require_gradio()
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
+    pipe = load_pipeline_from_args(args)
+    pipe.set_progress_bar_config(disable=True)
     examples = None if args.examples is None else example_files(args.examples)
     demo = build_demo(pipe, max_pixels=args.max_pixels, examples=examples, tile_size=args.tile_size, seed=args.seed)
     if block and threading.current_thread() is threading.main_thread():
@@ -473,12 +438,7 @@ def _port(text: str) -> int:
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `tinysr demo` to `parser`."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Pipeline folder or Hub repo id (saved by save_pretrained), loaded as `tinysr upscale --model` does "
-        "(default: the model shipped with the package).",
-    )
+    add_model_arguments(parser, compile_option=False)  # as `tinysr upscale`: pipeline folders, Hub repos, ONNX
     parser.add_argument(
         "--host",
         default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -505,16 +465,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Initial latent tile size of the UI (64 = 512 output pixels; 0: no tiling).",
     )
     parser.add_argument("--examples", default=None, help="Folder of example photos (default: the bundled ones).")
-    parser.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="auto", help=DTYPE_HELP
-    )
-    parser.add_argument("--device", default=None, help="Torch device (default: cuda, then mps, then cpu).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the VAE posterior sample (AutoencoderKL).")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Allow a model folder whose code is not TinySR's own shims (only for code you have read).",
-    )
     parser.set_defaults(func=_command)
     return parser
 
@@ -534,6 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m tinysr_diffusers.demo [options]` (and the Space's app.py): `tinysr demo` without the subcommand."""
     parser = argparse.ArgumentParser(prog="tinysr demo", description="Serve the TinySR Gradio demo.")
     args = configure_parser(parser).parse_args(argv)
+    check_model_arguments(parser, args)
     return args.func(args)
 
 

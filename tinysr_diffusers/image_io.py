@@ -54,9 +54,12 @@ MODE_SPACES = {
 
 
 # ------------------------------------------------------------------------------------------------------- reading
-def read_image(path: Path, deep: bool = False) -> tuple[Union[PIL.Image.Image, np.ndarray], list[str]]:
+def read_image(
+    path: Path, deep: bool = False, *, alpha: bool = True
+) -> tuple[Union[PIL.Image.Image, np.ndarray], list[str]]:
     """Open and fully decode an image (so truncated files fail here), applying its EXIF orientation and converting
-    it to sRGB; returns it and warnings (PIL's, and what the one-frame output cannot keep).
+    it to sRGB; returns it and warnings (PIL's, and what the one-frame output cannot keep; without `alpha`, that the
+    output format drops its transparency).
 
     With `deep` (the output format keeps 16 bits), a file of more than 8 bits per sample comes back as a uint16
     numpy array (H, W[, C]) in RGB(A) order, read by OpenCV (PNG) or tifffile (TIFF) because PIL truncates 16-bit
@@ -72,6 +75,8 @@ def read_image(path: Path, deep: bool = False) -> tuple[Union[PIL.Image.Image, n
             image.load()
             image = PIL.ImageOps.exif_transpose(image)
     notes = [" ".join(str(warning.message).split()) for warning in caught]
+    if not alpha and (image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info):
+        notes.append("it has transparency, which the output format cannot keep: the alpha channel is dropped")
     if frames > 1:
         notes.append(f"it has {frames} frames (animated or multi-page): only the first is upscaled")
     if bits > 8:
@@ -168,10 +173,16 @@ def _to_srgb(image: PIL.Image.Image, notes: list[str]) -> PIL.Image.Image:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def write_image(
-    image: Union[PIL.Image.Image, np.ndarray], target: Path, image_format: str, deep: bool = False
+    image: Union[PIL.Image.Image, np.ndarray],
+    target: Path,
+    image_format: str,
+    deep: bool = False,
+    *,
+    overwrite: bool = True,
 ) -> None:
     """Write a PIL output, or a pipeline's `output_type="uint16"` array (H, W, C), through a temporary file beside
-    `target` (ordinary permissions), so no partial output is ever left.
+    `target` (ordinary permissions), so no partial output is ever left. Without `overwrite`, an existing `target`
+    (also one another process wrote meanwhile) is kept and `FileExistsError` raised.
 
     `deep` writes a uint16 array at 16 bits per sample (PNG by OpenCV, TIFF by tifffile) as it is; without it an
     array is written at 8 bits (an 8-bit input upscaled in one call with 16-bit ones).
@@ -183,13 +194,13 @@ def write_image(
             raise ValueError(f"expected a uint16 (H, W[, C]) array, got {image.dtype} of shape {image.shape}")
         array = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         if deep:
-            with atomic_path(target) as temporary:
+            with atomic_path(target, replace=overwrite) as temporary:
                 write_16_bit(array, temporary, image_format)
             return
         image = PIL.Image.fromarray((array / 257).round().astype(np.uint8))  # 65535 / 257 = 255
     if image_format == "JPEG" and image.mode in ("RGBA", "LA"):
         image = image.convert("RGB")
-    with atomic_path(target) as temporary:
+    with atomic_path(target, replace=overwrite) as temporary:
         image.save(temporary, format=image_format)
 
 

@@ -38,8 +38,12 @@ def read_json_object(path: PathLike, error: type[Exception] = ValueError) -> dic
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[str]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes without error."""
+def atomic_path(path: PathLike, *, replace: bool = True) -> Iterator[str]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the block finishes without error.
+
+    With `replace=False` an existing `path` is never replaced, even one that another process writes meanwhile:
+    `FileExistsError` is raised instead (the file is published with a hard link, which fails if the name exists).
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -49,10 +53,24 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
     try:
         yield temporary
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            _publish_new(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _publish_new(temporary: str, path: str) -> None:
+    """Give the complete file `temporary` the name `path` unless that name exists (`FileExistsError`)."""
+    try:
+        os.link(temporary, path)  # atomic, and fails if `path` exists
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists") from None
+    except OSError:  # a file system without hard links: reserve the name exclusively, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(temporary, path)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
