@@ -1,6 +1,7 @@
 """The result of every pruning method: which layers to keep, and the evidence behind the choice."""
 
 import json
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -9,6 +10,21 @@ import torch
 from tinysr_diffusers.models.transformer_tinysr import _check_keep_layers
 
 from tinysr_diffusers.utils import PathLike, write_json
+
+
+def _integer(value: Any) -> int:
+    """`value` if it is an integer, else TypeError: `int()` would floor 0.5, read "1" and take `true` for 1, so a
+    mistyped decision (e.g. a hand-edited `pruning.json`) would silently keep other layers."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a layer index")
+    return operator.index(value)
+
+
+def _sequence(values: Any) -> list:
+    """The items of a list-like `values` (TypeError for a string or a mapping, whose items are no layers)."""
+    if isinstance(values, (str, bytes, dict)):
+        raise TypeError("not a list")
+    return list(values)
 
 
 @dataclass
@@ -34,7 +50,15 @@ class PruningDecision:
     details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.keep_layers = _check_keep_layers(list(self.keep_layers), self.num_layers)
+        try:
+            self.num_layers = _integer(self.num_layers)
+        except TypeError:
+            raise ValueError(f"`num_layers` must be an integer, got {self.num_layers!r}.") from None
+        try:
+            keep = [_integer(layer) for layer in _sequence(self.keep_layers)]
+        except TypeError:
+            raise ValueError(f"`keep_layers` must be a list of integers, got {self.keep_layers!r}.") from None
+        self.keep_layers = _check_keep_layers(keep, self.num_layers)
         for name in ("scores", "probabilities"):
             values = getattr(self, name)
             if values is not None:

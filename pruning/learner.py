@@ -15,7 +15,9 @@ the loss is renamed `checkpoint-<step>.nonfinite` (`latest` skips it), the error
 import copy
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -26,6 +28,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from diffusers.utils import logging
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 from tinysr_diffusers.utils import (
     PathLike,
     atomic_write_text,
+    checkpoint_step,
     launched_accelerator,
     list_checkpoints,
     resolve_checkpoint,
@@ -95,6 +99,54 @@ def refuse_pickled_state(checkpoint: PathLike) -> None:
     if found:
         raise ValueError(f"{checkpoint} holds {', '.join(found)}: a pickle, which could run code, is never loaded "
                          f"(checkpoints keep that state as JSON or safetensors); resume from a checkpoint without it.")
+
+
+# What reading a damaged checkpoint raises in `accelerator.load_state` and its hooks (a missing file, a truncated
+# archive or header, broken JSON, a lost key).
+_READ_ERRORS = (OSError, EOFError, KeyError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError,
+                SafetensorError)
+
+
+def _unreadable(path: Path) -> Optional[str]:
+    """Why the checkpoint file `path` cannot be read, or None; checked by format, without loading anything."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt"):  # the header, and that the file holds every byte it lists
+                pass
+        elif path.suffix in (".bin", ".pkl", ".pt"):  # `torch.save` archives: zip files with a CRC per record
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+            if broken is not None:
+                return f"its record {broken} fails its checksum"
+        elif path.suffix == ".json" and not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+            return "it holds no JSON object"
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
+        return str(error)
+    return None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: PathLike) -> None:
+    """`accelerator.load_state(checkpoint)`, refusing a damaged checkpoint in one line that says how to go on.
+
+    `save_checkpoint` writes a checkpoint complete or not at all, so a damaged one was changed afterwards (a failing
+    disk, a partial copy): the run stops rather than silently going on from an older checkpoint. Every file is first
+    checked by its format, since the loaders' errors mostly do not name the file, accelerate skips unreadable random
+    states and torch does not check its archives' CRCs."""
+    checkpoint = Path(checkpoint)
+    files = sorted(path for path in checkpoint.rglob("*") if path.is_file())
+    problems = [f"{path.relative_to(checkpoint)}: {reason}" for path in files
+                if (reason := _unreadable(path)) is not None] if files else ["it holds no files"]
+    if not problems:
+        try:
+            accelerator.load_state(os.fspath(checkpoint))
+            return
+        except _READ_ERRORS as error:
+            problems = [f"{type(error).__name__}: {error}"]
+    step = checkpoint_step(checkpoint)
+    earlier = [path for path in list_checkpoints(checkpoint.parent) if checkpoint_step(path) < step]
+    remedy = (f"resume from the one before it, {earlier[-1]}, or delete it and resume from latest" if earlier else
+              "there is no earlier one: delete it to start the run from step 0")
+    raise ValueError(f"Checkpoint {checkpoint} is damaged ({'; '.join(problems)}): {remedy}.")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -378,7 +430,7 @@ class MaskLearner:
             data = accelerator.prepare(data)
         checkpoint = self.resolve_checkpoint(resume_from) if resume_from is not None else None
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
+            load_checkpoint(accelerator, checkpoint)
             logger.info(f"Resumed mask learning from {checkpoint} at step {self.progress.step}.")
             self._apply_optimiser_settings()
         if accelerator.is_main_process and config.report_to:

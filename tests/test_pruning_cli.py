@@ -223,6 +223,18 @@ def test_clear_errors(workspace, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("keep", [[0.5, 1], [True, False], ["0", "1"]])
+def test_export_refuses_a_decision_whose_layers_are_not_integers(workspace, capsys, tmp_path, keep):
+    decision = tmp_path / "pruning.json"
+    decision.write_text(json.dumps({"method": "manual", "num_layers": 8, "keep_layers": keep}))
+    output = tmp_path / "out"
+    assert main(["export", "--teacher", str(workspace / "pipeline"), "--decision", str(decision),
+                 "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (f"tinysr-prune export: error: `keep_layers` must be a list of integers, got "
+                                       f"{keep!r}.\n")
+    assert not output.exists()
+
+
 def test_teacher_and_method_errors(workspace, capsys, tmp_path):
     data = ["--data", str(workspace / "latents.safetensors")]
     assert (

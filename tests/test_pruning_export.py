@@ -111,6 +111,17 @@ def test_export_never_overwrites_unless_asked(tmp_path):
         export_pruned(source, PruningDecision("m", 8, [0, 1]), tmp_path / "other", format="onnx")
 
 
+@pytest.mark.parametrize("keep", [[0.5, 1], [True, False], ["0", "1"], [1.0, 2], "01", 1])
+def test_decision_refuses_layers_that_are_not_integers(keep):
+    """`int()` would floor 0.5, read "1" and take True for 1: a mistyped decision would keep other layers."""
+    with pytest.raises(ValueError, match=r"^`keep_layers` must be a list of integers, got "):
+        PruningDecision("m", 8, keep)
+    for num_layers in (8.0, "8", True):
+        with pytest.raises(ValueError, match=r"^`num_layers` must be an integer, got "):
+            PruningDecision("m", num_layers, [0])
+    assert PruningDecision("m", 8, (3, torch.tensor(1))).keep_layers == [1, 3]  # any real integers
+
+
 @pytest.mark.parametrize("format", ["sd3", "tinysr"])
 def test_push_to_hub_uploads_the_folder_with_the_template_card(hub, tmp_path, monkeypatch, format):  # noqa: F811
     source = tiny_sd3("sd3")

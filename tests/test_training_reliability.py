@@ -1,8 +1,12 @@
 """training/distill.py used carelessly or against it: no checkpoint pickle runs, another run's folder is refused, a
-NaN leaves a good checkpoint, resumed optimiser settings apply, bad numbers get one line, the export gathers shards."""
+NaN leaves a good checkpoint, resumed optimiser settings apply, bad numbers, folders and damaged checkpoints get one
+line, the export gathers shards."""
 
 import os
+import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.payloads import Payload
-from tests.test_training import _transformer_state, config_for, make_assets
+from tests.test_training import PRUNE, _transformer_state, config_for, make_assets
 from training.config import load_config
 from training.distill import NonFiniteLossError, main, train
 
@@ -71,6 +75,109 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(assets, tmp_pat
     with pytest.raises(FileExistsError, match="is not empty and has no run.json \\(contents: photo.png\\)"):
         train(config_for(assets, "latent", foreign, *common, "max_steps=1", "resume_from_checkpoint=latest"))
     assert os.listdir(foreign) == ["photo.png"]
+
+
+def _main_error(monkeypatch, config) -> str:
+    """What `training/distill.py` prints when it stops on `config`."""
+    import training.distill as distill
+
+    monkeypatch.setattr(distill, "load_config", lambda argv: config)
+    with pytest.raises(SystemExit) as error:
+        main([])
+    return str(error.value)
+
+
+def test_refused_folders_give_one_line(assets, tmp_path, monkeypatch):
+    common = ["hr_size=64", "max_steps=1"]
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    assert _main_error(monkeypatch, config_for(assets, "latent", a_file, *common)) == (
+        f"error: output_dir {a_file} is a file, not a folder; choose another output_dir.")
+    assert a_file.read_text() == "mine"
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "photo.png").write_bytes(b"mine")
+    assert _main_error(monkeypatch, config_for(assets, "latent", photos, *common)) == (
+        f"error: output_dir {photos} is not empty and has no run.json (contents: photo.png); choose another "
+        f"output_dir, or set overwrite_output_dir=true to replace it.")
+    assert os.listdir(photos) == ["photo.png"]
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    (teacher / "model_index.json").unlink()
+    message = _main_error(monkeypatch, config_for(assets, "latent", tmp_path / "out", *common, f"teacher={teacher}"))
+    assert message.startswith("error: ") and "model_index.json" in message and "\n" not in message
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_data_byte(path: Path) -> None:
+    """Change one byte of the largest tensor in a `torch.save` archive: it still loads, only its CRC tells."""
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+    record = max(tensors, key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    start = record.header_offset  # a zip local header: 30 bytes, then the name and the extra field
+    name_length, extra_length = struct.unpack("<HH", data[start + 26:start + 30])
+    data[start + 30 + name_length + extra_length] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _empty(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.mkdir()
+
+
+EMA_RUN = ["max_steps=4", "checkpointing_steps=2", "hr_size=64", "lora_rank=0", "ema_decay=0.5"]
+
+
+@pytest.fixture(scope="module")
+def ema_run(assets, tmp_path_factory):
+    """A 4-step run with EMA (checkpoint-2 and checkpoint-4) and its result."""
+    out = tmp_path_factory.mktemp("ema") / "run"
+    return out, train(config_for(assets, "latent", out, *EMA_RUN))
+
+
+@pytest.mark.parametrize("damage, file, problem", [
+    (_truncate, "model.safetensors", "model.safetensors: Error while deserializing header"),
+    (_truncate, "ema.safetensors", "ema.safetensors: Error while deserializing header"),
+    (_truncate, "optimizer.bin", "optimizer.bin: File is not a zip file"),
+    (_flip_a_data_byte, "optimizer.bin", "optimizer.bin: its record optimizer/data/"),
+    (_truncate, "random_states_0.pkl", "random_states_0.pkl: File is not a zip file"),  # accelerate would skip it
+    (Path.unlink, "scheduler.bin", "FileNotFoundError: [Errno 2] No such file or directory: '{checkpoint}/scheduler"),
+    (_empty, None, "it holds no files"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_one_before_it(assets, ema_run, tmp_path, monkeypatch, damage,
+                                                                   file, problem):
+    """Checkpoints are written atomically, so a damaged one was changed since: resuming it stops with one line (no
+    traceback, no training from a half-loaded or silently altered state) that names the checkpoint to resume from."""
+    out = tmp_path / "damaged"
+    shutil.copytree(ema_run[0], out, ignore=shutil.ignore_patterns("final"))
+    checkpoint = out / "checkpoint-4"
+    damage(checkpoint / file if file else checkpoint)
+    message = _main_error(monkeypatch, config_for(assets, "latent", out, *EMA_RUN, "resume_from_checkpoint=latest"))
+    assert message.startswith(f"error: Checkpoint {checkpoint} is damaged ({problem.format(checkpoint=checkpoint)}")
+    assert message.endswith(f"): resume from the one before it, {out / 'checkpoint-2'}, or delete it and resume "
+                            f"from latest.") and "\n" not in message
+    # As it says: without checkpoint-4, `latest` resumes checkpoint-2 exactly.
+    shutil.rmtree(checkpoint)
+    resumed = train(config_for(assets, "latent", out, *EMA_RUN, "resume_from_checkpoint=latest"))
+    assert resumed["losses"] == ema_run[1]["losses"][2:]
+
+
+def test_a_damaged_prune_checkpoint_is_refused(assets, tmp_path):
+    """The prune stage (`pruning.MaskLearner`) checks the same way; here its only checkpoint's progress.json."""
+    out = tmp_path / "prune"
+    train(config_for(assets, "prune", out, *PRUNE, "max_steps=2"))
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    (checkpoint / "progress.json").write_text('{"step": 2, "hist')
+    with pytest.raises(ValueError, match=f"^Checkpoint {re.escape(str(checkpoint))} is damaged \\(progress.json: "
+                                         f"Unterminated string .*\\): there is no earlier one: delete it to start the "
+                                         f"run from step 0\\.$"):
+        train(config_for(assets, "prune", out, *PRUNE, "max_steps=4", "resume_from_checkpoint=latest"))
 
 
 def test_non_finite_loss_keeps_the_last_checkpoint_with_a_finite_loss(assets, tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ rates, schedule, weight decay) applied over the checkpoint's. Nothing in a check
 had a finite loss; a NaN/inf loss stops the run, renames the checkpoint whose weights gave it to
 `checkpoint-<step>.nonfinite` (so `latest` skips it) and names the last good one, which `checkpoints_total_limit`
 never deletes before a newer one is good; the prune stage's `pruning.MaskLearner` (and `tinysr-prune learn`) does the
-same, with the same helpers.
+same, with the same helpers. A checkpoint damaged since it was written is refused on resume, naming the one before
+it (`pruning.learner.load_checkpoint`).
 
 `output_dir` holds one run (`run.json`: its id and config); see `training.run.claim_output_dir` for what is the same
 run.
@@ -50,6 +51,7 @@ from pruning.data import epoch_batches
 from pruning.learner import (
     NonFiniteLossError,  # noqa: F401 (the error a run of this script stops with)
     limit_checkpoints,
+    load_checkpoint,
     non_finite_loss_error,
 )
 from tinysr_diffusers.training_utils.degradations import DegradationConfig, RealESRGANDegradation
@@ -107,6 +109,8 @@ def train(config: TrainConfig,
 
     `discriminator_factory` makes the GAN stages' discriminator from the config: any module that maps images in
     [-1, 1] to real/fake logits of any shape (e.g. a projected one on frozen DINO features)."""
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise NotADirectoryError(f"output_dir {config.output_dir} is a file, not a folder; choose another output_dir.")
     os.makedirs(config.output_dir, exist_ok=True)
     if config.stage == "prune":
         return train_prune(config)
@@ -170,7 +174,7 @@ def train(config: TrainConfig,
     checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint) \
         if config.resume_from_checkpoint else None
     if checkpoint is not None:
-        accelerator.load_state(checkpoint)
+        load_checkpoint(accelerator, checkpoint)
         step = checkpoint_step(checkpoint)
         logger.info("Resumed run %s from %s at step %d.", run_id, checkpoint, step)
         apply_optimiser_settings(optimizer, scheduler, [config.learning_rate], config.weight_decay, "the optimiser")
@@ -259,11 +263,11 @@ def log_samples(accelerator: Accelerator, lr_up, fake, hr, step: int) -> None:
 
 
 def main(argv=None) -> None:
+    """Train, reporting a refused configuration, output_dir, teacher or checkpoint in one line (exit status 1)."""
     try:
-        config = load_config(argv)
-    except (ValueError, FileNotFoundError) as error:
+        train(load_config(argv))
+    except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
-    train(config)
 
 
 if __name__ == "__main__":
