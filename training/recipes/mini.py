@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import yaml
 
@@ -507,7 +507,12 @@ def record_time(out: Path, name: str, seconds: float) -> None:
     write_json(path, timings)
 
 
-def run_stage(recipe: dict, out: Path, name: str) -> None:
+def run_stage(recipe: dict, out: Path, name: str, *, stages: Optional[dict] = None,
+              self_writing: Optional[tuple] = None) -> None:
+    """Run stage `name` of `stages` (default: this recipe's) into `<out>/<name>` unless that folder exists; stages in
+    `self_writing` write their folder themselves, the others into a temporary folder renamed when they finish."""
+    stages = STAGES if stages is None else stages
+    self_writing = SELF_WRITING if self_writing is None else self_writing
     folder = out / name
     if folder.exists():
         logger.info("%s: done (%s exists), skipped.", name, folder)
@@ -515,13 +520,13 @@ def run_stage(recipe: dict, out: Path, name: str) -> None:
     logger.info("%s: running.", name)
     start = time.perf_counter()
     try:
-        if name in SELF_WRITING:
-            STAGES[name](recipe, folder, out)
+        if name in self_writing:
+            stages[name](recipe, folder, out)
         else:
             from tinysr_diffusers.utils import atomic_directory
 
             with atomic_directory(folder) as tmp:
-                STAGES[name](recipe, Path(tmp), out)
+                stages[name](recipe, Path(tmp), out)
     finally:
         record_time(out, name, time.perf_counter() - start)
     logger.info("%s: finished in %.0f s.", name, time.perf_counter() - start)
