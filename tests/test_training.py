@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -537,3 +538,37 @@ def test_pixel_stage_can_encode_with_the_students_own_vae(assets, tmp_path):
         torch.testing.assert_close(z_teacher, teacher_estimate(teacher, teacher_latents))
         torch.testing.assert_close(seen[-1], student_latents if flag == "true" else teacher_latents)
     assert not torch.allclose(seen[0], seen[1])  # the two encoders differ
+
+
+def test_pair_data_trains_image_stages_on_lr_target_pairs(assets, tmp_path):
+    """`pair_data`: shards of (LR, target, HR) crops (the peer recipe's targets) replace degraded HR crops: the
+    batches are the LR's bicubic upscale and the target with `pair_hr_mix` of the HR, cropped alike."""
+    from training.data import PairShardDataset
+    from training.latents import make_pair_batch
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for shard in range(2):
+        lr = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+        target = lr.repeat(4, axis=1).repeat(4, axis=2)  # each target pixel is its LR pixel: crops must agree
+        np.savez(folder / f"shard-{shard:05d}.npz", lr=lr, target=target, hr=255 - target)
+    dataset = PairShardDataset(str(folder), 64, seed=1)
+    assert len(dataset) == 6
+    item = dataset[4]
+    assert item["lr"].shape == (3, 16, 16) and item["target"].shape == item["hr"].shape == (3, 64, 64)
+    torch.testing.assert_close(item["target"], item["lr"].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    batch = make_pair_batch({key: value[None] for key, value in item.items()}, hr_mix=0.25)
+    torch.testing.assert_close(batch["hr"][0], (0.75 * item["target"] + 0.25 * item["hr"]) * 2 - 1)
+    assert batch["lr_up"].shape == (1, 3, 64, 64)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[4]["lr"], item["lr"])  # another crop in another epoch
+    with pytest.raises(ValueError, match="give pair_data or train_data"):
+        config_for(assets, "pixel", tmp_path / "bad", f"pair_data={folder}")
+    config = load_config([
+        "stage=pixel", f"teacher={assets['teacher']}", f"pair_data={folder}", "pair_hr_mix=0.2",
+        f"output_dir={tmp_path / 'out'}", "hr_size=64", "batch_size=2", "report_to=none", "lpips_net=alex",
+        "sample_steps=0", "learning_rate=1e-3", "lora_rank=0", "seed=3", f"vae_config={TINY_VAE}",
+        "keep_layers=[0,2]", f"student_vae={assets['student_vae']}", "max_steps=2", "gan_weight=0",
+    ])
+    assert train(config)["step"] == 2

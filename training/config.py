@@ -64,6 +64,10 @@ class TrainConfig:
 
     train_data: Optional[list] = _help("Local image folders (searched recursively).", None)
     dataset_name: Optional[str] = _help("A `datasets` image dataset (name or path) instead of folders.", None)
+    pair_data: Optional[str] = _help("A folder of (LR, target, HR) crop shards (`python -m training.recipes.peer`'s "
+                                     "targets): image stages learn to map each LR to its target instead of degrading "
+                                     "HR crops.", None)
+    pair_hr_mix: float = _help("pair_data: the fraction of the HR crop mixed into each target (pixel space).", 0.0)
     dataset_config: Optional[str] = _help("Configuration name of `dataset_name`.", None)
     dataset_split: str = _help("Split of `dataset_name`.", "train")
     image_column: str = _help("Image column of `dataset_name`.", "image")
@@ -149,9 +153,13 @@ class TrainConfig:
         if not self.teacher:
             problems.append("teacher (a TSDSRPipeline folder) is required")
         from_cache = bool(self.latent_cache) and self.stage in LATENT_STAGES
-        if not from_cache and not self.train_data and not self.dataset_name:
-            problems.append("give train_data (image folders) or dataset_name"
+        if not from_cache and not self.train_data and not self.dataset_name and not self.pair_data:
+            problems.append("give train_data (image folders), dataset_name or pair_data"
                             + (f", or latent_cache for the {self.stage} stage" if self.stage in LATENT_STAGES else ""))
+        if not 0 <= self.pair_hr_mix <= 1:
+            problems.append(f"pair_hr_mix must be in [0, 1], got {self.pair_hr_mix}")
+        if self.pair_data and (self.train_data or self.dataset_name):
+            problems.append("give pair_data or train_data / dataset_name, not both")
         if self.dataset_streaming and not self.dataset_name:
             problems.append("dataset_streaming needs dataset_name")
         if self.hr_size <= 0 or self.hr_size % 64:

@@ -132,8 +132,54 @@ class StreamingCropDataset(IterableDataset):
                 yield crop
 
 
+class PairShardDataset(Dataset):
+    """(LR, target, HR) crop triplets from `.npz` shards (`lr` (N, h, w, 3), `target` and `hr` (N, 4h, 4w, 3), uint8),
+    as `python -m training.recipes.peer` writes them; each item a dict of (3, H, W) tensors in [0, 1], randomly cropped
+    to `size` HR pixels (aligned to the 4x scale) from a generator seeded by (seed, epoch, index)."""
+
+    def __init__(self, folder: str, size: int, seed: int):
+        self.shards = sorted(Path(folder).glob("shard-*.npz"))
+        if not self.shards:
+            raise FileNotFoundError(f"pair_data {folder!r} holds no shard-*.npz files.")
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.counts = [self._open(path)["lr"].shape[0] for path in self.shards]
+        self.starts = np.cumsum([0, *self.counts])
+        self._cache: dict[int, dict] = {}
+
+    @staticmethod
+    def _open(path: Path) -> dict:
+        with np.load(path) as data:
+            return {key: data[key] for key in ("lr", "target", "hr")}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        if shard not in self._cache:
+            self._cache[shard] = self._open(self.shards[shard])
+        arrays = {key: value[index - self.starts[shard]] for key, value in self._cache[shard].items()}
+        full = arrays["hr"].shape[0]
+        if self.size > full or full % 4:
+            raise ValueError(f"hr_size {self.size} does not fit the {full}-pixel crops of the pair data.")
+        generator = seeded_generator(self.seed, self.epoch, index)
+        top, left = (int(torch.randint(0, (full - self.size) // 4 + 1, (), generator=generator)) * 4 for _ in "tl")
+        window = {"lr": (slice(top // 4, (top + self.size) // 4), slice(left // 4, (left + self.size) // 4))}
+        item = {}
+        for key, value in arrays.items():
+            rows, columns = window.get(key, (slice(top, top + self.size), slice(left, left + self.size)))
+            item[key] = torch.from_numpy(value[rows, columns].copy()).permute(2, 0, 1).float() / 255
+        return item
+
+
 def build_dataset(config):
-    """The crop dataset of a config: image folders, a `datasets` dataset, or (`dataset_streaming`) a streamed one."""
+    """The crop dataset of a config: image folders, a `datasets` dataset, (`dataset_streaming`) a streamed one, or
+    (`pair_data`) LR/target pairs."""
+    if config.pair_data:
+        return PairShardDataset(config.pair_data, config.hr_size, config.seed)
     if not config.dataset_name:
         return HRCropDataset(config.hr_size, config.seed, files=find_images(config.train_data))
     import datasets

@@ -61,7 +61,7 @@ from training.checkpoints import apply_optimiser_settings, checkpoint_ema
 from training.config import LATENT_STAGES, TrainConfig, load_config
 from training.data import seeded_generator
 from training.discriminator import default_discriminator, hinge_discriminator_loss
-from training.latents import make_batch
+from training.latents import make_batch, make_pair_batch
 from training.models import cast_frozen_teacher, load_teacher
 from training.run import SHARDED, build_data, claim_output_dir, export_final, full_model, make_accelerator
 from training.stages import STAGE_CLASSES, Stage
@@ -196,7 +196,12 @@ def train(config: TrainConfig,
             break
         # seeded by the batch's place in the run, so that a resume repeats its degradation
         generator = seeded_generator(config.seed, position, accelerator.process_index, device=device)
-        batch = data if from_cache else make_batch(data, degrade, generator)
+        if from_cache:
+            batch = data
+        elif config.pair_data:
+            batch = make_pair_batch(data, config.pair_hr_mix)
+        else:
+            batch = make_batch(data, degrade, generator)
         with accelerator.accumulate(*([model, discriminator] if uses_gan else [model])):
             with accelerator.autocast():
                 with frozen(critic):  # the generator's GAN term must not train the discriminator

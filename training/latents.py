@@ -38,6 +38,13 @@ def make_batch(hr: torch.Tensor, degrade: RealESRGANDegradation, generator: torc
     return {"lr_up": lr_up * 2 - 1, "hr": hr * 2 - 1}
 
 
+def make_pair_batch(pairs: dict, hr_mix: float) -> dict:
+    """A `training.data.PairShardDataset` batch -> {"lr_up": bicubic-upscaled LR, "hr": the target with `hr_mix` of the
+    HR mixed in}, both in [-1, 1], as `make_batch` returns for degraded HR crops."""
+    target = (1 - hr_mix) * pairs["target"] + hr_mix * pairs["hr"]
+    return {"lr_up": bicubic_upscale(pairs["lr"], 4) * 2 - 1, "hr": target * 2 - 1}
+
+
 def training_latents(pipe: OneStepSRPipeline, images: torch.Tensor) -> torch.Tensor:
     """Scaled latents of images in [-1, 1] as training uses them: an `AutoencoderKL`'s posterior mode."""
     return pipe.encode_latents(images, sample_posterior=False)
