@@ -4,6 +4,7 @@ are refused with a clear error."""
 
 import re
 import shutil
+import warnings
 
 import pytest
 import safetensors.torch
@@ -31,6 +32,19 @@ def tsdsr_release(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tinysr_pipe(tinysr_release):
     return convert_tinysr(**tinysr_release.args())
+
+
+def test_dtype_is_diffusers_name_and_torch_dtype_its_deprecated_alias(tinysr_release, tsdsr_release):
+    """`dtype=` (diffusers 0.42's name) with no FutureWarning from our code paths (SD3's components are loaded
+    inside); `torch_dtype=` still works, with diffusers' own FutureWarning; both at once is diffusers' error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert convert_tinysr(**tinysr_release.args(), dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
+        assert convert_tsdsr(**tsdsr_release.args(), dtype=torch.bfloat16).vae.dtype == torch.bfloat16
+    with pytest.warns(FutureWarning, match="dtype"):
+        assert convert_tinysr(**tinysr_release.args(), torch_dtype=torch.float16).vae.dtype == torch.float16
+    with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
+        convert_tinysr(**tinysr_release.args(), dtype=torch.float16, torch_dtype=torch.float16)
 
 
 def _low_res(seed: int = 0, size: int = 16) -> torch.Tensor:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 import diffusers.utils.hub_utils
 import tinysr_diffusers.hub.pipeline_folders
-import tinysr_diffusers.pipelines.pipeline_one_step_sr
+import tinysr_diffusers.hub.pipeline_hub
 from diffusers import AutoModel, DiffusionPipeline, SD3Transformer2DModel
 from tests.tiny_pipelines import photo, tiny_student, tiny_teacher
 from tinysr_diffusers import (
@@ -111,12 +112,20 @@ def test_resaving_a_loaded_pipeline_keeps_the_layout(saved, tmp_path):
         assert type(saved.cls.from_pretrained(resaved)) is saved.cls
 
 
-def test_torch_dtype_on_loading(saved):
-    pipe = saved.cls.from_pretrained(saved.folder, torch_dtype=torch.bfloat16)
-    assert {module.dtype for module in pipe.components.values() if isinstance(module, torch.nn.Module)} == {
-        torch.bfloat16
-    }
-    assert np.isfinite(_images(pipe)).all()
+def test_dtype_on_loading_without_future_warnings(saved):
+    """diffusers 0.42 names it `dtype` (`torch_dtype` is deprecated): no FutureWarning from our own code paths."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe = saved.cls.from_pretrained(saved.folder, dtype=torch.bfloat16)
+        assert {module.dtype for module in pipe.components.values() if isinstance(module, torch.nn.Module)} == {
+            torch.bfloat16
+        }
+        assert np.isfinite(_images(pipe)).all()
+        if saved.cls is TinySRPipeline:  # the default model: float32 unless `dtype` says otherwise
+            assert TinySRPipeline.from_pretrained().transformer.dtype == torch.float32
+            assert TinySRPipeline.from_pretrained(dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
+    with pytest.warns(FutureWarning, match="dtype"):  # diffusers' own deprecation of the old name
+        assert saved.cls.from_pretrained(saved.folder, torch_dtype=torch.float16).transformer.dtype == torch.float16
 
 
 def test_diffusers_does_not_run_the_shims_without_the_flag(saved):
@@ -145,7 +154,7 @@ def test_a_folder_with_other_code_is_refused_and_not_run(saved, tmp_path, tamper
         (folder / "model_index.json").write_text(json.dumps(index))
         (folder / "vae" / "evil.py").write_text(payload)
 
-    with pytest.raises(UntrustedFolderError, match="refusing to run it|not a tinysr_diffusers shim"):
+    with pytest.raises(UntrustedFolderError, match="refusing to (run|import) it|not a tinysr_diffusers shim"):
         saved.cls.from_pretrained(folder)
     assert not marker.exists()
 
@@ -154,6 +163,24 @@ def test_loading_a_folder_with_the_wrong_pipeline_class_is_explained(tmp_path):
     tiny_teacher().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a TSDSRPipeline, not a TinySRPipeline"):
         TinySRPipeline.from_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["_class_name"][1] = "OnnxTinySRPipeline"  # one of ours, but not a class a pipeline folder holds
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="names 'OnnxTinySRPipeline', not one of"):
+        OneStepSRPipeline.from_pretrained(tmp_path)
+
+
+def test_the_registry_lists_the_pipelines_a_folder_can_hold():
+    """`PIPELINE_CLASSES` (no pipeline is imported to check a folder) against the classes: every pipeline that
+    `save_pretrained` can save, at the module the registry names."""
+    from tinysr_diffusers.hub.pipeline_hub import PIPELINE_CLASSES
+    from tinysr_diffusers.pipelines import OnnxTinySRPipeline
+
+    def subclasses(cls: type) -> set[type]:
+        return set(cls.__subclasses__()).union(*(subclasses(sub) for sub in cls.__subclasses__()))
+
+    saveable = {cls for cls in subclasses(OneStepSRPipeline) if cls is not OnnxTinySRPipeline}
+    assert {cls.__name__: cls.__module__ for cls in saveable} == PIPELINE_CLASSES
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and diffusers (~10-20 s on 2 busy cores)
@@ -202,7 +229,7 @@ class FakeHub:
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(tinysr_diffusers.pipelines.pipeline_one_step_sr, "create_repo", fake.create_repo)
+    monkeypatch.setattr(tinysr_diffusers.hub.pipeline_hub, "create_repo", fake.create_repo)
     monkeypatch.setattr(diffusers.utils.hub_utils, "upload_folder", fake.upload_folder)
     monkeypatch.setattr(ModelCard, "load", staticmethod(fake.load_card))
     return fake

@@ -1,7 +1,11 @@
-"""ONNX export (`tinysr export onnx`) and `OnnxTinySRPipeline`: same recipe, same tiling, same outputs within 1e-3."""
+"""ONNX export (`tinysr export onnx`) and `OnnxTinySRPipeline`: same recipe, same tiling, same outputs within 1e-3
+(streamed AdaIN: one 16-bit level times its gain)."""
 
 import argparse
 import json
+import math
+import re
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +19,9 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from tests.tiny_pipelines import photo, tiny_autoencoder_tiny, tiny_student, tiny_teacher
-from tinysr_diffusers.onnx_export import CONFIG_NAME, COMPONENTS, MODEL_FILE, add_export_parser, export_onnx
+from tinysr_diffusers.onnx_export import add_export_parser, export_onnx
 from tinysr_diffusers.pipelines import OnnxTinySRPipeline
+from tinysr_diffusers.pipelines.onnx_folder import COMPONENTS, CONFIG_NAME, MODEL_FILE, SETTINGS
 
 
 def _export_cli(*argv: str) -> int:
@@ -52,6 +57,14 @@ def _outputs(pipe, images, **kwargs) -> torch.Tensor:
     return torch.stack(result) if isinstance(result, list) else result
 
 
+def _tolerance(kwargs: dict) -> float:
+    """Float rounding (1e-3), or for AdaIN over several bands one level of the 16-bit copy that its second pass reads
+    (the statistics come first): a value at a rounding edge in one runtime and not the other moves by 1/65535 times
+    AdaIN's gain, which is up to 80 for the tiny random model's low-contrast output (measured 1.2e-3)."""
+    streamed_adain = kwargs.get("tile_size") is not None and kwargs.get("color_fix", "adain") == "adain"
+    return 1.5e-3 if streamed_adain else 1e-3
+
+
 def test_the_folder_holds_three_graphs_with_dynamic_batch_height_and_width(exported):
     _, pipe, root = exported
     config = json.loads((root / "onnx" / CONFIG_NAME).read_text())
@@ -82,7 +95,7 @@ def test_outputs_match_the_torch_pipeline(exported, kwargs, size):
     expected = _outputs(torch_pipe, images, **kwargs)
     got = _outputs(pipe, images, **kwargs)
     assert got.shape == expected.shape == (2, 3, 4 * size[1], 4 * size[0])
-    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got, expected, atol=_tolerance(kwargs), rtol=0)
     latents = pipe(images, output_type="latent", **kwargs).images
     torch.testing.assert_close(latents, torch_pipe(images, output_type="latent", **kwargs).images, atol=1e-3, rtol=0)
 
@@ -97,7 +110,7 @@ def test_pil_outputs_and_greyscale_go_through_the_same_call(exported):
 
 
 def test_uint16_outputs_are_the_float_outputs_at_16_bits(exported):
-    """The base class's `__call__`, so every output type; the sessions' VAE is tiled, never streamed."""
+    """The base class's `__call__`, so every output type, streamed as the torch pipeline's."""
     _, pipe, _ = exported
     rgba = np.dstack([np.asarray(photo(size=(40, 24))), np.full((24, 40), 200, dtype=np.uint8)])
     kwargs = {"tile_size": 4, "tile_overlap": 2}
@@ -114,7 +127,7 @@ def test_autoencoder_tiny_pipelines_export_too(tmp_path):
     image = photo(size=(24, 16))
     for kwargs in ({"tile_size": None}, {"tile_size": 4, "tile_overlap": 2}):
         expected = _outputs(torch_pipe, image, **kwargs)
-        torch.testing.assert_close(_outputs(pipe, image, **kwargs), expected, atol=1e-3, rtol=0)
+        torch.testing.assert_close(_outputs(pipe, image, **kwargs), expected, atol=_tolerance(kwargs), rtol=0)
 
 
 def test_int8_transformer_is_close_but_not_identical(exported, exported_int8):
@@ -160,7 +173,7 @@ def test_openvino_runs_the_same_graphs(exported, kwargs):
     assert pipe.transformer.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     images = [photo(size=(40, 24)), photo("coffee", size=(40, 24))]
     expected = _outputs(torch_pipe, images, **kwargs)
-    torch.testing.assert_close(_outputs(pipe, images, **kwargs), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(_outputs(pipe, images, **kwargs), expected, atol=_tolerance(kwargs), rtol=0)
 
 
 def test_runtime_arguments_are_checked(exported):
@@ -257,3 +270,84 @@ def test_importing_the_export_module_and_the_pipelines_loads_no_onnxruntime():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [False, False, False]
+
+
+# ----------------------------------------------------------------- settings and non-finite outputs (issue 27, 3 and 4)
+@pytest.fixture
+def export_copy(exported, tmp_path):
+    """A copy of the export whose settings a test may change."""
+    folder = tmp_path / "export"
+    shutil.copytree(exported[2] / "onnx", folder)
+    return folder
+
+
+def _edit_settings(folder, **changes) -> None:
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.update(changes)
+    (folder / CONFIG_NAME).write_text(json.dumps({k: v for k, v in config.items() if v is not _DELETE}))
+
+
+_DELETE = object()
+REQUIRED = sorted(set(SETTINGS) - {"color_fix"})  # an export older than the colour fix lacks it: AdaIN, warned
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        *[({name: _DELETE}, f"lacks `{name}`") for name in REQUIRED],
+        ({"patch_size": "2"}, "`patch_size` must be a positive integer, got '2'"),
+        ({"patch_size": 0}, "`patch_size` must be a positive integer, got 0"),
+        ({"patch_size": 2.0}, "`patch_size` must be a positive integer, got 2.0"),
+        ({"vae_scale_factor": 0}, "`vae_scale_factor` must be a positive integer, got 0"),
+        ({"max_latent_size": True}, "`max_latent_size` must be a positive integer, got True"),
+        ({"scaling_factor": 0}, "`scaling_factor` must be a finite number other than 0, got 0"),
+        ({"scaling_factor": math.nan}, "`scaling_factor` must be a finite number other than 0, got nan"),
+        ({"latent_shift": math.inf}, "`latent_shift` must be a finite number, got inf"),
+        ({"latent_shift": None}, "`latent_shift` must be a finite number, got None"),
+        ({"color_fix": "histogram"}, "`color_fix` must be a colour fix"),
+    ],
+    ids=lambda value: "-".join(f"{k}={'missing' if v is _DELETE else v!r}" for k, v in value.items())
+    if isinstance(value, dict) else None,
+)
+def test_a_missing_or_wrong_setting_is_refused_at_load(export_copy, changes, message):
+    _edit_settings(export_copy, **changes)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(export_copy / CONFIG_NAME))}.* {re.escape(message)}"):
+        OnnxTinySRPipeline.from_pretrained(export_copy)
+
+
+@pytest.mark.parametrize("content, message", [("{}", "lacks `scaling_factor`"), ("[]", "holds a JSON list")])
+def test_settings_that_are_no_settings_are_refused_by_the_command_line(export_copy, content, message, tmp_path, capsys):
+    """The reproduction: `echo '{}' > export/onnx_pipeline.json` ran with the defaults and exit 0."""
+    from tinysr_diffusers.cli import main
+
+    (export_copy / CONFIG_NAME).write_text(content)
+    photo(size=(16, 12)).save(tmp_path / "small.png")
+    assert main(["upscale", str(tmp_path / "small.png"), "--model", str(export_copy), "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and str(export_copy / CONFIG_NAME) in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "small.png").exists()
+
+
+class _Poisoned:
+    """An exported model whose output holds an infinity, as a graph with an infinite weight gives."""
+
+    dtype = torch.float32
+
+    def __init__(self, model):
+        self.model, self.path = model, model.path
+
+    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
+        output = self.model(sample)
+        output[..., 0, 0] = math.inf
+        return output
+
+
+@pytest.mark.parametrize("graph", COMPONENTS)
+@pytest.mark.parametrize("tiles", [{"tile_size": None}, {"tile_size": 4, "tile_overlap": 2}], ids=["untiled", "tiled"])
+def test_a_graph_giving_non_finite_values_is_an_error_naming_its_file(exported, graph, tiles, monkeypatch):
+    _, pipe, root = exported
+    owner, name = (pipe, "transformer") if graph == "transformer" else (pipe.vae, graph.removeprefix("vae_"))
+    monkeypatch.setattr(owner, name, _Poisoned(getattr(owner, name)))
+    path = str(root / "onnx" / graph / MODEL_FILE)
+    with pytest.raises(FloatingPointError, match=f"^{path} gave NaN or infinite values"):
+        pipe(photo(size=(40, 24)), **tiles)

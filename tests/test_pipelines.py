@@ -20,8 +20,11 @@ from tests.tiny_pipelines import (
     tiny_tinysr_vae,
 )
 from tinysr_diffusers import PromptEmbeddings, TinySRPipeline, TSDSRPipeline
-from tinysr_diffusers.color_fix import adain_color_fix, wavelet_color_fix
+from tinysr_diffusers.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from tinysr_diffusers.evaluation.reference_configs import SD3_VAE_CONFIG
+from tinysr_diffusers.image_processing import bicubic_upscale, reflect_pad_to_multiple, to_tensors
+from tinysr_diffusers.pipelines.pipeline_one_step_sr import step_latents
+from tinysr_diffusers.tiling import TileSettings
 
 
 VAES = {"tinysr": tiny_tinysr_vae, "autoencoder_tiny": tiny_autoencoder_tiny, "autoencoder_kl": tiny_autoencoder_kl}
@@ -175,6 +178,24 @@ def test_student_from_teacher_equals_sd3_without_text_and_with_skipped_layers():
     assert own_vae(image).images[0].size == (148, 116)
 
 
+def test_the_call_is_its_public_steps():
+    """`__call__` is the numbered steps, each public: run by hand on the whole image, and `upscale` (steps 3-8)."""
+    pipe = tiny_student()
+    image = photo("astronaut", (48, 40))
+    low_res = torch.stack(to_tensors(image))  # contiguous, as `__call__` batches it
+    pixels = reflect_pad_to_multiple(bicubic_upscale(low_res, 4), 16) * 2 - 1
+    latents = pipe.encode_latents(pixels)
+    latents = step_latents(latents, pipe.predict_tiled_velocity(latents), pipe.sigma)
+    ((top, rows),) = pipe.decode_bands(latents, size=(160, 192))
+    by_hand = apply_color_fix(rows, low_res, "wavelet", upscaled=bicubic_upscale(low_res, 4))
+    output = pipe(image, output_type="pt", color_fix="wavelet", tile_size=None).images
+    torch.testing.assert_close(output, by_hand, atol=1e-6, rtol=0)
+    tiles = {"tile_size": 16, "tile_overlap": 4, "tile_batch_size": 2}
+    streamed = pipe.upscale(low_res, tiles=TileSettings(size=16, overlap=4, batch=2), color_fix="adain")
+    called = pipe(image, output_type="pt", color_fix="adain", **tiles).images
+    np.testing.assert_array_equal(torch.stack(streamed), called)
+
+
 # ------------------------------------------------------------------------------------------------------- colour fix
 def test_color_fix_methods_are_exact_on_known_cases():
     generator = _seed(3)
@@ -228,7 +249,7 @@ def test_latent_tiling_is_exact_for_a_position_wise_model_and_batches_tiles():
 
     batches = []
     original = pipe.progress_bar
-    pipe.progress_bar = lambda iterable=None, total=None: batches.append(len(iterable)) or original(iterable)
+    pipe.progress_bar = lambda iterable=None, total=None: batches.append(total) or original(iterable, total=total)
     tiled = pipe(image, output_type="np", tile_size=16, tile_overlap=4, tile_batch_size=3).images
     assert batches == [4]  # 4 x 3 = 12 latent tiles of 16 (starts 0/16/32 down, 0/8/16/24 across), 3 per call
     np.testing.assert_allclose(tiled, untiled, atol=1e-4)
@@ -289,7 +310,7 @@ def test_bfloat16_matches_float32(make, tmp_path):
     image = photo("coffee", (24, 16))
     reference = pipe(image, output_type="np", generator=_seed(), tile_size=8, tile_overlap=2).images[0]
     pipe.save_pretrained(tmp_path)
-    half = type(pipe).from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    half = type(pipe).from_pretrained(tmp_path, dtype=torch.bfloat16)
     half.set_progress_bar_config(disable=True)
     assert half.transformer.dtype == half.vae.dtype == torch.bfloat16
     output = half(image, output_type="np", generator=_seed(), tile_size=8, tile_overlap=2).images[0]

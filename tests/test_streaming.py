@@ -1,5 +1,5 @@
-"""The streaming pipeline: tile by tile from the low-resolution input to the output, no full-resolution float tensor,
-equal to the tiled pipeline it replaces within 1/255 on real photos (tiny random models, CPU)."""
+"""The streamed recipe: tile by tile from the low-resolution input to the output, no full-resolution float tensor,
+equal to the same recipe on the whole decoded image within 1/255 on real photos (tiny random models, CPU)."""
 
 import numpy as np
 import PIL.Image
@@ -16,12 +16,18 @@ TILES = {"tile_size": 16, "tile_overlap": 4}  # 128-px latent tiles: the photos 
 
 
 def _tiled_reference(pipe, image, **kwargs):
-    """Today's tiled pipeline: the same call with streaming switched off."""
-    pipe._streams = lambda *args: False
+    """The same call with the decoded image joined into one band (`tiled_map`'s blend of the same tiles): the colour
+    fix of the whole image and float outputs, as the tiled pipeline before streaming computed them."""
+    decode_bands = pipe.decode_bands
+
+    def one_band(*args, **options):
+        yield 0, torch.cat([rows for _, rows in decode_bands(*args, **options)], dim=-2)
+
+    pipe.decode_bands = one_band
     try:
         return pipe(image, **kwargs).images
     finally:
-        del pipe._streams
+        del pipe.decode_bands
 
 
 @pytest.fixture(scope="module", params=["tinysr", "autoencoder_tiny"])
@@ -92,21 +98,35 @@ def test_streamed_batches_greyscale_rgba_and_outscale(pipe):
     assert [image.shape for image in streamed] == [(110, 150, 3), (110, 150, 1), (110, 150, 4)]
 
 
-def test_only_multi_tile_images_with_a_tiny_vae_are_streamed(monkeypatch):
-    calls = []
+def _bands_per_call(pipe) -> list[int]:
+    """How many bands each call's decoding gives (one: the whole image at once)."""
+    counts, decode_bands = [], pipe.decode_bands
+
+    def counted(*args, **options):
+        counts.append(0)
+        for band in decode_bands(*args, **options):
+            counts[-1] += 1
+            yield band
+
+    pipe.decode_bands = counted
+    return counts
+
+
+def test_only_multi_tile_images_with_a_tiny_vae_are_streamed():
     pipe = tiny_student()
-    original = pipe._upscale_streamed
-    monkeypatch.setattr(pipe, "_upscale_streamed", lambda *args: calls.append(args[0].shape) or original(*args))
-    pipe(photo("astronaut", (16, 16)), **TILES)  # 8x8 latents: one tile, as before
+    counts = _bands_per_call(pipe)
+    pipe(photo("astronaut", (16, 16)), **TILES)  # 8x8 latents: one tile
     pipe(photo("astronaut", (48, 40)), tile_size=None)
-    assert calls == []
-    pipe(photo("astronaut", (48, 40)), **TILES)
-    assert calls == [(1, 3, 40, 48)]
+    assert counts == [1, 1]
+    pipe(photo("astronaut", (48, 40)), **TILES)  # 160 rows: 2x2 tiles of 128 px, in 3 bands
+    assert counts[-1] == 3
     pipe.vae.enable_tiling(4096, 64)  # the user's own VAE tiling is kept: not streamed
     pipe(photo("astronaut", (48, 40)), **TILES)
-    assert len(calls) == 1
-    teacher_vae = tiny_student(vae=tiny_autoencoder_kl())  # diffusers tiles AutoencoderKL its own way
-    assert not teacher_vae._streams((40, 48), "pil", 16)
+    assert counts[-1] == 1 and pipe.vae.tile_sample_size == 4096
+    teacher = tiny_student(vae=tiny_autoencoder_kl())  # diffusers tiles AutoencoderKL its own way
+    counts = _bands_per_call(teacher)
+    teacher(photo("astronaut", (48, 40)), **TILES)
+    assert counts == [1] and not teacher.vae.use_tiling
 
 
 def test_tile_progress_bar_respects_set_progress_bar_config(capsys):

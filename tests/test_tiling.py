@@ -1,10 +1,14 @@
-"""The shared tiling mechanism."""
+"""The shared tiling mechanism and the settings of a call's tiles."""
+
+import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tinysr_diffusers.tiling import blend_weights, tile_starts, tiled_map
+from tinysr_diffusers.tiling import TileSettings, blend_weights, tile_starts, tiled_map
 
 
 @pytest.mark.parametrize("length, tile, overlap, align", [(100, 32, 8, 1), (96, 32, 8, 8), (33, 32, 4, 1), (32, 32, 4, 1)])
@@ -92,3 +96,39 @@ def test_progress_callback_sees_every_batch():
 
     tiled_map(lambda t: t, torch.zeros(1, 1, 40, 40), 16, 4, tiles_per_batch=4, progress=progress)
     assert sum(seen) == len(tile_starts(40, 16, 4)) ** 2
+
+
+def test_tile_settings_are_keyword_only_frozen_and_checked():
+    assert TileSettings() == TileSettings(size=64, overlap=8, batch=4)  # the releases' tiles
+    with pytest.raises(TypeError):
+        TileSettings(64, 8, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TileSettings().size = 32
+    for settings, message in [
+        ({"size": 0}, "`tile_size` must be a positive integer or None"),
+        ({"size": True}, "`tile_size`"),
+        ({"size": 16, "overlap": 16}, r"`tile_overlap` must be an integer in \[0, tile_size\)"),
+        ({"size": None, "overlap": -1}, "`tile_overlap`"),
+        ({"batch": 0}, "`tile_batch_size` must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TileSettings(**settings)
+
+
+def test_halved_halves_the_batch_then_the_tile_down_to_the_smallest():
+    """The out-of-memory fallback's sequence: the batch first, then the tile (a multiple of the patch, its overlap
+    at most a quarter of it), until it would be smaller than 16 latent pixels."""
+    steps, tiles = [], TileSettings(size=64, overlap=8, batch=4)
+    while tiles is not None:
+        steps.append((tiles.size, tiles.overlap, tiles.batch))
+        tiles = tiles.halved(latent_side=100, multiple=2)
+    assert steps == [(64, 8, 4), (64, 8, 2), (64, 8, 1), (32, 8, 1), (16, 4, 1)]
+    assert TileSettings(size=None).halved(latent_side=42, multiple=2) == TileSettings(size=20, overlap=5, batch=1)
+    assert TileSettings(size=128, batch=1).halved(latent_side=40, multiple=2).size == 20  # one tile: the image's half
+
+
+def test_the_settings_load_without_torch():
+    """The command line reads the default tiles at start-up, before torch is imported."""
+    code = "import sys, tinysr_diffusers.tiling as t; print(t.TileSettings().size, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["64", "False"], result.stderr

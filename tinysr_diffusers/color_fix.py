@@ -8,13 +8,18 @@ image afterwards. Two methods, as in their releases (after StableSR):
 - `"wavelet"`: keep the output's high frequencies and take the low frequencies (a 5-level a-trous wavelet
   decomposition) from the bicubically upscaled LR image.
 
-Images are (B, C, H, W) tensors in [0, 1]; results are clamped to [0, 1].
+Images are (B, C, H, W) tensors in [0, 1]; results are clamped to [0, 1]. `apply_color_fix` corrects a whole image,
+`color_fixed_bands` the same image handed over in bands of rows (the pipelines' streamed output), with equal results.
 """
 
-from typing import Optional
+import itertools
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .image_processing import bicubic_crop
+from .tiling import BAND_ROWS
 
 
 COLOR_FIX_METHODS = ("adain", "wavelet", None)
@@ -103,12 +108,75 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Ten
 
 
 def apply_color_fix(
-    image: torch.Tensor, low_res: torch.Tensor, upscaled: torch.Tensor, method: Optional[str]
+    image: torch.Tensor,
+    low_res: torch.Tensor,
+    method: Optional[str],
+    *,
+    upscaled: Optional[torch.Tensor] = None,
+    statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Correct `image` with `method`: AdaIN against `low_res`, wavelet against `upscaled` (the bicubic x4 input)."""
+    """Correct `image` with `method`: AdaIN against `low_res` (with the whole image's `statistics` when `image` is a
+    band of it), the wavelet fix against `upscaled` (the bicubic upscale of `low_res` at `image`'s place)."""
     check_color_fix(method)
     if method == "adain":
-        return adain_color_fix(image, low_res)
+        return adain_color_fix(image, low_res, statistics)
     if method == "wavelet":
         return wavelet_color_fix(image, upscaled)
     return image.clamp(0, 1)
+
+
+Bands = Iterable[tuple[int, torch.Tensor]]
+
+
+def color_fixed_bands(
+    bands: Bands, method: Optional[str], low_res: torch.Tensor, scale: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """`apply_color_fix` of an image given in bands: (first row, rows (B, 3, n, W) in [0, 1]) top to bottom, covering
+    the `scale` times upscale of `low_res`; yields the fixed image in bands, each equal to the same rows of the whole
+    image fixed.
+
+    The wavelet fix sees `WAVELET_HALO` rows on each side of a band (the reach of its blurs); AdaIN needs the whole
+    image's statistics first (`_two_passes`); no fix clamps. Only a band and its halo are held.
+    """
+    height, width = low_res.shape[-2] * scale, low_res.shape[-1] * scale
+    statistics = None
+    if method == "adain":
+        bands, statistics = _two_passes(bands, height)
+    halo = WAVELET_HALO if method == "wavelet" else 0
+    window, window_top, done = None, 0, 0  # rows from `window_top` on: later bands may still need them
+    for top, piece in bands:
+        window = piece if window is None else torch.cat([window, piece], dim=-2)
+        end = top + piece.shape[-2]
+        ready = height if end >= height else end - halo  # rows above `ready` have all their context
+        if ready <= done:
+            continue
+        first, last = max(0, done - halo), min(height, ready + halo)
+        context = window[..., first - window_top : last - window_top, :]
+        upscaled = bicubic_crop(low_res, scale, first, last, 0, width) if method == "wavelet" else None
+        fixed = apply_color_fix(context, low_res, method, upscaled=upscaled, statistics=statistics)
+        yield done, fixed[..., done - first : ready - first, :]
+        done, keep = ready, max(0, ready - halo)
+        window, window_top = window[..., keep - window_top :, :], keep
+
+
+def _two_passes(bands: Bands, height: int) -> tuple[Bands, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """AdaIN's statistics of an image given in bands, and its bands again for the fix.
+
+    An image in one band is its own statistics (None: `adain_color_fix` takes them from the band). Otherwise the first
+    pass keeps the image as uint16 on the CPU (a 16-bit output loses nothing; the sums see the floats) while the
+    statistics are summed, and the second reads it back in bands: one allocation, committed as it is written.
+    """
+    bands = iter(bands)
+    top, rows = next(bands)
+    if rows.shape[-2] == height:
+        return [(top, rows)], None
+    device = rows.device
+    kept = torch.empty(*rows.shape[:-2], height, rows.shape[-1], dtype=torch.uint16)
+    sums = ChannelStatistics()
+    for top, rows in itertools.chain([(top, rows)], bands):
+        sums.update(rows)
+        kept[..., top : top + rows.shape[-2], :] = rows.mul_(65535).round_().to(torch.uint16).cpu()
+    read_back = (
+        (top, kept[..., top : top + BAND_ROWS, :].to(device).float() / 65535) for top in range(0, height, BAND_ROWS)
+    )
+    return read_back, sums.mean_std()

@@ -4,10 +4,15 @@ Inputs are PIL images, numpy arrays or torch tensors (or a list of them), greysc
 model sees RGB in [0, 1]; the output keeps the input's channel layout (greyscale stays greyscale, the alpha channel of
 RGBA is upscaled bicubically and re-attached), so a caller gets back the kind of image it gave. Empty images, NaN and
 values outside an input's range are refused with a ValueError rather than turned into a black output.
+
+A call's images are upscaled in groups of one size (`group_by_size`); a group's output arrives in bands of rows and
+is written band by band (`images_from_bands`), then resampled to `outscale` (`resample`) and converted (`postprocess`).
 """
 
+import itertools
 import math
-from typing import Sequence, Union
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -151,6 +156,34 @@ def merge_channels(rgb: torch.Tensor, alpha: torch.Tensor | None, channels: int)
     return rgb
 
 
+@dataclass
+class ImageGroup:
+    """Same-size images of one call: their places in its list of images, their RGB batch, and what restores their
+    channel layout (`merge_channels`)."""
+
+    indices: list[int]
+    rgb: torch.Tensor  # (B, 3, h, w) in [0, 1]
+    alphas: list[Optional[torch.Tensor]]  # (1, h, w) each, or None
+    channels: list[int]  # 1, 3 or 4 each
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.rgb.shape[-2:])
+
+
+def group_by_size(images: list[torch.Tensor]) -> list[ImageGroup]:
+    """`to_tensors`' images in groups of one size (in the order of their first image), split by `split_alpha`."""
+    places: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        places.setdefault(tuple(image.shape[-2:]), []).append(index)
+    groups = []
+    for indices in places.values():
+        rgb, alphas = zip(*(split_alpha(images[index]) for index in indices))
+        channels = [images[index].shape[0] for index in indices]
+        groups.append(ImageGroup(indices, torch.stack(rgb), list(alphas), channels))
+    return groups
+
+
 def bicubic_upscale(image: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic x`scale` of (B, C, H, W) in [0, 1] (torch, as the TinySR/TSD-SR releases), clamped to [0, 1]."""
     return F.interpolate(image, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
@@ -246,10 +279,77 @@ def lanczos_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor
     return torch.from_numpy(np.stack(resized)).to(image.device)
 
 
+def resample(
+    image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], size: tuple[int, int], outscale: Optional[float]
+) -> Union[PIL.Image.Image, np.ndarray, torch.Tensor]:
+    """The 4x output of an input of `size` (height, width), as `images_from_bands` gives it, resampled to `outscale`
+    (None: as it is) with Lanczos: an 8-bit PIL image with PIL's own, the others in float32."""
+    if outscale is None:
+        return image
+    height, width = outscale_size(*size, outscale)
+    if isinstance(image, PIL.Image.Image):
+        same = image.size == (width, height)
+        return image if same else image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+    if isinstance(image, np.ndarray):  # uint16 (H, W, C)
+        if image.shape[:2] == (height, width):
+            return image
+        floats = torch.from_numpy(image.astype(np.float32) / 65535).permute(2, 0, 1)
+        return to_uint16(lanczos_resize(floats, height, width))
+    return lanczos_resize(image, height, width)
+
+
+def images_from_bands(
+    bands: Iterable[tuple[int, torch.Tensor]],
+    *,
+    height: int,
+    scale: int,
+    alphas: list[Optional[torch.Tensor]],
+    channels: list[int],
+    output_type: str,
+) -> list[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]:
+    """The outputs of a batch given in bands of RGB rows (first row, (B, 3, n, W) in [0, 1]) top to bottom, `height`
+    rows in all, in each input's channel layout (`merge_channels`; the low-resolution `alphas` upscaled `scale` times
+    bicubically, band by band).
+
+    An image in one band stays a (C, H, W) float tensor (`postprocess` converts it, after `resample`). Otherwise the
+    bands are written as they come into one array per image, so that 8- and 16-bit outputs never exist as full-size
+    floats: uint8 made into a PIL image for "pil", uint16 (H, W, C) for "uint16", else float32 (C, H, W) tensors.
+    """
+    bands = iter(bands)
+    top, rgb = next(bands)
+    width = rgb.shape[-1]
+
+    def merged(index: int, rows: torch.Tensor, top: int) -> torch.Tensor:
+        alpha = alphas[index]
+        if alpha is not None:
+            alpha = bicubic_crop(alpha[None].to(rows.device), scale, top, top + rows.shape[-2], 0, width)[0]
+        return merge_channels(rows, alpha, channels[index])
+
+    if rgb.shape[-2] == height:
+        return [merged(index, rows, 0) for index, rows in enumerate(rgb)]
+    dtype, levels = {"pil": (np.uint8, 255), "uint16": (np.uint16, 65535)}.get(output_type, (np.float32, None))
+    outputs = [np.empty((height, width, count), dtype=dtype) for count in channels]
+    device = rgb.device
+    for top, rgb in itertools.chain([(top, rgb)], bands):
+        for index, output in enumerate(outputs):
+            band = merged(index, rgb[index], top).permute(1, 2, 0)
+            output[top : top + rgb.shape[-2]] = (band.mul(levels).round_() if levels else band).cpu().numpy()
+    del rgb, bands  # the last band and what made it, before the PIL images are made
+    if output_type == "pil":
+        return [_array_to_pil(outputs.pop(0)) for _ in range(len(outputs))]  # each array is freed once copied
+    if output_type == "uint16":
+        return outputs
+    return [torch.from_numpy(output).permute(2, 0, 1).to(device) for output in outputs]
+
+
+def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    """uint8 (H, W, C) -> PIL image of mode L, RGB or RGBA."""
+    return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
 def to_pil(image: torch.Tensor) -> PIL.Image.Image:
     """(C, H, W) in [0, 1] -> PIL image of mode L, RGB or RGBA."""
-    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 255).round().astype(np.uint8)
-    return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return _array_to_pil((image.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 255).round().astype(np.uint8))
 
 
 def to_uint16(image: torch.Tensor) -> np.ndarray:
@@ -262,8 +362,8 @@ def postprocess(images: list[Union[torch.Tensor, PIL.Image.Image, np.ndarray]], 
     """(C, H, W) tensors -> `output_type`: PIL list, numpy (B, H, W, C) float32 or uint16, torch (B, C, H, W), or
     latents.
 
-    numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list. The
-    streaming pipeline makes its PIL images and uint16 arrays itself (they pass through).
+    numpy and torch outputs are stacked when every image has the same shape, otherwise returned as a list. PIL images
+    and uint16 arrays that `images_from_bands` made pass through.
     """
     if output_type == "pil":
         return [image if isinstance(image, PIL.Image.Image) else to_pil(image) for image in images]

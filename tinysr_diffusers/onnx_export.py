@@ -1,14 +1,10 @@
 """Export a TinySR pipeline to ONNX: `tinysr export onnx PIPELINE -o DIR`.
 
-The folder holds the tiny VAE's encoder and decoder and the transformer, each with dynamic batch, height and width
-(the dynamo exporter of `torch.onnx`), plus `onnx_pipeline.json` with what the recipe needs besides the graphs
-(latent scale and shift, VAE and patch factors, the pipeline's own colour fix). [`OnnxTinySRPipeline`] runs it with
-onnxruntime or OpenVINO, with the same `__call__` and tiling as the torch pipeline; `tinysr upscale --model DIR`
-takes it too:
-
-    DIR/vae_encoder/model.onnx  images in [-1, 1] (B, 3, 8h, 8w) -> unscaled latents (B, C, h, w)
-    DIR/vae_decoder/model.onnx  unscaled latents (B, C, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), not clamped
-    DIR/transformer/model.onnx  scaled latents (B, C, h, w) -> velocity (with --int8: int8 linear layers)
+The folder (its layout: `pipelines/onnx_folder.py`) holds the tiny VAE's encoder and decoder and the transformer,
+each with dynamic batch, height and width (the dynamo exporter of `torch.onnx`; with --int8 the transformer's linear
+layers are int8), plus `onnx_pipeline.json` with what the recipe needs besides the graphs. [`OnnxTinySRPipeline`]
+runs it with onnxruntime or OpenVINO, with the same `__call__` and tiling as the torch pipeline; `tinysr upscale
+--model DIR` takes it too.
 
 Only the standard library is imported here until an export runs, so that the command line starts at once.
 """
@@ -21,16 +17,13 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING, Iterator
 
+from .pipelines.onnx_folder import CONFIG_NAME, MODEL_FILE, RUNTIMES  # noqa: F401 - RUNTIMES: cli.py, loading.py
+
 
 if TYPE_CHECKING:
     import torch
 
     from .pipelines import OneStepSRPipeline
-
-CONFIG_NAME = "onnx_pipeline.json"
-MODEL_FILE = "model.onnx"
-RUNTIMES = ("onnxruntime", "openvino")  # what `OnnxTinySRPipeline` runs an export with
-COMPONENTS = ("vae_encoder", "vae_decoder", "transformer")
 
 
 def export_onnx(pipe: "OneStepSRPipeline", output_dir: str, int8: bool = False) -> str:
@@ -87,11 +80,11 @@ def export_onnx(pipe: "OneStepSRPipeline", output_dir: str, int8: bool = False) 
         "_class_name": "OnnxTinySRPipeline",
         "source_class_name": type(pipe).__name__,
         "scaling_factor": pipe.vae.config.scaling_factor,
-        "latent_shift": pipe._latent_shift(),
+        "latent_shift": pipe.latent_shift,
         "vae_scale_factor": factor,
         "patch_size": patch,
         "max_latent_size": max_patches * patch,
-        "color_fix": pipe._default_color_fix(),  # what a call's color_fix="default" resolves to
+        "color_fix": pipe.default_color_fix,  # what a call's color_fix="default" resolves to
         "int8": int8,
         "exported_with_torch": torch.__version__,
     }

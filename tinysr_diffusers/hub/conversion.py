@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.models.embeddings import PatchEmbed
-from diffusers.utils import logging
+from diffusers.utils import _resolve_dtype, logging
 
 from ..models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
 from ..pipelines import TinySRPipeline, TSDSRPipeline
@@ -347,7 +347,7 @@ def _load_sd3_component(cls: type, sd3_dir: Path, subfolder: str) -> torch.nn.Mo
     """diffusers' own loading, in float32; a config it cannot build from is one line naming the folder (an unreadable
     weights file is diffusers' `OSError`, which names the file)."""
     try:
-        return cls.from_pretrained(sd3_dir, subfolder=subfolder, torch_dtype=torch.float32)
+        return cls.from_pretrained(sd3_dir, subfolder=subfolder, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError) as error:
         reason = _first_sentence(error)
         raise ConversionError(f"{sd3_dir / subfolder} is not a loadable {cls.__name__}: {reason}.") from None
@@ -359,9 +359,11 @@ def convert_tinysr(
     vae_dir: Union[str, os.PathLike],
     lora_path: Union[str, os.PathLike],
     pool_embeds_path: Union[str, os.PathLike],
+    *,
     keep_layers: Optional[Sequence[int]] = None,
     timestep: float = 1000.0,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
+    torch_dtype: Optional[torch.dtype] = None,
 ) -> TinySRPipeline:
     """The TinySR release as a [`TinySRPipeline`].
 
@@ -372,8 +374,10 @@ def convert_tinysr(
         pool_embeds_path: The default prompt's pooled embedding (`pool_embeds.pt`).
         keep_layers: Blocks of the released transformer to keep (default: all; it is already pruned).
         timestep: The timestep at which the modulation is cached (the release runs at 1000).
-        torch_dtype: Dtype of the returned pipeline (the conversion itself runs in float32).
+        dtype: Dtype of the returned pipeline (default float32; the conversion itself runs in float32).
+        torch_dtype: Deprecated name of `dtype`, as in diffusers (a FutureWarning).
     """
+    dtype = _resolve_dtype(dtype, torch_dtype) or torch.float32  # diffusers' rule: both is an error
     transformer_dir = _require(transformer_dir, "Transformer folder", folder=True)
     vae_dir = _require(vae_dir, "VAE folder", folder=True)
     sd3 = _load_pruned_sd3(transformer_dir)
@@ -382,7 +386,7 @@ def convert_tinysr(
     merge_lora(sd3)  # before caching: the adaLN and time-embedding linears carry LoRA
     transformer = TinySRTransformer2DModel.from_sd3(sd3, keep_layers, timestep=timestep, pooled_projections=pooled)
     pipe = TinySRPipeline(transformer=transformer, vae=_load_release_vae(vae_dir))
-    return pipe.to(dtype=torch_dtype)
+    return pipe.to(dtype=dtype)
 
 
 def convert_tsdsr(
@@ -391,8 +395,10 @@ def convert_tsdsr(
     vae_lora: Union[str, os.PathLike],
     prompt_embeds: Union[str, os.PathLike],
     pool_embeds: Union[str, os.PathLike],
+    *,
     merge: bool = True,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
+    torch_dtype: Optional[torch.dtype] = None,
 ) -> TSDSRPipeline:
     """The TSD-SR release as a [`TSDSRPipeline`] (SD3's transformer and VAE; no text encoders needed).
 
@@ -402,8 +408,10 @@ def convert_tsdsr(
         prompt_embeds, pool_embeds: The default prompt's embeddings (`prompt_embeds.pt`, `pool_embeds.pt`).
         merge: Merge the LoRAs into the weights (default). With `False` they stay active peft adapters named
             `"default"` (for further training); such a pipeline must be merged before `save_pretrained`.
-        torch_dtype: Dtype of the returned pipeline (the conversion itself runs in float32).
+        dtype: Dtype of the returned pipeline (default float32; the conversion itself runs in float32).
+        torch_dtype: Deprecated name of `dtype`, as in diffusers (a FutureWarning).
     """
+    dtype = _resolve_dtype(dtype, torch_dtype) or torch.float32  # diffusers' rule: both is an error
     sd3_dir = _require(sd3_dir, "SD3 folder", folder=True)
     for subfolder, class_names in (("transformer", ("SD3Transformer2DModel",)), ("vae", ("AutoencoderKL",))):
         found = _read_config(_require(sd3_dir / subfolder, f"SD3 {subfolder}", folder=True), subfolder)
@@ -427,5 +435,5 @@ def convert_tsdsr(
         vae=vae.eval(),
         prompt_embeddings=PromptEmbeddings.from_tensors(embeds, pooled),
     )
-    return pipe.to(dtype=torch_dtype)
+    return pipe.to(dtype=dtype)
 

@@ -124,6 +124,7 @@ class TinySREncoder(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        *,
         num_blocks: Sequence[int],
         block_out_channels: Sequence[int],
         act_fn: str,
@@ -158,6 +159,7 @@ class TinySRDecoder(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        *,
         num_blocks: Sequence[int],
         block_out_channels: Sequence[int],
         upsampling_scaling_factor: int,
@@ -220,6 +222,7 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
+        *,
         in_channels: int = 3,
         out_channels: int = 3,
         encoder_block_out_channels: Sequence[int] = (64, 64, 64, 64),
@@ -268,31 +271,32 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                 )
         if len(num_encoder_blocks) != len(num_decoder_blocks):
             raise ValueError("Encoder and decoder must have the same number of resolutions.")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("latent_channels", latent_channels)):
+        channels = {"in_channels": in_channels, "out_channels": out_channels, "latent_channels": latent_channels}
+        for name, value in channels.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
         self.encoder = TinySREncoder(
             in_channels,
             latent_channels,
-            num_encoder_blocks,
-            encoder_block_out_channels,
-            act_fn,
-            encoder_conv,
-            encoder_pool_channels,
-            pool_norm_groups,
+            num_blocks=num_encoder_blocks,
+            block_out_channels=encoder_block_out_channels,
+            act_fn=act_fn,
+            conv_type=encoder_conv,
+            block_pool_channels=encoder_pool_channels,
+            pool_norm_groups=pool_norm_groups,
         )
         self.decoder = TinySRDecoder(
             latent_channels,
             out_channels,
-            num_decoder_blocks,
-            decoder_block_out_channels,
-            upsampling_scaling_factor,
-            act_fn,
-            upsample_fn,
-            decoder_conv,
-            decoder_pool_channels,
-            pool_norm_groups,
+            num_blocks=num_decoder_blocks,
+            block_out_channels=decoder_block_out_channels,
+            upsampling_scaling_factor=upsampling_scaling_factor,
+            act_fn=act_fn,
+            upsample_fn=upsample_fn,
+            conv_type=decoder_conv,
+            block_pool_channels=decoder_pool_channels,
+            pool_norm_groups=pool_norm_groups,
         )
         self.spatial_scale_factor = upsampling_scaling_factor ** (len(num_encoder_blocks) - 1)
         self.use_tiling = False

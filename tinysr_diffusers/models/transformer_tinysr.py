@@ -173,6 +173,7 @@ class TinySRTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @register_to_config
     def __init__(
         self,
+        *,
         sample_size: int = 128,
         patch_size: int = 2,
         in_channels: int = 16,

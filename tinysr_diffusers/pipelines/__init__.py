@@ -1,9 +1,22 @@
-# Imported together rather than lazily: `OneStepSRPipeline.from_pretrained` accepts any subclass a folder names, found
-# among the subclasses already imported. The package namespace above defers all of them until a pipeline is used.
-from .pipeline_one_step_sr import OneStepSRPipeline
-from .pipeline_onnx_tinysr import OnnxTinySRPipeline  # onnxruntime itself loads with an exported folder
-from .pipeline_tinysr import TinySRPipeline
-from .pipeline_tsdsr import TSDSRPipeline
+import sys
+from typing import TYPE_CHECKING
+
+from ..import_utils import _LazyModule
 
 
-__all__ = ["OneStepSRPipeline", "OnnxTinySRPipeline", "TSDSRPipeline", "TinySRPipeline"]
+# Lazy, as the package namespace: a pipeline module (and torch) is imported when its class is used, and
+# `onnx_folder` (standard library only) is read by the command line at start-up.
+_import_structure = {
+    "pipeline_one_step_sr": ["OneStepSRPipeline"],
+    "pipeline_onnx_tinysr": ["OnnxTinySRPipeline"],
+    "pipeline_tinysr": ["TinySRPipeline"],
+    "pipeline_tsdsr": ["TSDSRPipeline"],
+}
+
+if TYPE_CHECKING:
+    from .pipeline_one_step_sr import OneStepSRPipeline
+    from .pipeline_onnx_tinysr import OnnxTinySRPipeline
+    from .pipeline_tinysr import TinySRPipeline
+    from .pipeline_tsdsr import TSDSRPipeline
+else:
+    sys.modules[__name__] = _LazyModule(__name__, globals()["__file__"], _import_structure, module_spec=__spec__)

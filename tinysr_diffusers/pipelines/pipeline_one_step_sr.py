@@ -1,63 +1,50 @@
-"""What the TinySR student and the TSD-SR teacher pipelines share: the one-step 4x SR recipe and the folder layout.
+"""What the TinySR student and the TSD-SR teacher pipelines share: the one-step 4x SR recipe, run in one way.
 
 The recipe (docs/method.md, "One-step super-resolution"): LR image in [0, 1] -> bicubic x4 in torch -> reflect-pad
-to what the VAE and the patch size need -> [-1, 1] -> `z_L = encode(x) * scaling_factor` -> `z_H = z_L - sigma * v`
-with sigma(t=1000) = 1 -> `decode(z_H / scaling_factor)` -> crop back to exactly 4x -> clamp -> colour fix against
-the LR image. Subclasses only
-say how the velocity `v` is predicted. The steps are public (`encode_latents`, `predict_velocity`, `step_latents`,
-`decode_latents`) so that training and pruning run exactly the inference path. Tiled calls with a tiny VAE run the
-same recipe streamed, tile by tile (`_upscale_streamed`), so that no full-resolution float tensor is made.
+to what the VAE and the patch size need -> [-1, 1] -> `z_L = (encode(x) - shift) * scaling_factor` ->
+`z_H = z_L - sigma * v` with sigma(t=1000) = 1 -> `decode(z_H / scaling_factor + shift)` -> crop back to exactly 4x
+-> clamp -> colour fix against the LR image. `__call__` runs it as numbered steps, each a public method (or function)
+that training, pruning and subclasses reuse; subclasses only say how the velocity `v` is predicted.
+
+The recipe is streamed: a tiny VAE encodes tiles made on demand from the LR image, decodes tile by tile into bands
+of rows, and each band is colour-fixed and written into the output as it is finished, so that no full-resolution
+float image is made. An image of one tile (or an untiled call, or a VAE that tiles itself) is the one-band case.
 """
 
+import copy
 import functools
-import os
-import tempfile
+import math
 import warnings
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import PIL.Image
 import torch
-from huggingface_hub import create_repo
 
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..color_fix import (
-    WAVELET_HALO,
-    ChannelStatistics,
-    adain_color_fix,
-    apply_color_fix,
-    check_color_fix,
-    wavelet_color_fix,
-)
-from ..hub.pipeline_folders import MODEL_INDEX, fetch_code_files, looks_like_a_path, verify_shims, write_shims
+from ..color_fix import check_color_fix, color_fixed_bands
+from ..hub.pipeline_hub import PipelineHubMixin
 from ..image_processing import (
     OUTPUT_TYPES,
     PipelineImageInput,
     UpscaledPixels,
-    bicubic_crop,
-    bicubic_upscale,
     check_outscale,
-    lanczos_resize,
-    merge_channels,
-    outscale_size,
+    group_by_size,
+    images_from_bands,
     postprocess,
-    reflect_pad_to_multiple,
-    split_alpha,
+    resample,
     to_tensors,
-    to_uint16,
 )
-from ..hub.model_cards import pipeline_card
 from ..models import TinySRAutoencoder
-from ..tiling import tiled_map, tiled_rows
+from ..tiling import MIN_TILE_SIZE, PassesProgress, TileSettings, tiled_map, tiled_rows
+
 
 SUPPORTED_VAES = (TinySRAutoencoder, AutoencoderTiny, AutoencoderKL)
-STREAMED_VAES = (TinySRAutoencoder, AutoencoderTiny)  # VAEs tiled by `tiled_map`, whose tiles can be streamed
-DEFAULT_TILE_SIZE = 64  # latent pixels (512 output pixels), as the releases
-MIN_TILE_SIZE = 16  # the out-of-memory fallback halves tiles down to this many latent pixels (128 output pixels)
-STREAM_BAND_ROWS = 64  # output rows read back at a time in the streaming pipeline's AdaIN pass
+DEFAULT_TILES = TileSettings()
+
+Output = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
 
 def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -65,87 +52,14 @@ def step_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) ->
     return latents - sigma * velocity
 
 
-def _unit_rows(
-    bands: Iterable[tuple[int, torch.Tensor]], height: int, width: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Decoded rows (top, (B, 3, n, W) in [-1, 1]) cropped to the image and mapped to [0, 1] float32, in place."""
-    for top, rows in bands:
-        rows = rows[..., : max(0, height - top), :width].float()
-        if rows.shape[-2]:
-            yield top, rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
-
-
-def colour_fixed_rows(
-    rows: Iterable[tuple[int, torch.Tensor]],
-    height: int,
-    color_fix: Optional[str],
-    low_res: torch.Tensor,
-    scale: int,
-    statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """The colour-fixed image in bands, top to bottom, from the decoded image's rows in [0, 1], top to bottom.
-
-    AdaIN uses the whole image's `statistics`; the wavelet fix sees `WAVELET_HALO` rows on each side of a band (the
-    reach of its blurs), so each band equals the same rows of the whole image fixed; no fix clamps. Only a band and
-    its halo are held.
-    """
-    halo = WAVELET_HALO if color_fix == "wavelet" else 0
-    width = low_res.shape[-1] * scale
-    window, window_top, done = None, 0, 0  # decoded rows from `window_top` on: later bands may still need them
-    for top, piece in rows:
-        window = piece if window is None else torch.cat([window, piece], dim=-2)
-        end = top + piece.shape[-2]
-        ready = height if end >= height else end - halo  # rows above `ready` have all their context
-        if ready <= done:
-            continue
-        first, last = max(0, done - halo), min(height, ready + halo)
-        context = window[..., first - window_top : last - window_top, :]
-        if color_fix == "adain":
-            fixed = adain_color_fix(context, low_res, statistics)
-        elif color_fix == "wavelet":
-            fixed = wavelet_color_fix(context, bicubic_crop(low_res, scale, first, last, 0, width))
-        else:
-            fixed = context.clamp(0, 1)
-        yield done, fixed[..., done - first : ready - first, :]
-        done, keep = ready, max(0, ready - halo)
-        window, window_top = window[..., keep - window_top :, :], keep
-
-
-class PassesProgress:
-    """One progress bar over several tiled passes of an image: each pass adds its tile batches to the bar's total
-    when it starts (a `progress` wrapper for `tiled_map` / `tiled_rows`), so users see one bar per image, not three.
-    `make_bar(total)` makes the bar (e.g. a pipeline's `progress_bar`) at the first pass."""
-
-    def __init__(self, make_bar: Callable[..., "tqdm"]):  # noqa: F821
-        self.make_bar = make_bar
-        self.bar = None
-
-    def __call__(self, batches: Sequence) -> Iterator:
-        if self.bar is None:
-            self.bar = self.make_bar(total=len(batches))
-        else:
-            self.bar.total += len(batches)
-            self.bar.refresh()
-        for batch in batches:
-            yield batch
-            self.bar.update()
-
-    def __enter__(self) -> "PassesProgress":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class OneStepSRPipeline(DiffusionPipeline):
+class OneStepSRPipeline(PipelineHubMixin, DiffusionPipeline):
     r"""
     Base class of the one-step 4x super-resolution pipelines ([`TinySRPipeline`], [`TSDSRPipeline`]).
 
     It runs the shared recipe in `__call__` (any image size, batches, latent tiling with Gaussian blending plus VAE
     tiling, colour fix) and saves folders that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
-    this class's own `from_pretrained` (no flag needed) and `AutoModel` load with the installed classes. Subclasses
-    implement `predict_velocity`.
+    this class's own `from_pretrained` (no flag needed) and `AutoModel` load with the installed classes
+    ([`~hub.pipeline_hub.PipelineHubMixin`]). Subclasses implement `predict_velocity`.
     """
 
     upscale_factor = 4
@@ -153,10 +67,32 @@ class OneStepSRPipeline(DiffusionPipeline):
     sigma = 1.0  # flow-matching sigma at t = 1000: z_H = z_L - sigma * v
 
     # --------------------------------------------------------------------------------------------------- components
-    def _check_vae(self, vae) -> None:
+    def register_modules(self, **kwargs) -> None:
+        """Register components as diffusers does, refusing a config that holds NaN or an infinity (a NaN
+        `scaling_factor` would turn every image black)."""
+        for name, module in kwargs.items():
+            config = getattr(module, "config", None)
+            found = _first_non_finite(config) if isinstance(config, Mapping) else None
+            if found:
+                folder = config.get("_name_or_path")
+                where = f"{folder}/config.json" if folder else f"The {name}'s config"
+                raise ValueError(f"{where}: `{found[0]}` is {found[1]}; a model's config must hold finite numbers.")
+        super().register_modules(**kwargs)
+
+    def _register(
+        self, transformer_class: type, *, use_shift_factor: bool, color_fix: Optional[str], **components
+    ) -> None:
+        """Check and register the components (a `transformer_class` transformer, a supported VAE, any others) and
+        the settings that every torch pipeline saves."""
+        check_color_fix(color_fix)
+        transformer, vae = components["transformer"], components["vae"]
+        if not isinstance(transformer, transformer_class):
+            raise TypeError(f"`transformer` must be a {transformer_class.__name__}, got {type(transformer).__name__}.")
         if not isinstance(vae, SUPPORTED_VAES):
             names = ", ".join(cls.__name__ for cls in SUPPORTED_VAES)
             raise TypeError(f"`vae` must be one of {names}, got {type(vae).__name__}.")
+        self.register_modules(**components)
+        self.register_to_config(use_shift_factor=use_shift_factor, color_fix=color_fix)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -169,100 +105,72 @@ class OneStepSRPipeline(DiffusionPipeline):
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
 
-    def _latent_shift(self) -> float:
+    @property
+    def latent_scale(self) -> float:
+        """The VAE's `scaling_factor`: z = (latents - shift) * scale."""
+        return self.vae.config.scaling_factor
+
+    @property
+    def latent_shift(self) -> float:
         # The TSD-SR/TinySR releases use no shift factor even with SD3's VAE (whose config has 0.0609).
         return (self.vae.config.shift_factor or 0.0) if self.config.use_shift_factor else 0.0
 
-    def _default_color_fix(self) -> Optional[str]:
+    @property
+    def default_color_fix(self) -> Optional[str]:
         """The colour fix of a call's `color_fix="default"`: the pipeline's own (saved with it), else AdaIN."""
         return self.config.get("color_fix", "adain")
 
+    # ------------------------------------------------------------------------------------ how the models run
     def predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """The velocity `v` for scaled latents `z_L` (a batch of images or of latent tiles), by `transformer`
         (default: the pipeline's; training passes its wrapped, e.g. DDP, copy)."""
         raise NotImplementedError
 
-    # ---------------------------------------------------------------------------------------------------- VAE calls
-    def encode_latents(
-        self,
-        pixels: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        vae_tile: Optional[tuple[int, int]] = None,
-        sample_posterior: bool = True,
+    def vae_encode(
+        self, pixels: torch.Tensor, *, generator: Optional[torch.Generator] = None, sample_posterior: bool = True,
+        tiles: Optional[TileSettings] = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents z_L.
-
-        An `AutoencoderKL`'s posterior is sampled with `generator` (inference, as the releases do) or, with
-        `sample_posterior=False`, its mode is taken (training: the latents the student's tiny encoder learns, see
-        `training/latents.py`); the tiny VAEs are deterministic. `vae_tile` = (tile, overlap) image pixels tiles an
-        `AutoencoderTiny` here (the other VAEs tile themselves, see `_vae_tiling`).
-        """
-        vae = self.vae
+        """Images in [-1, 1] -> the VAE's unscaled latents; `tiles` reach a VAE that tiles itself (`_vae_for`)."""
+        vae = self._vae_for(tiles)
         if isinstance(vae, AutoencoderKL):
             posterior = vae.encode(pixels).latent_dist
-            latents = posterior.sample(generator) if sample_posterior else posterior.mode()
-        elif self._tiles_tiny_vae(vae_tile):
-            # AutoencoderTiny's own tiled encoder hard-codes 4 latent channels (SD3 has 16): tile its encode here.
-            tile, overlap = vae_tile
-            factor = self.vae_scale_factor
-            latents = tiled_map(lambda x: vae.encode(x).latents, pixels, tile, overlap, scale=1 / factor, align=factor)
-        else:
-            latents = vae.encode(pixels).latents
-        return (latents - self._latent_shift()) * vae.config.scaling_factor
+            return posterior.sample(generator) if sample_posterior else posterior.mode()
+        return vae.encode(pixels).latents
 
-    def decode_latents(self, latents: torch.Tensor, vae_tile: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """Scaled latents z_H -> images in [-1, 1] (not clamped)."""
+    def vae_decode(self, latents: torch.Tensor, *, tiles: Optional[TileSettings] = None) -> torch.Tensor:
+        """The VAE's unscaled latents -> images in [-1, 1] (not clamped); `tiles` as for `vae_encode`."""
+        return self._vae_for(tiles).decode(latents).sample
+
+    def _tiles_vae(self, tiles: Optional[TileSettings]) -> bool:
+        """Whether the VAE runs in this pipeline's tiles (streamed): tiled calls with a tiny VAE. An AutoencoderKL
+        (diffusers tiles it its own way) and a VAE whose tiling the user enabled tile themselves."""
+        vae_tiles_itself = isinstance(self.vae, AutoencoderKL) or getattr(self.vae, "use_tiling", False)
+        return tiles is not None and tiles.size is not None and not vae_tiles_itself
+
+    def _vae_for(self, tiles: Optional[TileSettings]):
+        """The VAE to run with `tiles`: the pipeline's, or for a tiled call with an AutoencoderKL that the user has
+        not tiled, a shallow copy (same weights and offload hooks) with diffusers' tiling in that geometry, so that
+        the pipeline's VAE keeps the caller's settings, also while another call runs."""
         vae = self.vae
-        latents = latents / vae.config.scaling_factor + self._latent_shift()
-        if self._tiles_tiny_vae(vae_tile):
-            tile, overlap = vae_tile
-            factor = self.vae_scale_factor
-            return tiled_map(lambda z: vae.decode(z).sample, latents, tile // factor, overlap // factor, scale=factor)
-        return vae.decode(latents).sample
+        if tiles is None or tiles.size is None or not isinstance(vae, AutoencoderKL) or vae.use_tiling:
+            return vae
+        tiled = copy.copy(vae)
+        tiled.tile_sample_min_size = tiles.size * self.vae_scale_factor
+        tiled.tile_latent_min_size = tiles.size
+        tiled.tile_overlap_factor = tiles.overlap / tiles.size
+        tiled.use_tiling = True
+        return tiled
 
-    def _tiles_tiny_vae(self, vae_tile: Optional[tuple[int, int]]) -> bool:
-        return isinstance(self.vae, AutoencoderTiny) and vae_tile is not None and not self.vae.use_tiling
-
-    @contextmanager
-    def _vae_tiling(self, vae_tile: Optional[tuple[int, int]]) -> Iterator[None]:
-        """Tile the VAE with `vae_tile` = (tile, overlap) image pixels for one call, then restore its settings.
-
-        `TinySRAutoencoder` and `AutoencoderKL` use their own tiling; `AutoencoderTiny` is tiled in `encode_latents`
-        and `decode_latents`. A VAE on which the user already enabled tiling keeps the user's settings.
-        """
-        vae = self.vae
-        if vae_tile is None or vae.use_tiling or isinstance(vae, AutoencoderTiny):
-            yield
-            return
-        tile, overlap = vae_tile
-        if isinstance(vae, TinySRAutoencoder):
-            saved = {"tile_sample_size": vae.tile_sample_size, "tile_sample_overlap": vae.tile_sample_overlap}
-            vae.enable_tiling(tile, overlap)
-        else:  # AutoencoderKL
-            saved = {
-                name: getattr(vae, name)
-                for name in ("tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
-            }
-            vae.tile_sample_min_size = tile
-            vae.tile_latent_min_size = tile // self.vae_scale_factor
-            vae.tile_overlap_factor = overlap / tile
-            vae.enable_tiling()
-        try:
-            yield
-        finally:
-            vae.disable_tiling()
-            for name, value in saved.items():
-                setattr(vae, name, value)
-
-    # ------------------------------------------------------------------------------------------------------- __call__
-    def _check_call_arguments(
+    # ------------------------------------------------------------------------------------------ steps of the recipe
+    def check_inputs(
         self,
+        *,
         output_type: str,
         color_fix: Optional[str],
         tile_size: Union[int, str, None],
         tile_overlap: int,
         tile_batch_size: int,
-        outscale: Optional[float] = None,
+        outscale: Optional[float],
     ) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -270,166 +178,156 @@ class OneStepSRPipeline(DiffusionPipeline):
         check_outscale(outscale)
         if output_type == "latent" and outscale not in (None, self.upscale_factor):
             raise ValueError("`outscale` resamples images, so it cannot be used with `output_type='latent'`.")
-        if tile_size is not None:
-            if tile_size != "auto" and (
-                not isinstance(tile_size, int) or tile_size <= 0 or tile_size % self.patch_size
-            ):
-                raise ValueError(
-                    f"`tile_size` (latent pixels) must be a positive multiple of the patch size {self.patch_size}, "
-                    f"'auto' or None to disable tiling; got {tile_size!r}."
-                )
-            largest = MIN_TILE_SIZE if tile_size == "auto" else tile_size
-            if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < largest:
-                raise ValueError(f"`tile_overlap` must be an integer in [0, tile_size), got {tile_overlap!r}.")
-        if not isinstance(tile_batch_size, int) or tile_batch_size < 1:
-            raise ValueError(f"`tile_batch_size` must be a positive integer, got {tile_batch_size!r}.")
+        if tile_size not in (None, "auto") and (
+            not isinstance(tile_size, int) or tile_size <= 0 or tile_size % self.patch_size
+        ):
+            raise ValueError(
+                f"`tile_size` (latent pixels) must be a positive multiple of the patch size {self.patch_size}, "
+                f"'auto' or None to disable tiling; got {tile_size!r}."
+            )
+        size = MIN_TILE_SIZE if tile_size == "auto" else tile_size  # "auto" tiles are at least the smallest
+        TileSettings(size=size, overlap=tile_overlap, batch=tile_batch_size)  # refuses a wrong overlap or batch
 
-    def _upscale(
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents -> the model's `z` (shifted, then scaled)."""
+        return latents.sub(self.latent_shift).mul_(self.latent_scale)
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The model's `z` -> the VAE's latents."""
+        return latents.div(self.latent_scale).add_(self.latent_shift)
+
+    def encode_latents(
         self,
-        low_res: torch.Tensor,
-        output_type: str,
-        color_fix: Optional[str],
-        tile_size: Optional[int],
-        tile_overlap: int,
-        tile_batch_size: int,
-        generator: Optional[torch.Generator],
-    ) -> torch.Tensor:
-        """(B, 3, h, w) RGB in [0, 1], all one size -> (B, 3, 4h, 4w) in [0, 1], or the latents z_H."""
-        upscaled = bicubic_upscale(low_res, self.upscale_factor)
-        height, width = upscaled.shape[-2:]
-        pixels = reflect_pad_to_multiple(upscaled, self.vae_scale_factor * self.patch_size) * 2 - 1
-        vae_tile = None
-        if tile_size is not None:
-            vae_tile = (tile_size * self.vae_scale_factor, tile_overlap * self.vae_scale_factor)
-
-        with self._vae_tiling(vae_tile):
-            latents = self.encode_latents(pixels.to(self.vae.dtype), generator, vae_tile)
-            latents = latents.to(self.transformer.dtype)
-            velocity = self._velocity(latents, tile_size, tile_overlap, tile_batch_size)
-            latents = step_latents(latents, velocity, self.sigma)
-            if output_type == "latent":
-                return latents
-            decoded = self.decode_latents(latents.to(self.vae.dtype), vae_tile)
-
-        image = (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2
-        return apply_color_fix(image, low_res, upscaled, color_fix)
-
-    def _velocity(
-        self,
-        latents: torch.Tensor,
-        tile_size: Optional[int],
-        tile_overlap: int,
-        tile_batch_size: int,
+        pixels: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        sample_posterior: bool = True,
+        *,
+        tiles: Optional[TileSettings] = None,
         progress: Optional[Callable[[Iterable], Iterable]] = None,
     ) -> torch.Tensor:
-        """The transformer's velocity for `latents`: whole, or in latent tiles blended with Gaussian weights (the
-        tiled and the streamed paths share it, so both blend alike). `progress` wraps the tile batches (default:
-        a progress bar of their own)."""
-        if tile_size is None:
+        """Images in [-1, 1] -> scaled latents z_L.
+
+        `pixels` is a tensor or an image made crop by crop (`UpscaledPixels`, whose tiles are made as they are
+        encoded). With `tiles` the VAE is tiled with their geometry (`_tiles_vae`); `progress` wraps the tile batches.
+        An `AutoencoderKL`'s posterior is sampled with `generator` (inference, as the releases do) or, with
+        `sample_posterior=False`, its mode is taken (training: the latents the student's tiny encoder learns, see
+        `training/latents.py`); the tiny VAEs are deterministic.
+        """
+        if self._tiles_vae(tiles):
+            factor = self.vae_scale_factor
+            tile, overlap = tiles.size * factor, tiles.overlap * factor
+            latents = tiled_map(
+                self.vae_encode, pixels, tile, overlap, scale=1 / factor, align=factor, progress=progress
+            )
+        else:
+            height, width = pixels.shape[-2:]
+            latents = self.vae_encode(
+                pixels[..., :height, :width], generator=generator, sample_posterior=sample_posterior, tiles=tiles
+            )
+        return self.scale_latents(latents)
+
+    def predict_tiled_velocity(
+        self,
+        latents: torch.Tensor,
+        *,
+        tiles: Optional[TileSettings] = None,
+        progress: Optional[Callable[[Iterable], Iterable]] = None,
+    ) -> torch.Tensor:
+        """`predict_velocity` for `latents`: whole, or in latent tiles blended with the releases' Gaussian weights,
+        `tiles.batch` at a time. `progress` wraps the tile batches (default: a progress bar of their own)."""
+        if tiles is None or tiles.size is None:
             return self.predict_velocity(latents)
         return tiled_map(
             self.predict_velocity,
             latents,
-            tile_size,
-            tile_overlap,
+            tiles.size,
+            tiles.overlap,
             align=self.patch_size,
-            tiles_per_batch=tile_batch_size,
+            tiles_per_batch=tiles.batch,
             blend="gaussian",
             progress=progress or self.progress_bar,
         )
 
-    def _streams(self, low_res_size: tuple[int, int], output_type: str, tile_size: Optional[int]) -> bool:
-        """Whether a group is upscaled tile by tile (`_upscale_streamed`): tiled, a tiny VAE that the user has not
-        tiled with settings of their own, and more than one latent tile (an image of one tile runs as before)."""
-        if tile_size is None or output_type == "latent" or not isinstance(self.vae, STREAMED_VAES):
-            return False
-        return not self.vae.use_tiling and self._latent_side(low_res_size) > tile_size
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents z_H -> images in [-1, 1] (not clamped), whole (training; `decode_bands` for images)."""
+        return self.vae_decode(self.unscale_latents(latents))
 
-    def _upscale_streamed(
+    def decode_bands(
+        self,
+        latents: torch.Tensor,
+        *,
+        size: tuple[int, int],
+        tiles: Optional[TileSettings] = None,
+        progress: Optional[Callable[[Iterable], Iterable]] = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Scaled latents z_H -> the image in [0, 1], cropped to `size` (height, width), in bands of rows (first row,
+        (B, 3, n, W) float32) top to bottom: tile by tile where the VAE runs in this pipeline's tiles (a band as
+        soon as no later tile reaches it), else one band. A band holding NaN or an infinity is an error."""
+        height, width = size
+        latents = self.unscale_latents(latents.to(self.vae.dtype))
+        if self._tiles_vae(tiles):
+            factor = self.vae_scale_factor
+            bands = tiled_rows(self.vae_decode, latents, tiles.size, tiles.overlap, scale=factor, progress=progress)
+        else:
+            bands = iter([(0, self.vae_decode(latents, tiles=tiles))])
+        for top, rows in bands:
+            _check_finite(rows, "decoding", getattr(self.vae, "decoder", None), self.vae)
+            rows = rows[..., : max(0, height - top), :width].float()
+            if rows.shape[-2]:
+                yield top, rows.clamp_(-1, 1).add_(1).div_(2)  # in place: each band is a fresh tensor
+
+    @torch.no_grad()
+    def upscale(
         self,
         low_res: torch.Tensor,
-        alphas: list[Optional[torch.Tensor]],
-        channels: list[int],
-        output_type: str,
-        color_fix: Optional[str],
-        tile_size: int,
-        tile_overlap: int,
-        tile_batch_size: int,
-    ) -> list[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]:
-        """`_upscale` plus `merge_channels` without a full-resolution float tensor: the same tiles, blended the same.
+        *,
+        tiles: Optional[TileSettings] = None,
+        output_type: str = "pt",
+        color_fix: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
+        alphas: Optional[list[Optional[torch.Tensor]]] = None,
+        channels: Optional[list[int]] = None,
+    ) -> list[Output]:
+        """Steps 3 to 8 of `__call__` for a batch of same-size RGB images (B, 3, h, w) in [0, 1] on the execution
+        device, with checked arguments: one 4x output per image, in the layout `channels` (1, 3 or 4 each, default 3)
+        with the (1, h, w) `alphas` upscaled bicubically. Outputs are (C, H, W) float32 tensors, or for several bands
+        uint8 PIL images ("pil") and uint16 (H, W, C) arrays ("uint16"); or the latents z_H ("latent")."""
+        batch = low_res.shape[0]
+        scale = self.upscale_factor
+        size = (low_res.shape[-2] * scale, low_res.shape[-1] * scale)
+        pixels = UpscaledPixels(low_res, scale, self.vae_scale_factor * self.patch_size, self.vae.dtype)
+        with PassesProgress(self.progress_bar) as progress:  # one bar over the tiled passes of the image
+            # 3. Encode the bicubic upscale (made tile by tile)
+            latents = self.encode_latents(pixels, generator, tiles=tiles, progress=progress)
+            _check_finite(latents, "encoding", getattr(self.vae, "encoder", None), self.vae)
+            latents = latents.to(self.transformer.dtype)
 
-        The VAE encodes tiles made on demand from the LR image (`UpscaledPixels`); latents (1 byte per output pixel
-        in float32) are tiled as before; decoded tiles are blended in bands of rows (`tiled_rows`) and each finished
-        band is colour-fixed (`colour_fixed_rows`) into the output. AdaIN needs the whole image's statistics first,
-        so for it the bands are kept in a uint16 buffer while the statistics are summed, then fixed in a second pass.
-        Outputs are uint8 for PIL images, uint16 for "uint16", float32 for numpy and torch. Returns one image per
-        input: PIL, uint16 (H, W, C) numpy, or (C, H, W) float32.
-        """
-        factor = self.vae_scale_factor
-        vae, scale = self.vae, self.upscale_factor
-        batch, height, width = low_res.shape[0], low_res.shape[-2] * scale, low_res.shape[-1] * scale
-        pixels = UpscaledPixels(low_res, scale, factor * self.patch_size, vae.dtype)
-        tile, overlap = tile_size * factor, tile_overlap * factor
+            # 4. Predict the velocity
+            velocity = self.predict_tiled_velocity(latents, tiles=tiles, progress=progress)
 
-        def encode(tiles: torch.Tensor) -> torch.Tensor:
-            return vae.encode(tiles).latents
-
-        def decode(tiles: torch.Tensor) -> torch.Tensor:
-            return vae.decode(tiles).sample
-
-        # One progress bar over the three tiled passes (encode, transformer, decode).
-        with PassesProgress(self.progress_bar) as progress:
-            # Latent-sized tensors (1 byte per output pixel each, in float32) are updated in place where the recipe
-            # allows: every extra one stays resident in the allocator's heap at the sizes where it keeps them (below
-            # 32 MiB).
-            latents = tiled_map(encode, pixels, tile, overlap, scale=1 / factor, align=factor, progress=progress)
-            latents = latents.sub_(self._latent_shift()).mul_(vae.config.scaling_factor).to(self.transformer.dtype)
-            velocity = self._velocity(latents, tile_size, tile_overlap, tile_batch_size, progress)
+            # 5. Step to the clean latents
             latents = step_latents(latents, velocity, self.sigma)
             del velocity
-            latents = latents.div_(vae.config.scaling_factor).add_(self._latent_shift()).to(vae.dtype)
+            _check_finite(latents, "predicting the velocity", self.transformer)
+            if output_type == "latent":
+                return list(latents)
 
-            bands = tiled_rows(decode, latents, tile_size, tile_overlap, scale=factor, progress=progress)
-            rows = _unit_rows(bands, height, width)
-            statistics = None
-            if color_fix == "adain":
-                # AdaIN needs the whole output's statistics before any band is fixed: pass 1 keeps the decoded image
-                # as uint16 on the CPU (a 16-bit output loses nothing; the sums see the floats), pass 2 reads it back
-                # in bands. One allocation, committed as it is written and handed back whole.
-                decoded = torch.empty(batch, 3, height, width, dtype=torch.uint16)
-                sums = ChannelStatistics()
-                for top, piece in rows:
-                    sums.update(piece)
-                    decoded[..., top : top + piece.shape[-2], :] = piece.mul_(65535).round_().to(torch.uint16).cpu()
-                del latents, bands
-                statistics = sums.mean_std()
-                rows = (
-                    (top, decoded[..., top : top + STREAM_BAND_ROWS, :].to(low_res.device).float() / 65535)
-                    for top in range(0, height, STREAM_BAND_ROWS)
-                )
-            # The wavelet fix and no fix are local: decoded bands go straight to the output (one pass, no buffer).
-            # Integer outputs hold round(x * levels): uint8 for PIL images, uint16 for 16-bit files; else the floats.
-            dtype, levels = {"pil": (np.uint8, 255), "uint16": (np.uint16, 65535)}.get(output_type, (np.float32, None))
-            outputs = [np.empty((height, width, count), dtype=dtype) for count in channels]
-            for top, rgb in colour_fixed_rows(rows, height, color_fix, low_res, scale, statistics):
-                bottom = top + rgb.shape[-2]
-                for index, output in enumerate(outputs):
-                    alpha = alphas[index]
-                    if alpha is not None:
-                        alpha = bicubic_crop(alpha[None].to(rgb.device), scale, top, bottom, 0, width)[0]
-                    band = merge_channels(rgb[index], alpha, channels[index]).permute(1, 2, 0)
-                    output[top:bottom] = (band.mul(levels).round_() if levels else band).cpu().numpy()
-            rows = bands = latents = decoded = None  # freed before the PIL images are made
-        if output_type == "pil":
-            images = []
-            while outputs:  # each array is freed once PIL has copied it
-                array = outputs.pop(0)
-                images.append(PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array))
-                del array
-            return images
-        if output_type == "uint16":
-            return outputs
-        return [torch.from_numpy(output).permute(2, 0, 1).to(low_res.device) for output in outputs]
+            # 6. Decode, in bands of rows (the latents are freed with the last band)
+            bands = self.decode_bands(latents, size=size, tiles=tiles, progress=progress)
+            del latents
+
+            # 7. Colour-fix each band against the LR image
+            bands = color_fixed_bands(bands, color_fix, low_res, scale)
+
+            # 8. Postprocess: the input's channels, the output type
+            return images_from_bands(
+                bands,
+                height=size[0],
+                scale=scale,
+                alphas=alphas if alphas is not None else [None] * batch,
+                channels=channels if channels is not None else [3] * batch,
+                output_type=output_type,
+            )
 
     @torch.no_grad()
     def __call__(
@@ -438,9 +336,9 @@ class OneStepSRPipeline(DiffusionPipeline):
         *,
         output_type: str = "pil",
         color_fix: Optional[str] = "default",
-        tile_size: Union[int, str, None] = DEFAULT_TILE_SIZE,
-        tile_overlap: int = 8,
-        tile_batch_size: int = 4,
+        tile_size: Union[int, str, None] = DEFAULT_TILES.size,
+        tile_overlap: int = DEFAULT_TILES.overlap,
+        tile_batch_size: int = DEFAULT_TILES.batch,
         outscale: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         return_dict: bool = True,
@@ -479,234 +377,110 @@ class OneStepSRPipeline(DiffusionPipeline):
             [`~pipelines.ImagePipelineOutput`] with the images, exactly 4x (or `outscale` times) the input size (or
             a tuple).
         """
-        if color_fix == "default":
-            color_fix = self._default_color_fix()
-        self._check_call_arguments(output_type, color_fix, tile_size, tile_overlap, tile_batch_size, outscale)
+        # 1. Check inputs
+        color_fix = self.default_color_fix if color_fix == "default" else color_fix
+        self.check_inputs(
+            output_type=output_type,
+            color_fix=color_fix,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            tile_batch_size=tile_batch_size,
+            outscale=outscale,
+        )
+
+        # 2. Preprocess: RGB in [0, 1], in groups of one size; alpha and channel layout set aside
         images = to_tensors(image)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, tensor in enumerate(images):
-            groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
+        outputs: list[Optional[Output]] = [None] * len(images)
+        for group in group_by_size(images):
+            size = self._auto_tile_size(group.size) if tile_size == "auto" else tile_size
+            tiles = TileSettings(size=size, overlap=tile_overlap, batch=tile_batch_size)
 
-        device = self._execution_device
-        outputs: list[Union[PIL.Image.Image, np.ndarray, torch.Tensor, None]] = [None] * len(images)
-        for size, indices in groups.items():
-            rgb, alpha = zip(*(split_alpha(images[index]) for index in indices))
-            channels = [images[index].shape[0] for index in indices]
-            group = (torch.stack(rgb).to(device), list(alpha), channels, size, output_type, color_fix, generator)
-            run = functools.partial(self._upscale_group, *group)
-            tiles = self._auto_tile_size(size) if tile_size == "auto" else tile_size
-            results = self._with_oom_fallback(run, size, tiles, tile_overlap, tile_batch_size)
-            for index, result in zip(indices, results):
-                outputs[index] = result if output_type == "latent" else self._resample(result, size, outscale)
+            # 3.-8. Encode, predict, step, decode, colour-fix and postprocess (`upscale`); smaller tiles after a
+            # CUDA out-of-memory error
+            upscale = functools.partial(
+                self.upscale,
+                group.rgb.to(self._execution_device),
+                output_type=output_type,
+                color_fix=color_fix,
+                generator=generator,
+                alphas=group.alphas,
+                channels=group.channels,
+            )
+            results = self._retry_out_of_memory(upscale, tiles, self._latent_side(group.size))
 
+            # 9. Resample to `outscale`
+            for index, result in zip(group.indices, results):
+                outputs[index] = result if output_type == "latent" else resample(result, group.size, outscale)
+
+        # 10. Offload all models, convert to `output_type`
         self.maybe_free_model_hooks()
         output = postprocess(outputs, output_type)
         if not return_dict:
             return (output,)
         return ImagePipelineOutput(images=output)
 
-    def _upscale_group(
-        self,
-        low_res: torch.Tensor,
-        alphas: list[Optional[torch.Tensor]],
-        channels: list[int],
-        size: tuple[int, int],
-        output_type: str,
-        color_fix: Optional[str],
-        generator: Optional[torch.Generator],
-        tile_size: Optional[int],
-        tile_overlap: int,
-        tile_batch_size: int,
-    ) -> list[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]:
-        """One same-size group at 4x, in the input's channel layout: streamed where `_streams` says so."""
-        if self._streams(size, output_type, tile_size):
-            streamed = (output_type, color_fix, tile_size, tile_overlap, tile_batch_size)
-            return self._upscale_streamed(low_res, alphas, channels, *streamed)
-        result = self._upscale(low_res, output_type, color_fix, tile_size, tile_overlap, tile_batch_size, generator)
-        if output_type == "latent":
-            return list(result)
-        merged = []
-        for image, alpha, count in zip(result, alphas, channels):
-            if alpha is not None:
-                alpha = bicubic_upscale(alpha[None].to(image.device), self.upscale_factor)[0]
-            merged.append(merge_channels(image, alpha, count))
-        return merged
-
+    # --------------------------------------------------------------------------------------- tile sizes and memory
     def _auto_tile_size(self, size: tuple[int, int]) -> int:
-        """`tile_size="auto"`: on CUDA the whole latent image as one tile, which `_with_oom_fallback` halves until it
+        """`tile_size="auto"`: on CUDA the whole latent image as one tile, which `_retry_out_of_memory` halves until it
         fits the free memory (the largest tile that fits, found by the allocator rather than by an estimate); elsewhere
         the releases' 64, as no out-of-memory error comes before the system starts swapping."""
-        return self._latent_side(size) if self._execution_device.type == "cuda" else DEFAULT_TILE_SIZE
+        return self._latent_side(size) if self._execution_device.type == "cuda" else DEFAULT_TILES.size
 
     def _latent_side(self, size: tuple[int, int]) -> int:
         """The longer side of the (padded) latents of an input of `size` (height, width)."""
         multiple = self.vae_scale_factor * self.patch_size
         return max(-(-side * self.upscale_factor // multiple) * multiple for side in size) // self.vae_scale_factor
 
-    def _with_oom_fallback(
-        self,
-        run: Callable[[Optional[int], int, int], list],
-        size: tuple[int, int],
-        tile_size: Optional[int],
-        tile_overlap: int,
-        tile_batch_size: int,
-    ) -> list:
-        """`run(tile_size, tile_overlap, tile_batch_size)`, retried after a CUDA out-of-memory error with half the tile
-        batch, then half the tile (no smaller than `MIN_TILE_SIZE`), with a warning, as ComfyUI's tiled upscaler."""
+    def _retry_out_of_memory(self, run: Callable[..., list], tiles: TileSettings, latent_side: int) -> list:
+        """`run(tiles=tiles)`, retried after a CUDA out-of-memory error with half the tile batch, then half the tile
+        (`TileSettings.halved`), with a warning, as ComfyUI's tiled upscaler."""
         while True:
             try:
-                return run(tile_size, tile_overlap, tile_batch_size)
+                return run(tiles=tiles)
             except torch.cuda.OutOfMemoryError:
-                if tile_size is not None and tile_batch_size > 1:
-                    smaller = (tile_size, tile_overlap, tile_batch_size // 2)
-                else:
-                    whole = tile_size is None or tile_size >= self._latent_side(size)  # untiled: halve the image
-                    half = (self._latent_side(size) if whole else tile_size) // 2 // self.patch_size * self.patch_size
-                    if half < MIN_TILE_SIZE:
-                        raise
-                    smaller = (half, min(tile_overlap, half // 4), 1)
+                smaller = tiles.halved(latent_side, self.patch_size)
+                if smaller is None:
+                    raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 warnings.warn(
-                    f"Out of memory with tile_size={tile_size}, tile_batch_size={tile_batch_size}: retrying with "
-                    f"tile_size={smaller[0]}, tile_overlap={smaller[1]}, tile_batch_size={smaller[2]}.",
+                    f"Out of memory with tile_size={tiles.size}, tile_batch_size={tiles.batch}: retrying with "
+                    f"tile_size={smaller.size}, tile_overlap={smaller.overlap}, tile_batch_size={smaller.batch}.",
                     RuntimeWarning,
                     stacklevel=4,  # the caller of __call__ (through torch.no_grad's wrapper)
                 )
-                tile_size, tile_overlap, tile_batch_size = smaller
+                tiles = smaller
 
-    @staticmethod
-    def _resample(
-        image: Union[PIL.Image.Image, np.ndarray, torch.Tensor], size: tuple[int, int], outscale: Optional[float]
-    ) -> Union[PIL.Image.Image, np.ndarray, torch.Tensor]:
-        """The 4x output of an input of `size` (height, width) resampled to `outscale` with Lanczos."""
-        if outscale is None:
-            return image
-        height, width = outscale_size(*size, outscale)
-        if isinstance(image, PIL.Image.Image):  # a streamed 8-bit output: PIL's own Lanczos
-            same = image.size == (width, height)
-            return image if same else image.resize((width, height), PIL.Image.Resampling.LANCZOS)
-        if isinstance(image, np.ndarray):  # a streamed uint16 (H, W, C) output: resampled in float32, as the others
-            if image.shape[:2] == (height, width):
-                return image
-            floats = torch.from_numpy(image.astype(np.float32) / 65535).permute(2, 0, 1)
-            return to_uint16(lanczos_resize(floats, height, width))
-        return lanczos_resize(image, height, width)
 
-    # ---------------------------------------------------------------------------------------------- saving, loading
-    def save_pretrained(
-        self,
-        save_directory: str,
-        safe_serialization: bool = True,
-        variant: Optional[str] = None,
-        max_shard_size: Optional[Union[int, str]] = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ) -> None:
-        """Save like diffusers, plus the shims that let `DiffusionPipeline.from_pretrained` load the installed classes.
+def _first_non_finite(value: Any, key: str = "") -> Optional[tuple[str, float]]:
+    """The first (key, value) of a config whose value is a float that is not finite, looking into lists and dicts."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for inner_key, inner in items:
+        found = _first_non_finite(inner, f"{key}[{inner_key}]" if key else str(inner_key))
+        if found:
+            return found
+    return None
 
-        With `push_to_hub=True` the folder (shims and model card included) is uploaded afterwards; `repo_id`,
-        `token`, `private`, `commit_message` and `create_pr` are taken from `kwargs` as in diffusers.
-        """
-        hub_kwargs = {name: kwargs.pop(name, None) for name in ("repo_id", "token", "private", "commit_message")}
-        create_pr = kwargs.pop("create_pr", False)
-        super().save_pretrained(
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=False,
-            **kwargs,
+
+def _model_source(model: Any) -> Optional[str]:
+    """Where a model was loaded from: an exported graph's path, or the folder of a diffusers model."""
+    config = getattr(model, "config", None)
+    return getattr(model, "path", None) or (config.get("_name_or_path") if isinstance(config, Mapping) else None)
+
+
+def _check_finite(tensor: torch.Tensor, doing: str, *models: Any) -> None:
+    """Raise `FloatingPointError` if a model's output holds NaN or an infinity (which would become black pixels),
+    naming the first of `models` whose file or folder is known. A tensor on the meta device (operation counts) has
+    no values to check."""
+    if not tensor.is_meta and not torch.isfinite(tensor).all():
+        source = next(filter(None, map(_model_source, models)), None) or type(models[-1]).__name__
+        raise FloatingPointError(
+            f"{source} gave NaN or infinite values while {doing}: its weights or config hold non-finite numbers."
         )
-        write_shims(save_directory, type(self).__name__)
-        if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id") or os.path.basename(os.path.normpath(save_directory))
-            self._push_folder(save_directory, repo_id, create_pr=create_pr, **hub_kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Optional[str] = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: Optional[str] = None,
-    ):
-        """Upload the pipeline in the layout `save_pretrained` writes (shims and model card included)."""
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return self._push_folder(
-                folder, repo_id, token=token, private=private, commit_message=commit_message, create_pr=create_pr
-            )
-
-    def _push_folder(
-        self,
-        folder: str,
-        repo_id: str,
-        token: Optional[str] = None,
-        private: Optional[bool] = None,
-        commit_message: Optional[str] = None,
-        create_pr: bool = False,
-    ):
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        self.write_model_card(folder, repo_id, token=token)
-        return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
-
-    def write_model_card(self, folder: str, repo_id: str, token: Optional[str] = None) -> None:
-        """Write `README.md` into `folder` before it is pushed to `repo_id`: the one place where cards are made.
-
-        The card comes from the templates in `model_cards/` ([`~model_cards.pipeline_card`]): configuration, kept
-        layers and parameter counts from this pipeline, the SD3 licence notice and the Hub metadata. An existing card
-        of the repo is kept, as in diffusers.
-        """
-        pipeline_card(self, repo_id, token=token).save(os.path.join(folder, "README.md"))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs):
-        r"""
-        Load a pipeline folder or Hub repo saved by `save_pretrained`, with the installed classes.
-
-        Without `trust_remote_code`, the folder is trusted only if every `.py` file in it is one of the shims that
-        `save_pretrained` writes, byte for byte (they only import the installed `tinysr_diffusers`); anything else
-        raises [`~hub.pipeline_folders.UntrustedFolderError`]. For a Hub repo only its code files are fetched first, checked,
-        and the load is pinned to that commit. Other arguments are those of `DiffusionPipeline.from_pretrained`
-        (`torch_dtype`, `revision`, `variant`, ...).
-        """
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path) and looks_like_a_path(path):  # not a Hub failure: say which folder is missing
-            raise FileNotFoundError(f"No such folder: {path} (it reads as a local path, not a Hub repo id org/name).")
-        if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") is not None:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if os.path.isdir(path):
-            folder = path
-        else:
-            hub_kwargs = {
-                name: kwargs[name]
-                for name in ("cache_dir", "token", "local_files_only", "force_download", "proxies")
-                if name in kwargs
-            }
-            folder, kwargs["revision"] = fetch_code_files(path, revision=kwargs.get("revision"), **hub_kwargs)
-        index = verify_shims(folder)
-        cls._check_pipeline_class(index, folder)
-        kwargs["trust_remote_code"] = True  # the only code in the folder imports the installed package
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
-    def _check_pipeline_class(cls, index: dict, folder: str) -> None:
-        class_name = index.get("_class_name")
-        class_name = class_name[1] if isinstance(class_name, list) else class_name
-        pipelines = {sub.__name__ for sub in _subclasses(OneStepSRPipeline)}
-        if cls is OneStepSRPipeline:
-            if class_name not in pipelines:
-                raise ValueError(f"{folder}/{MODEL_INDEX} names {class_name!r}, not one of {sorted(pipelines)}.")
-        elif class_name != cls.__name__:
-            raise ValueError(
-                f"{folder} holds a {class_name}, not a {cls.__name__}: load it with {class_name}.from_pretrained "
-                "or DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."
-            )
-
-
-def _subclasses(cls: type) -> set[type]:
-    direct = set(cls.__subclasses__())
-    return direct.union(*(_subclasses(sub) for sub in direct))

@@ -1,27 +1,22 @@
 """TinySR on onnxruntime or OpenVINO: the folder `tinysr export onnx` writes, run through the torch pipeline's recipe.
 
-Only the three model calls differ from [`TinySRPipeline`]: `encode_latents`, `predict_velocity` and `decode_latents`
-run ONNX sessions, so pre-processing, latent and VAE tiling (same geometry, same Gaussian blending), the step and the
-colour fix are the base class's code. The runtime is imported when a folder is loaded, not with the package.
+Only the models differ from [`TinySRPipeline`]: `predict_velocity` runs the exported transformer, and the exported
+encoder and decoder are called as a diffusers VAE is ([`OnnxAutoencoder`]), so pre-processing, latent and VAE tiling
+(same geometry, same blending, streamed), the step and the colour fix are the base class's code. The runtime is
+imported when a folder is loaded, not with the package.
 """
 
 import importlib
-import json
 import os
-import warnings
-from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+from diffusers.models.autoencoders.vae import DecoderOutput
 
 from ..color_fix import check_color_fix
-from ..onnx_export import CONFIG_NAME, MODEL_FILE, RUNTIMES
-from ..tiling import tiled_map
+from .onnx_folder import MODEL_FILE, RUNTIMES, read_settings
 from .pipeline_one_step_sr import OneStepSRPipeline
-
-
-# The settings of `onnx_pipeline.json` that the pipeline's config takes (see `onnx_export.export_onnx`).
-CONFIG_KEYS = ("scaling_factor", "latent_shift", "vae_scale_factor", "patch_size", "max_latent_size", "color_fix")
 
 
 class OnnxModel:
@@ -81,13 +76,21 @@ def _import_runtime(name: str, extra: str):
 
 
 class OnnxAutoencoder:
-    """The tiny VAE's exported encoder and decoder (raw: images in [-1, 1] <-> unscaled latents)."""
+    """The tiny VAE's exported encoder and decoder, called as a diffusers VAE (images in [-1, 1] <-> unscaled
+    latents); the pipeline tiles it."""
 
     dtype = torch.float32
+    use_tiling = False  # no tiling of its own
 
     def __init__(self, encoder: ExportedModel, decoder: ExportedModel):
         self.encoder = encoder
         self.decoder = decoder
+
+    def encode(self, sample: torch.Tensor) -> AutoencoderTinyOutput:
+        return AutoencoderTinyOutput(latents=self.encoder(sample))
+
+    def decode(self, latents: torch.Tensor) -> DecoderOutput:
+        return DecoderOutput(sample=self.decoder(latents))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(encoder={self.encoder!r}, decoder={self.decoder!r})"
@@ -121,6 +124,7 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
         self,
         transformer: ExportedModel,
         vae: OnnxAutoencoder,
+        *,
         scaling_factor: float = 1.5305,
         latent_shift: float = 0.0,
         vae_scale_factor: int = 8,
@@ -148,34 +152,13 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
     def patch_size(self) -> int:
         return self.config.patch_size
 
-    @contextmanager
-    def _vae_tiling(self, vae_tile: Optional[tuple[int, int]]) -> Iterator[None]:
-        yield  # the sessions have no tiling state: `encode_latents` and `decode_latents` tile with `vae_tile`
+    @property
+    def latent_scale(self) -> float:
+        return self.config.scaling_factor
 
-    def encode_latents(
-        self,
-        pixels: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        vae_tile: Optional[tuple[int, int]] = None,
-        sample_posterior: bool = True,
-    ) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents z_L, tiled as `TinySRAutoencoder` tiles (the tiny VAE is
-        deterministic: `generator` and `sample_posterior` are accepted for the base class's signature)."""
-        encoder = self.vae.encoder
-        if vae_tile is None:
-            latents = encoder(pixels)
-        else:
-            factor = self.vae_scale_factor
-            latents = tiled_map(encoder, pixels, vae_tile[0], vae_tile[1], scale=1 / factor, align=factor)
-        return (latents - self.config.latent_shift) * self.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor, vae_tile: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """Scaled latents z_H -> images in [-1, 1] (not clamped)."""
-        latents = latents / self.config.scaling_factor + self.config.latent_shift
-        if vae_tile is None:
-            return self.vae.decoder(latents)
-        factor = self.vae_scale_factor
-        return tiled_map(self.vae.decoder, latents, vae_tile[0] // factor, vae_tile[1] // factor, scale=factor)
+    @property
+    def latent_shift(self) -> float:
+        return self.config.latent_shift
 
     def predict_velocity(self, latents: torch.Tensor, transformer: Optional[ExportedModel] = None) -> torch.Tensor:
         """The exported transformer on `z_L`; latents larger than its position-embedding grid need tiling."""
@@ -208,17 +191,7 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
         if num_threads and session_options is not None:
             raise ValueError("Pass `num_threads` or `session_options` (its `intra_op_num_threads`), not both.")
         folder = os.fspath(pretrained_model_name_or_path)
-        config_path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: write it with `tinysr export onnx`.")
-        with open(config_path) as file:
-            config = json.load(file)
-        if "color_fix" not in config:
-            warnings.warn(
-                f"{folder} was exported before exports kept the pipeline's colour fix: calls default to AdaIN; "
-                "export it again to keep the source pipeline's own (the default model's is wavelet).",
-                stacklevel=2,
-            )
+        settings = read_settings(folder)  # before any graph loads: a wrong setting is one error naming it
         if runtime == "onnxruntime" and num_threads:
             session_options = _import_runtime("onnxruntime", "onnx").SessionOptions()
             session_options.intra_op_num_threads = num_threads
@@ -233,7 +206,7 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
         return cls(
             transformer=session("transformer"),
             vae=OnnxAutoencoder(session("vae_encoder"), session("vae_decoder")),
-            **{name: config[name] for name in CONFIG_KEYS if name in config},
+            **settings,
         )
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -7,7 +7,6 @@ import torch
 
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from ..color_fix import check_color_fix
 from ..models import TinySRAutoencoder, TinySRTransformer2DModel
 from .pipeline_one_step_sr import OneStepSRPipeline
 
@@ -44,8 +43,8 @@ class TinySRPipeline(OneStepSRPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Optional[Union[str, os.PathLike]] = None, **kwargs):
         """Like [`OneStepSRPipeline.from_pretrained`]; without a path, the default model shipped in the package
-        (`tinysr_diffusers.DEFAULT_MODEL`), in float32 unless `dtype` (or `torch_dtype`) says otherwise (its
-        transformer is stored in float16)."""
+        (`tinysr_diffusers.DEFAULT_MODEL`), in float32 unless `dtype` (or its deprecated name `torch_dtype`) says
+        otherwise (its transformer is stored in float16)."""
         if pretrained_model_name_or_path is None:
             from .. import DEFAULT_MODEL
 
@@ -67,12 +66,10 @@ class TinySRPipeline(OneStepSRPipeline):
         color_fix: Optional[str] = "adain",
     ):
         super().__init__()
-        check_color_fix(color_fix)
-        if not isinstance(transformer, TinySRTransformer2DModel):
-            raise TypeError(f"`transformer` must be a TinySRTransformer2DModel, got {type(transformer).__name__}.")
-        self._check_vae(vae)
-        self.register_modules(transformer=transformer, vae=vae)
-        self.register_to_config(use_shift_factor=use_shift_factor, color_fix=color_fix)
+        self._register(
+            TinySRTransformer2DModel, transformer=transformer, vae=vae, use_shift_factor=use_shift_factor,
+            color_fix=color_fix,
+        )
 
     def predict_velocity(self, latents: torch.Tensor, transformer: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """`transformer` (default: the pipeline's) on `z_L` alone: no timestep, no text."""

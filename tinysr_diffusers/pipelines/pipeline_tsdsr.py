@@ -8,7 +8,6 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 from diffusers import AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from ..color_fix import check_color_fix
 from ..models import TinySRAutoencoder
 from ..models.prompt_embeddings import DEFAULT_SR_PROMPT, PromptEmbeddings
 from .pipeline_one_step_sr import OneStepSRPipeline
@@ -47,6 +46,7 @@ class TSDSRPipeline(OneStepSRPipeline):
         transformer: SD3Transformer2DModel,
         vae: Union[AutoencoderKL, TinySRAutoencoder, AutoencoderTiny],
         prompt_embeddings: Optional[PromptEmbeddings] = None,
+        *,
         text_encoder: Optional[CLIPTextModelWithProjection] = None,
         tokenizer: Optional[CLIPTokenizer] = None,
         text_encoder_2: Optional[CLIPTextModelWithProjection] = None,
@@ -57,11 +57,10 @@ class TSDSRPipeline(OneStepSRPipeline):
         color_fix: Optional[str] = "adain",
     ):
         super().__init__()
-        check_color_fix(color_fix)
-        if not isinstance(transformer, SD3Transformer2DModel):
-            raise TypeError(f"`transformer` must be an SD3Transformer2DModel, got {type(transformer).__name__}.")
-        self._check_vae(vae)
-        self.register_modules(
+        self._register(
+            SD3Transformer2DModel,
+            use_shift_factor=use_shift_factor,
+            color_fix=color_fix,
             transformer=transformer,
             vae=vae,
             prompt_embeddings=prompt_embeddings,
@@ -72,7 +71,6 @@ class TSDSRPipeline(OneStepSRPipeline):
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
-        self.register_to_config(use_shift_factor=use_shift_factor, color_fix=color_fix)
         if prompt_embeddings is None:
             if not self._has_text_encoders():
                 raise ValueError(
