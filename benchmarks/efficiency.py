@@ -265,7 +265,7 @@ class Case:
 def cases(pipelines: dict, output_size: int, device: torch.device, dtype: torch.dtype) -> list[Case]:
     """Every (component, model) measurement at one output size. The VAE is measured once for the student.
 
-    The whole call is counted through the pipeline's untiled recipe (`_upscale`, what the call runs for one image):
+    The whole call is counted through the pipeline's untiled recipe (`upscale`, what the call runs for one image):
     the call's input checks read values, which tensors on the meta device do not have.
     """
     generator = torch.Generator().manual_seed(0)
@@ -280,8 +280,7 @@ def cases(pipelines: dict, output_size: int, device: torch.device, dtype: torch.
         result.append(
             Case("pipeline", model, lambda p=pipe: p(low_res, output_type="pt", tile_size=None).images,
                  [pipe.transformer, pipe.vae],
-                 lambda p=pipe: p._upscale(low_res, output_type="pt", color_fix=p.config.get("color_fix", "adain"),
-                                           tile_size=None, tile_overlap=0, tile_batch_size=1, generator=None))
+                 lambda p=pipe: p.upscale(low_res, output_type="pt", color_fix=p.default_color_fix))
         )  # fmt: skip
         result.append(Case("transformer", model, lambda p=pipe: p.predict_velocity(latents), [pipe.transformer]))
         if model != STUDENT_FOLDED:

@@ -28,6 +28,7 @@ from .demo import add_demo_parser  # standard library only: gradio and torch loa
 from .image_io import DEEP_FORMATS, OUTPUT_FORMATS, read_image, write_image  # numpy and PIL only at import
 from .loading import ModelLoadError, add_model_arguments, check_model_arguments, load_pipeline_from_args, one_line
 from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
+from .tiling import MIN_TILE_SIZE, TileSettings  # torch loads when tiles are made
 
 
 if TYPE_CHECKING:
@@ -288,11 +289,12 @@ def add_upscale_parser(subparsers) -> None:
     parser.add_argument(
         "--tile-size",
         type=_tile_size,
-        default=64,
-        help="Latent tile size (64 = 512 output pixels); 0 disables tiling; auto: the largest that fits on CUDA "
-        "(halved after an out-of-memory error), else 64.",
+        default=TileSettings().size,
+        help=f"Latent tile size ({TileSettings().size} = {8 * TileSettings().size} output pixels); 0 disables "
+        "tiling; auto: the largest that fits on CUDA (halved after an out-of-memory error), else the default.",
     )
-    parser.add_argument("--tile-overlap", type=int, default=8, help="Latent tile overlap in latent pixels.")
+    parser.add_argument("--tile-overlap", type=int, default=TileSettings().overlap,
+                        help="Latent tile overlap in latent pixels.")
     parser.add_argument("--color-fix", choices=["default", "adain", "wavelet", "none"], default="default",
                         help="default: the model's own (saved with it; adain for the releases).")
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call.")
@@ -362,10 +364,10 @@ def convert(args: argparse.Namespace) -> int:
     print(f"[1/2] Converting the {args.release} release (LoRA merged) ...", file=sys.stderr)
     try:
         if args.release == "tinysr":
-            pipe = convert_tinysr(args.transformer, args.vae, args.lora, args.pool_embeds, torch_dtype=dtype)
+            pipe = convert_tinysr(args.transformer, args.vae, args.lora, args.pool_embeds, dtype=dtype)
         else:
             pipe = convert_tsdsr(
-                args.sd3, args.transformer_lora, args.vae_lora, args.prompt_embeds, args.pool_embeds, torch_dtype=dtype
+                args.sd3, args.transformer_lora, args.vae_lora, args.prompt_embeds, args.pool_embeds, dtype=dtype
             )
     except (ConversionError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -427,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--outscale must be a number > 0, got {args.outscale:g}")
         if args.max_output_pixels < 1:
             parser.error(f"--max-output-pixels must be at least 1, got {args.max_output_pixels}")
-        tile = 16 if args.tile_size == "auto" else args.tile_size  # auto tiles are at least 16 (MIN_TILE_SIZE)
+        tile = MIN_TILE_SIZE if args.tile_size == "auto" else args.tile_size  # auto tiles are at least this
         if tile < 0 or args.tile_overlap < 0 or (tile and args.tile_overlap >= tile):
             parser.error("need --tile-size >= 0 (0: no tiling) and 0 <= --tile-overlap < --tile-size")
     if args.command in ("upscale", "demo"):

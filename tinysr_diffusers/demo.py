@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from .tiling import TileSettings  # torch loads when tiles are made
 from .loading import (  # standard library only at import
     ModelLoadError,
     add_model_arguments,
@@ -45,7 +46,6 @@ DEFAULT_MAX_PIXELS = 512 * 512  # input pixels of work (`padded_work`); the 4x o
 WORK_MIN_SIDE = 8
 OUTSCALE_RANGE = (1.0, 4.0)
 TILE_SIZES = (0, 32, 48, 64, 96, 128)  # latent pixels (x8 = output pixels of a tile); 0: no tiling
-TILE_OVERLAP = 8  # latent pixels, as `tinysr upscale`
 COLOR_FIXES = ("default", "adain", "wavelet", "none")  # default: the model's own
 RESULT_MAX_AGE_S = 3600  # downloadable PNGs older than this are deleted at the next run
 INSTALL_HINT = 'pip install "tinysr-diffusers[demo]"'
@@ -92,7 +92,7 @@ def _tile_progress(pipe, progress: Optional[Callable]) -> Iterator[None]:
         return
 
     def progress_bar(iterable=None, total=None):
-        if iterable is None:  # the one bar of a streamed call's passes (`PassesProgress`), advanced by hand
+        if iterable is None:  # the one bar of a streamed call's passes (`tiling.PassesProgress`), advanced by hand
             return _GradioBar(progress, total)
         return progress.tqdm(iterable, total=total, desc=TILES_DESC, unit="tile batch")
 
@@ -174,9 +174,10 @@ def check_settings(outscale: Any, color_fix: Any, tile_size: Any) -> tuple[float
 def upscale_file(
     pipe,
     path: Path,
+    *,
     outscale: float = 4.0,
     color_fix: str = "default",
-    tile_size: int = 64,
+    tile_size: int = TileSettings().size,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     seed: int = 0,
     progress: Optional[Callable] = None,
@@ -209,7 +210,7 @@ def upscale_file(
             outscale,
             color_fix=color_fix,
             tile_size=tile_size,
-            tile_overlap=TILE_OVERLAP,
+            tile_overlap=TileSettings().overlap,
             generator=torch.Generator(device="cpu").manual_seed(seed),
         )
     seconds = time.perf_counter() - start
@@ -252,7 +253,7 @@ def build_demo(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     examples: Optional[Sequence[os.PathLike]] = None,
-    tile_size: int = 64,
+    tile_size: int = TileSettings().size,
     seed: int = 0,
     title: str = "TinySR",
 ):
@@ -276,9 +277,8 @@ def build_demo(
             raise gr.Error("Upload an image first (or pick an example below it).", print_exception=False)
         path = Path(image["path"])
         try:
-            result = upscale_file(
-                pipe, path, outscale, color_fix, tile, max_pixels=max_pixels, seed=seed, progress=progress
-            )
+            result = upscale_file(pipe, path, outscale=outscale, color_fix=color_fix, tile_size=tile,
+                                  max_pixels=max_pixels, seed=seed, progress=progress)
         except DemoInputError as error:
             raise gr.Error(str(error), print_exception=False) from None  # the user's input: no traceback
         _remove_old_results(results, RESULT_MAX_AGE_S)
@@ -461,7 +461,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--tile-size",
         type=int,
         choices=TILE_SIZES,
-        default=64,
+        default=TileSettings().size,
         help="Initial latent tile size of the UI (64 = 512 output pixels; 0: no tiling).",
     )
     parser.add_argument("--examples", default=None, help="Folder of example photos (default: the bundled ones).")

@@ -16,8 +16,8 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 from .devices import DTYPE_HELP
-from .onnx_export import CONFIG_NAME as ONNX_CONFIG_NAME
-from .onnx_export import RUNTIMES
+from .pipelines.onnx_folder import CONFIG_NAME as ONNX_CONFIG_NAME
+from .pipelines.onnx_folder import RUNTIMES
 
 
 if TYPE_CHECKING:

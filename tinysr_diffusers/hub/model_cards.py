@@ -141,6 +141,7 @@ def pipeline_card(
 def pruned_transformer_card(
     transformer: nn.Module,
     repo_id: str,
+    *,
     kept_layers: Optional[list[int]] = None,
     pruning_method: Optional[str] = None,
     token: Optional[str] = None,

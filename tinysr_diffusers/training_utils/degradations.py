@@ -458,12 +458,12 @@ class RealESRGANDegradation:
         device = torch.device(device) if device is not None else torch.device("cpu")
         rng = _Sampler(generator, device)
         kernel1 = self._blur_kernels(
-            batch_size, rng, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob, cfg.blur_sigma, cfg.betag_range,
-            cfg.betap_range,
+            batch_size, rng, kernel_list=cfg.kernel_list, kernel_prob=cfg.kernel_prob, sinc_prob=cfg.sinc_prob,
+            blur_sigma=cfg.blur_sigma, betag=cfg.betag_range, betap=cfg.betap_range,
         )  # fmt: skip
         kernel2 = self._blur_kernels(
-            batch_size, rng, cfg.kernel_list2, cfg.kernel_prob2, cfg.sinc_prob2, cfg.blur_sigma2, cfg.betag_range2,
-            cfg.betap_range2,
+            batch_size, rng, kernel_list=cfg.kernel_list2, kernel_prob=cfg.kernel_prob2, sinc_prob=cfg.sinc_prob2,
+            blur_sigma=cfg.blur_sigma2, betag=cfg.betag_range2, betap=cfg.betap_range2,
         )  # fmt: skip
         identity = torch.zeros_like(kernel1)
         identity[:, identity.shape[-1] // 2, identity.shape[-1] // 2] = 1
@@ -475,7 +475,7 @@ class RealESRGANDegradation:
         return kernel1.float(), kernel2.float(), final.float()
 
     def _blur_kernels(
-        self, batch: int, rng: "_Sampler", kernel_list, kernel_prob, sinc_prob, blur_sigma, betag, betap
+        self, batch: int, rng: "_Sampler", *, kernel_list, kernel_prob, sinc_prob, blur_sigma, betag, betap
     ) -> torch.Tensor:
         """Random kernels of one round (float64): sinc with probability sinc_prob, else a mixture of Gaussian types."""
         cfg = self.config
