@@ -186,3 +186,20 @@ def test_the_demo_loads_an_onnx_export_like_upscale(model, tmp_path):
     assert output.shape == (96, 128, 3)
     with pytest.raises(SystemExit):
         check_model_arguments(parser, parser.parse_args(["--model", str(tmp_path / "onnx"), "--dtype", "float16"]))
+
+
+# ------------------------------------------------------------------------------------- greyscale + alpha (item 10)
+def test_greyscale_with_alpha_stays_greyscale_with_alpha(model, tmp_path, capsys):
+    """An LA input came back as RGBA with up to 3 levels of colour tint; now LA, its grey the L output's."""
+    grey = photo("astronaut", (32, 24)).convert("L")
+    la = grey.convert("LA")
+    la.putalpha(PIL.Image.linear_gradient("L").resize((32, 24)))
+    la.save(tmp_path / "la.png")
+    grey.save(tmp_path / "l.png")
+    assert main(["upscale", str(tmp_path / "la.png"), str(tmp_path / "l.png"), "--model", str(model),
+                 "-o", str(tmp_path / "out")]) == 0
+    with PIL.Image.open(tmp_path / "out" / "la.png") as out, PIL.Image.open(tmp_path / "out" / "l.png") as ref:
+        assert out.mode == "LA" and out.size == (128, 96)
+        np.testing.assert_array_equal(np.asarray(out)[..., 0], np.asarray(ref))
+        alpha = np.asarray(out)[..., 1].astype(int)
+    assert alpha.min() < 40 and alpha.max() > 215  # the gradient, upscaled

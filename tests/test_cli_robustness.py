@@ -168,9 +168,9 @@ def test_rgb_and_grey_profiles_are_converted_and_not_copied(model, tmp_path, cap
     with PIL.Image.open(out / "grey.png") as image:
         assert image.mode == "L" and "icc_profile" not in image.info
         assert np.asarray(image).mean() == pytest.approx(188, abs=3)  # linear 0.5 in sRGB
-    with PIL.Image.open(out / "grey_alpha.png") as image:  # an RGBA output never carries the grey profile
-        assert image.mode == "RGBA" and "icc_profile" not in image.info
-        assert np.asarray(image)[..., :3].mean() == pytest.approx(188, abs=3)
+    with PIL.Image.open(out / "grey_alpha.png") as image:  # greyscale + alpha stays LA, without the grey profile
+        assert image.mode == "LA" and "icc_profile" not in image.info
+        assert np.asarray(image)[..., 0].mean() == pytest.approx(188, abs=3)
 
 
 def test_unusable_profile_is_named_and_ignored(model, tmp_path, capsys):

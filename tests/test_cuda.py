@@ -83,8 +83,6 @@ def test_auto_tile_size_on_cuda_runs_the_whole_image_as_one_tile():
     np.testing.assert_allclose(auto, untiled, atol=1e-5, rtol=0)  # equal on the CPU
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="tile_size='auto' takes the whole latent image as the tile, "
-                   "also beyond the transformer's position grid (the default model's: 128 latent px, 1024 px out)")
 def test_auto_tile_size_on_cuda_stays_within_the_transformers_position_grid():
     pipe = _default_model("cuda", _expected_dtype())
     image = torch.rand(1, 3, 320, 320)  # 1280 px out: a latent of 160

@@ -89,3 +89,43 @@ def test_tinysr_upscale_writes_no_black_image_for_a_non_finite_model(poisoned, t
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"{source}: FloatingPointError: {named} gave NaN or infinite values" in errors[0]
     assert not (out / "small.png").exists()
+
+
+def test_auto_tiles_on_cuda_stay_within_the_transformers_position_grid(monkeypatch):
+    """`tile_size="auto"` on CUDA starts from the whole latent image, but never beyond what the transformer takes in one
+    piece (found by the GPU check's preparation: a 1280-px output of the default model failed). The device is faked:
+    only the choice of the first tile is checked here; tests/test_cuda.py runs it on a GPU."""
+    from tests.tiny_pipelines import tiny_student
+    from tinysr_diffusers.pipelines import OneStepSRPipeline
+
+    pipe = tiny_student()
+    limit = pipe.transformer.config.pos_embed_max_size * pipe.transformer.config.patch_size
+    assert pipe.max_latent_size == limit
+    assert pipe._auto_tile_size((32, 32)) == 64  # on the CPU: the releases' tiles
+    monkeypatch.setattr(OneStepSRPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
+    assert pipe._auto_tile_size((8, 8)) == pipe._latent_side((8, 8)) < limit
+    assert pipe._auto_tile_size((4 * limit, 4 * limit)) == limit
+
+
+def test_a_weights_file_missing_a_tensor_is_named(tmp_path, capsys):
+    """Issue 27 (item 10): a safetensors file without one of its tensors failed with "Cannot copy out of meta
+    tensor"; now the load names the component and the tensor, and `tinysr upscale` says so in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny_pipelines import photo, tiny_student
+    from tinysr_diffusers import TinySRPipeline
+    from tinysr_diffusers.cli import main
+
+    folder = tmp_path / "model"
+    tiny_student().save_pretrained(folder)
+    (weights,) = (folder / "vae").glob("*.safetensors")
+    state = load_file(weights)
+    key = sorted(state)[3]
+    del state[key]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"vae: the weights file lacks {key}"):
+        TinySRPipeline.from_pretrained(folder)
+    photo("astronaut", (32, 24)).save(tmp_path / "small.png")
+    assert main(["upscale", str(tmp_path / "small.png"), "--model", str(folder), "-o", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"the weights file lacks {key}" in errors[0] and "meta tensor" not in errors[0]

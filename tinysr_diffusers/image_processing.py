@@ -24,7 +24,7 @@ PipelineImageInput = Union[
     PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
 ]
 OUTPUT_TYPES = ("pil", "np", "uint16", "pt", "latent")
-_CHANNELS = (1, 3, 4)
+_CHANNELS = (1, 2, 3, 4)  # greyscale, greyscale + alpha, RGB, RGBA
 # ITU-R 601-2 luma, as PIL's RGB -> L conversion.
 _LUMA = (0.299, 0.587, 0.114)
 # PIL's 32-bit greyscale modes carry no range of their own: the narrowest usual one that holds the values is taken
@@ -41,8 +41,10 @@ def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
         array = np.asarray(image, dtype=np.float32)
         array = array / _wide_mode_scale(float(array.min()), float(array.max()), image.mode)
     else:
-        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-        if has_alpha:
+        has_alpha = image.mode in ("RGBA", "LA", "La", "PA") or "transparency" in image.info
+        if has_alpha and image.mode in ("L", "LA", "La"):  # greyscale stays greyscale: no tint from the RGB model
+            image = image.convert("LA")
+        elif has_alpha:
             image = image.convert("RGBA")
         elif image.mode in ("1", "L"):
             image = image.convert("L")
@@ -141,16 +143,20 @@ def split_alpha(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]
     """(C, H, W) -> (RGB (3, H, W), alpha (1, H, W) or None); greyscale is replicated to three channels."""
     if image.shape[0] == 4:
         return image[:3], image[3:]
+    if image.shape[0] == 2:
+        return image[:1].expand(3, -1, -1), image[1:]
     if image.shape[0] == 1:
         return image.expand(3, -1, -1), None
     return image, None
 
 
 def merge_channels(rgb: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
-    """Inverse of `split_alpha` on an output: back to `channels` (1: luma, 3: RGB, 4: RGB + `alpha`)."""
-    if channels == 1:
+    """Inverse of `split_alpha` on an output: back to `channels` (1: luma, 2: luma + `alpha`, 3: RGB, 4: RGB +
+    `alpha`)."""
+    if channels in (1, 2):
         luma = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device)
-        return (rgb * luma[:, None, None]).sum(0, keepdim=True)
+        grey = (rgb * luma[:, None, None]).sum(0, keepdim=True)
+        return grey if channels == 1 else torch.cat([grey, alpha.to(rgb)])
     if channels == 4:
         return torch.cat([rgb, alpha.to(rgb)])
     return rgb
@@ -164,7 +170,7 @@ class ImageGroup:
     indices: list[int]
     rgb: torch.Tensor  # (B, 3, h, w) in [0, 1]
     alphas: list[Optional[torch.Tensor]]  # (1, h, w) each, or None
-    channels: list[int]  # 1, 3 or 4 each
+    channels: list[int]  # 1, 2, 3 or 4 each (`_CHANNELS`)
 
     @property
     def size(self) -> tuple[int, int]:

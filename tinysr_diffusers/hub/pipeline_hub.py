@@ -114,7 +114,7 @@ class PipelineHubMixin:
         if not os.path.isdir(path) and looks_like_a_path(path):  # not a Hub failure: say which folder is missing
             raise FileNotFoundError(f"No such folder: {path} (it reads as a local path, not a Hub repo id org/name).")
         if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") is not None:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return _check_weights(super().from_pretrained(pretrained_model_name_or_path, **kwargs), path)
         if os.path.isdir(path):
             folder = path
         else:
@@ -123,7 +123,7 @@ class PipelineHubMixin:
         index = verify_shims(folder)
         cls._check_pipeline_class(index, folder)
         kwargs["trust_remote_code"] = True  # the only code in the folder imports the installed package
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return _check_weights(super().from_pretrained(pretrained_model_name_or_path, **kwargs), path)
 
     @classmethod
     def _check_pipeline_class(cls, index: dict, folder: str) -> None:
@@ -138,3 +138,18 @@ class PipelineHubMixin:
                 f"{folder} holds a {class_name}, not a {cls.__name__}: load it with {class_name}.from_pretrained "
                 "or DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."
             )
+
+
+def _check_weights(pipe, path: str):
+    """`pipe`, unless a component's weights file lacked some of its tensors: diffusers leaves those on the meta
+    device (with only a warning), and the first `.to()` then fails with "Cannot copy out of meta tensor". Name them."""
+    import torch
+
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            missing = [key for key, tensor in component.state_dict().items() if tensor.is_meta]
+            if missing:
+                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise ValueError(f"{path}/{name}: the weights file lacks {shown}; the file is incomplete or "
+                                 "belongs to another model.")
+    return pipe

@@ -106,6 +106,11 @@ class OneStepSRPipeline(PipelineHubMixin, DiffusionPipeline):
         return self.transformer.config.patch_size
 
     @property
+    def max_latent_size(self) -> int:
+        """The largest latent side the transformer takes in one piece (its position-embedding grid)."""
+        return self.transformer.config.pos_embed_max_size * self.patch_size
+
+    @property
     def latent_scale(self) -> float:
         """The VAE's `scaling_factor`: z = (latents - shift) * scale."""
         return self.vae.config.scaling_factor
@@ -289,7 +294,7 @@ class OneStepSRPipeline(PipelineHubMixin, DiffusionPipeline):
         channels: Optional[list[int]] = None,
     ) -> list[Output]:
         """Steps 3 to 8 of `__call__` for a batch of same-size RGB images (B, 3, h, w) in [0, 1] on the execution
-        device, with checked arguments: one 4x output per image, in the layout `channels` (1, 3 or 4 each, default 3)
+        device, with checked arguments: one 4x output per image, in the layout `channels` (1 to 4 each, default 3)
         with the (1, h, w) `alphas` upscaled bicubically. Outputs are (C, H, W) float32 tensors, or for several bands
         uint8 PIL images ("pil") and uint16 (H, W, C) arrays ("uint16"); or the latents z_H ("latent")."""
         batch = low_res.shape[0]
@@ -421,10 +426,13 @@ class OneStepSRPipeline(PipelineHubMixin, DiffusionPipeline):
 
     # --------------------------------------------------------------------------------------- tile sizes and memory
     def _auto_tile_size(self, size: tuple[int, int]) -> int:
-        """`tile_size="auto"`: on CUDA the whole latent image as one tile, which `_retry_out_of_memory` halves until it
-        fits the free memory (the largest tile that fits, found by the allocator rather than by an estimate); elsewhere
-        the releases' 64, as no out-of-memory error comes before the system starts swapping."""
-        return self._latent_side(size) if self._execution_device.type == "cuda" else DEFAULT_TILES.size
+        """`tile_size="auto"`: on CUDA the whole latent image as one tile (at most the transformer's position grid,
+        `max_latent_size`), which `_retry_out_of_memory` halves until it fits the free memory (the largest tile that
+        fits, found by the allocator rather than by an estimate); elsewhere the releases' 64, as no out-of-memory error
+        comes before the system starts swapping."""
+        if self._execution_device.type != "cuda":
+            return DEFAULT_TILES.size
+        return min(self._latent_side(size), self.max_latent_size)
 
     def _latent_side(self, size: tuple[int, int]) -> int:
         """The longer side of the (padded) latents of an input of `size` (height, width)."""

@@ -153,6 +153,10 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
         return self.config.patch_size
 
     @property
+    def max_latent_size(self) -> int:
+        return self.config.max_latent_size
+
+    @property
     def latent_scale(self) -> float:
         return self.config.scaling_factor
 
@@ -162,7 +166,7 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
 
     def predict_velocity(self, latents: torch.Tensor, transformer: Optional[ExportedModel] = None) -> torch.Tensor:
         """The exported transformer on `z_L`; latents larger than its position-embedding grid need tiling."""
-        limit = self.config.max_latent_size
+        limit = self.max_latent_size
         if max(latents.shape[-2:]) > limit:
             raise ValueError(
                 f"Latent size {tuple(latents.shape[-2:])} exceeds the transformer's {limit} per side: pass a "
