@@ -104,16 +104,16 @@ def _crop_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """A pipeline folder or Hub repo, loaded as `tinysr upscale --model` loads it (so what the CLI refuses is refused
-    here too): only TinySR's own shims may be code in it, unless `trust_remote_code`."""
-    from tinysr_diffusers.pipelines import OneStepSRPipeline
+    """A pipeline folder, Hub repo or ONNX export, loaded by the loader `tinysr upscale --model` uses (so what the CLI
+    refuses is refused here too): only TinySR's own shims may be code in it, unless `trust_remote_code`."""
+    from tinysr_diffusers.loading import ModelLoadError
+    from tinysr_diffusers.loading import load_pipeline as load
 
     try:
-        pipe = OneStepSRPipeline.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as error:  # noqa: BLE001 - a bad --model is one clear line, not a traceback
-        message = " ".join(str(error).split())
-        raise SystemExit(f"error: cannot load --model {model}: {type(error).__name__}: {message}") from None
-    pipe = pipe.to(device)
+        pipe = load(model, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                    trust_remote_code=trust_remote_code)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -67,8 +67,9 @@ def optimize_for_cpu(pipe: "OneStepSRPipeline") -> "OneStepSRPipeline":
     decode ~1.4x in fp32 on an AMX Xeon, issue 16); outputs are unchanged. Returns `pipe`; a no-op off the CPU."""
     import torch
 
-    if pipe.vae.device.type == "cpu":
-        pipe.vae.to(memory_format=torch.channels_last)
+    vae = getattr(pipe, "vae", None)  # a pipeline loaded with trust_remote_code may have none
+    if isinstance(vae, torch.nn.Module) and vae.device.type == "cpu":
+        vae.to(memory_format=torch.channels_last)
     return pipe
 
 
