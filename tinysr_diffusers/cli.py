@@ -68,13 +68,6 @@ def _input_folder_problem(inputs: Sequence[str], out_dir: Path) -> Optional[str]
     return None
 
 
-def output_size(size: tuple[int, int], outscale: Optional[float]) -> tuple[int, int]:
-    """The (width, height) of the output for an input of `size`: 4x, or round(outscale x size), at least 1."""
-    if outscale is None:
-        return size[0] * 4, size[1] * 4
-    return tuple(max(1, round(outscale * side)) for side in size)
-
-
 def _image_size(image: Union[PIL.Image.Image, np.ndarray]) -> tuple[int, int]:
     return image.size if isinstance(image, PIL.Image.Image) else (image.shape[1], image.shape[0])
 
@@ -266,7 +259,9 @@ def upscale(args: argparse.Namespace) -> int:
 
 def _check_output_size(size: tuple[int, int], outscale: Optional[float], limit: int) -> None:
     """Refuse an output of more than `limit` pixels before anything runs, giving the size it would have had."""
-    width, height = output_size(size, outscale)
+    from .image_processing import outscale_size  # the pipeline's own rule (torch is loaded by now)
+
+    height, width = outscale_size(size[1], size[0], 4 if outscale is None else outscale)
     if width * height > limit:
         raise ValueError(
             f"the output would be {width}x{height} ({width * height / 1e6:,.0f} megapixels), above "

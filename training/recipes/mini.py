@@ -548,15 +548,21 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe()
     recipe.update(max_steps=args.max_steps, cache_epochs=args.cache_epochs)
-    out = Path(args.output_dir or ROOT / recipe["output_dir"]).resolve()
-    if args.list:
-        for name in STAGES:
+    run_recipe(recipe, Path(args.output_dir or ROOT / recipe["output_dir"]).resolve(), args.only, args.list)
+
+
+def run_recipe(recipe: dict, out: Path, only: Optional[list], list_only: bool, *, stages: Optional[dict] = None,
+               self_writing: Optional[tuple] = None) -> None:
+    """List the stages of a recipe and whether each is done, or run them in order (`only`: just these)."""
+    stages = STAGES if stages is None else stages
+    if list_only:
+        for name in stages:
             print(f"{name:14s} {'done' if (out / name).exists() else 'to do'}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    for name in STAGES:
-        if not args.only or name in args.only:
-            run_stage(recipe, out, name)
+    for name in stages:
+        if not only or name in only:
+            run_stage(recipe, out, name, stages=stages, self_writing=self_writing)
 
 
 if __name__ == "__main__":

@@ -329,15 +329,8 @@ def main(argv=None) -> None:
     recipe["max_steps"] = args.max_steps
     if args.shards:
         recipe["targets"]["shards"] = args.shards
-    out = Path(args.output_dir or ROOT / recipe["output_dir"]).resolve()
-    if args.list:
-        for name in STAGES:
-            print(f"{name:14s} {'done' if (out / name).exists() else 'to do'}")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for name in STAGES:
-        if not args.only or name in args.only:
-            mini.run_stage(recipe, out, name, stages=STAGES, self_writing=SELF_WRITING)
+    mini.run_recipe(recipe, Path(args.output_dir or ROOT / recipe["output_dir"]).resolve(), args.only, args.list,
+                    stages=STAGES, self_writing=SELF_WRITING)
 
 
 if __name__ == "__main__":
