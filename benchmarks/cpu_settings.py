@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.reporting import cpu_model
+from tinysr_diffusers.evaluation.profiling import cpu_model
 from tinysr_diffusers.utils import atomic_write_text, write_json
 
 

@@ -11,8 +11,9 @@ latent-space ceiling; the same at every level) and each `--model NAME=PATH` (a p
 NIQE per level and their mean over the levels. Latency: the first `--model` and Real-ESRGAN (ncnn, as the released
 tool runs it, and the torch port) at a 512x512 output, interleaved, median of `--repeats`, with the CPU named.
 
-Every image written is kept under `--output-dir` and skipped when it exists, so an interrupted run resumes.
-Writes results.json and results.md there.
+Every image written, and each method's scores at each level, are kept under `--output-dir` and reused when they
+exist (scores: while their images are unchanged), so an interrupted or extended run resumes. Writes results.json
+and results.md there.
 """
 
 import argparse
@@ -26,10 +27,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from tinysr_diffusers.evaluation.profiling import cpu_model
+from tinysr_diffusers.evaluation.scoring import crop_to_multiple, load_image, save_image, score
 from tinysr_diffusers.training_utils.degradation_levels import LEVELS, degrade
 
-from .quality import list_images, load_image, save_image, score
-from .reporting import command_line, cpu_model
+from .quality import list_images
+from .reporting import command_line
 
 
 METRICS = ["psnr", "ssim", "lpips", "dists", "niqe"]
@@ -42,11 +45,6 @@ def level_seed(seed: int, name: str, level: str) -> int:
     return zlib.crc32(f"{seed}/{level}/{name}".encode("utf-8"))
 
 
-def crop_to_scale(image: torch.Tensor) -> torch.Tensor:
-    height, width = image.shape[-2:]
-    return image[..., : height - height % 4, : width - width % 4]
-
-
 def make_lr(hr_files: dict[str, Path], folder: Path, seed: int) -> dict[str, dict[str, Path]]:
     """LR photos per level: `folder/lr/<level>/<name>.png` (kept if they exist)."""
     files = {level: {} for level in LEVELS}
@@ -56,7 +54,7 @@ def make_lr(hr_files: dict[str, Path], folder: Path, seed: int) -> dict[str, dic
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 generator = torch.Generator().manual_seed(level_seed(seed, name, level))
-                save_image(degrade(crop_to_scale(load_image(path)), level, generator), target)
+                save_image(degrade(crop_to_multiple(load_image(path), 4), level, generator), target)
             files[level][name] = target
     return files
 
@@ -108,7 +106,7 @@ def upscale_all(table: dict, lr_files: dict, hr_files: dict, folder: Path) -> di
                         continue
                     if lr is None:
                         lr = load_image(lr_files[level][name])
-                        hr = crop_to_scale(load_image(hr_files[name]))
+                        hr = crop_to_multiple(load_image(hr_files[name]), 4)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     torch.manual_seed(0)
                     save_image(fn(lr, hr), target)
@@ -141,6 +139,25 @@ def latency(model: str, lr: torch.Tensor, repeats: int) -> dict:
                 run()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def scores(sr_files: dict[str, Path], hr_files: dict[str, Path], cache: Path) -> dict[str, float]:
+    """The mean metrics of `sr_files` against the HR, kept in `cache` with the images' modification times: scoring is
+    most of a run's time, and an interrupted or extended run (one more `--model`) scores only what changed."""
+    import json
+
+    from tinysr_diffusers.utils import write_json
+
+    stamps = {name: path.stat().st_mtime_ns for name, path in sorted(sr_files.items())}
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if kept["images"] == stamps:
+            return kept["metrics"]
+    status, _ = score(sr_files, hr_files, METRICS, torch.device("cpu"), allow_download=False, crop_hr_to=4)
+    metrics = {name: status[name].get("value") for name in METRICS}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cache, {"images": stamps, "metrics": metrics})
+    return metrics
 
 
 def aims(results: dict, new: str, teacher: Optional[str]) -> list[tuple[str, str, str, bool]]:
@@ -217,11 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {"command": command_line(MODULE, sys.argv[1:] if argv is None else argv), "cpu": cpu_model(), "threads": torch.get_num_threads(),
                "photos": list(hr_files), "quality": {}}
     for level in LEVELS:
-        results["quality"][level] = {}
-        for method in table:
-            status, _ = score(files[level][method], hr_files, METRICS, torch.device("cpu"), allow_download=False,
-                              crop_hr_to=4)
-            results["quality"][level][method] = {name: status[name].get("value") for name in METRICS}
+        results["quality"][level] = {method: scores(files[level][method], hr_files, folder / "scores" / level /
+                                                    f"{method}.json") for method in table}
     results["quality"]["mean"] = {
         method: {name: float(np.mean([results["quality"][level][method][name] for level in LEVELS]))
                  for name in METRICS} for method in table}

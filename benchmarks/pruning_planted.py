@@ -23,10 +23,10 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
-from benchmarks.reporting import cpu_model
 from pruning.learner import MaskLearner, MaskLearnerConfig
 from pruning.masked import MaskedTransformer
 from pruning.testing import planted_teacher
+from tinysr_diffusers.evaluation.profiling import cpu_model
 from tinysr_diffusers.utils import atomic_write_text
 
 

@@ -28,13 +28,13 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tinysr_diffusers.training_utils.degradations import DegradationConfig, RealESRGANDegradation
-from tinysr_diffusers.evaluation.metrics import PAPER_METRICS, MetricUnavailable, create_metric
-from tinysr_diffusers.utils import atomic_path, atomic_write_text
+from tinysr_diffusers.evaluation.metrics import PAPER_METRICS
+from tinysr_diffusers.evaluation.scoring import crop_to_multiple, load_image, save_image, score
+from tinysr_diffusers.utils import atomic_write_text
 
 from .reporting import command_line, default_run_name, environment, environment_markdown, markdown_table, write_csv
 
@@ -59,25 +59,6 @@ def list_images(folder: Path) -> dict[str, Path]:
     return images
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """RGB image as a (1, 3, H, W) float tensor in [0, 1]."""
-    from diffusers.utils import load_image as load_pil
-
-    array = np.asarray(load_pil(str(path)), dtype=np.float32) / 255
-    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
-
-
-def save_image(image: "torch.Tensor | object", path: Path) -> None:
-    """Save a PIL image or a (1, 3, H, W) tensor in [0, 1] atomically as PNG."""
-    from PIL import Image
-
-    if isinstance(image, torch.Tensor):
-        array = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        image = Image.fromarray(array)
-    with atomic_path(str(path)) as temporary:
-        image.save(temporary, format="PNG")
-
-
 def image_seed(seed: int, name: str) -> int:
     """A per-image seed that depends on the run seed and the file name only (not on the other files). 32 bits: torch's
     CPU generator ignores higher ones."""
@@ -91,16 +72,11 @@ def make_lr_images(
     scale = degradation.config.scale
     lr_files = {}
     for name, path in tqdm(hr_files.items(), desc="degrading HR images", unit="image"):
-        hr = _crop_to_multiple(load_image(path), scale).to(device)
+        hr = crop_to_multiple(load_image(path), scale).to(device)
         generator = torch.Generator(device="cpu").manual_seed(image_seed(seed, name))
         lr_files[name] = lr_dir / f"{name}.png"
         save_image(degradation(hr, generator=generator), lr_files[name])
     return lr_files
-
-
-def _crop_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    height, width = image.shape[-2:]
-    return image[..., : height - height % multiple, : width - width % multiple]
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -128,81 +104,6 @@ def run_pipeline(pipe, lr_files: dict[str, Path], sr_dir: Path, seed: int) -> di
         sr_files[name] = sr_dir / f"{name}.png"
         save_image(pipe(load_pil(str(path)), output_type="pil").images[0], sr_files[name])
     return sr_files
-
-
-def score(
-    sr_files: dict[str, Path],
-    hr_files: Optional[dict[str, Path]],
-    metric_names: list[str],
-    device: torch.device,
-    allow_download: bool = True,
-    crop_hr_to: int = 1,
-) -> tuple[dict, list[dict]]:
-    """Score SR images (against HR images paired by name, if given). Returns per-metric status and per-image scores.
-
-    `crop_hr_to` crops each HR image to a multiple of it first (the LR images made from HR images were cropped so).
-    """
-    if hr_files is not None:
-        missing = sorted(set(sr_files) - set(hr_files))
-        if missing:
-            raise SystemExit(f"error: no HR image for the SR images {missing}.")
-    status, metrics = {}, {}
-    for name in metric_names:
-        spec = PAPER_METRICS[name]
-        status[name] = {"description": spec.description, "kind": spec.kind, "lower_better": spec.lower_better}
-        if hr_files is None and spec.kind != "no-reference":
-            status[name].update(status="not applicable", reason="needs HR images (--hr)")
-            continue
-        try:
-            metrics[name] = create_metric(name, device=device, allow_download=allow_download)
-            status[name].update(status="ok", reason=None)
-        except MetricUnavailable as error:
-            status[name].update(status="unavailable", reason=str(error))
-
-    per_image = [{"image": name, "scores": {}} for name in sr_files]
-    image_metrics = [name for name in metrics if PAPER_METRICS[name].kind != "distribution"]
-    if image_metrics:
-        for row in tqdm(per_image, desc="scoring", unit="image"):
-            sr = load_image(sr_files[row["image"]]).to(device)
-            hr = None
-            if hr_files is not None:
-                hr = _crop_to_multiple(load_image(hr_files[row["image"]]), crop_hr_to).to(device)
-                if hr.shape != sr.shape:
-                    raise SystemExit(
-                        f"error: SR {sr_files[row['image']]} is {sr.shape[-1]}x{sr.shape[-2]} but HR "
-                        f"{hr_files[row['image']]} is {hr.shape[-1]}x{hr.shape[-2]}."
-                    )
-            for name in image_metrics:
-                if status[name]["status"] != "ok":
-                    continue
-                try:
-                    inputs = (sr,) if PAPER_METRICS[name].kind == "no-reference" else (sr, hr)
-                    with torch.no_grad():
-                        value = metrics[name](*inputs)
-                    row["scores"][name] = float(value)
-                except Exception as error:  # one metric failing on an image must not lose the others' results
-                    status[name].update(status="error", reason=f"{row['image']}: {type(error).__name__}: {error}")
-    for name in metrics:
-        if PAPER_METRICS[name].kind == "distribution":
-            sr_dir, hr_dir = _folder_of(sr_files), _folder_of(hr_files)
-            try:
-                status[name]["value"] = float(metrics[name](str(sr_dir), str(hr_dir)))
-            except Exception as error:
-                status[name].update(status="error", reason=f"{type(error).__name__}: {error}")
-        elif status[name]["status"] == "ok":
-            values = [row["scores"][name] for row in per_image]
-            status[name]["value"] = float(np.mean(values))
-        else:
-            for row in per_image:
-                row["scores"].pop(name, None)
-    return status, per_image
-
-
-def _folder_of(files: dict[str, Path]) -> Path:
-    folders = {path.parent for path in files.values()}
-    if len(folders) != 1:
-        raise SystemExit(f"error: FID needs the images of one folder, got {sorted(map(str, folders))}.")
-    return folders.pop()
 
 
 def _number(value: Optional[float], digits: int = 4) -> str:
@@ -342,7 +243,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         sr_files = list_images(args.sr)
 
-    status, per_image = score(sr_files, hr_files, args.metrics, device, not args.no_download, crop_hr_to)
+    try:
+        status, per_image = score(sr_files, hr_files, args.metrics, device, not args.no_download, crop_hr_to)
+    except ValueError as error:  # SR and HR images that do not pair up
+        raise SystemExit(f"error: {error}") from None
     report = {
         "command": command_line(MODULE, argv),
         "environment": environment(device),

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from tinysr_diffusers.evaluation.profiling import cpu_model
 from tinysr_diffusers.utils import atomic_write_text
 
 
@@ -21,25 +22,6 @@ PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "
 def command_line(module: str, argv: Sequence[str]) -> str:
     """The shell command that reproduces this run."""
     return shlex.join(["python", "-m", module, *argv])
-
-
-MATRIX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx2")
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its matrix extensions, e.g. "AMD EPYC (avx2)"; every benchmark figure names it."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    extensions = [flag for flag in MATRIX_FLAGS if flag in flags]
-    return f"{name} ({', '.join(extensions)})" if extensions else name
 
 
 def _git_commit() -> Optional[str]:

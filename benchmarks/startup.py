@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from tinysr_diffusers.evaluation.profiling import cpu_model
 from tinysr_diffusers.utils import atomic_write_text
 
-from .reporting import command_line, cpu_model, markdown_table
+from .reporting import command_line, markdown_table
 
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

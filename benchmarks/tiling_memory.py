@@ -126,7 +126,7 @@ def _sample_type(output_type: str) -> str:
 
 
 def main(argv=None) -> None:
-    from benchmarks.reporting import cpu_model
+    from tinysr_diffusers.evaluation.profiling import cpu_model
     from tinysr_diffusers.utils import atomic_write_text, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

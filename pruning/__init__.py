@@ -6,6 +6,8 @@
 - `config`: `MaskLearnerConfig`, the settings of a mask search (import-light).
 - `learner`: mask learning jointly with LoRA under accelerate, checkpoint/resume, keep-probability log and heatmap.
 - `methods`: random-min, Flux-Lite, ShortGPT, sensitivity, SnapFusion, BK-SDM, TinyFusion, TinySR on one interface.
+- `comparison`: every method decides at one keep count, the same recovery after each, one table (the
+  `benchmarks.pruning_methods` command and the mini recipe's `pruning_table` stage).
 - `export`: renumbered SD3 checkpoints or TinySR students with `pruning.json`; Hub upload.
 - `cli`: `tinysr-prune {space,score,learn,export}`.
 

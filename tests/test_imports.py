@@ -149,3 +149,67 @@ def test_no_import_cycle_inside_the_package():
     found = cycles(graph)
     report = [f"{' -> '.join(cycle)} (a ring of {len(members)}: {', '.join(members)})" for cycle, members in found]
     assert not found, "import cycles:\n" + "\n".join(report)
+
+
+
+# The packages that ship (`setup.py`): none may import the benchmarks, which are not shipped and build on them
+# (benchmarks import the library, pruning and training; never the reverse).
+SHIPPED = ("tinysr_diffusers", "pruning", "training")
+
+
+def _names_benchmarks(name: str) -> bool:
+    return name == "benchmarks" or name.startswith("benchmarks.")
+
+
+def benchmark_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, statement) of every import of `benchmarks` in a file, at module level or inside functions, by statement
+    or by `importlib.import_module` / `__import__` of a literal name; under `if TYPE_CHECKING:` too (a type-only
+    import still ties a shipped package to the benchmarks)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if not node.level else []
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+            "import_module", "__import__"
+        ):
+            names = [arg.value for arg in node.args[:1] if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+        else:
+            continue
+        if any(_names_benchmarks(name) for name in names):
+            found.append((node.lineno, ast.unparse(node)))
+    return sorted(found)
+
+
+def test_the_reader_finds_benchmark_imports_at_any_depth(tmp_path):
+    module = tmp_path / "module.py"
+    module.write_text(
+        "import os, benchmarks.quality\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from benchmarks.reporting import cpu_model\n"
+        "def f():\n"
+        "    from benchmarks import reporting\n"
+        "    from benchmarks_extra import x\n"
+        "    from .benchmarks import y\n"
+        "    return importlib.import_module('benchmarks.efficiency'), importlib.import_module(name)\n"
+    )
+    assert benchmark_imports(module) == [
+        (1, "import os, benchmarks.quality"),
+        (4, "from benchmarks.reporting import cpu_model"),
+        (6, "from benchmarks import reporting"),
+        (9, "importlib.import_module('benchmarks.efficiency')"),
+    ]
+
+
+def test_no_shipped_package_imports_the_benchmarks():
+    repository = ROOT.parent
+    found = [
+        f"{path.relative_to(repository)}:{line}: {statement}"
+        for package in SHIPPED
+        for path in sorted((repository / package).rglob("*.py"))
+        for line, statement in benchmark_imports(path)
+    ]
+    report = "\n".join(found)
+    assert not found, f"benchmarks may import these packages, never the reverse; imports of benchmarks:\n{report}"

@@ -26,3 +26,25 @@ def test_aims_follow_the_figures():
     assert dict((name, met) for name, _, _, met in results["aims"])["speed vs Real-ESRGAN (ncnn)"] is False
     text = to_markdown(results)
     assert "| speed vs Real-ESRGAN (ncnn) | >= 5x | 4.0x | **missed** |" in text and "### mild" in text
+
+
+def test_scores_are_kept_while_their_images_are_unchanged(tmp_path, monkeypatch):
+    import os
+
+    import benchmarks.peer_comparison as peer
+
+    calls = []
+
+    def fake_score(sr_files, hr_files, metrics, device, **kwargs):
+        calls.append(sorted(sr_files))
+        return {name: {"value": float(len(calls))} for name in metrics}, None
+
+    monkeypatch.setattr(peer, "score", fake_score)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    cache = tmp_path / "scores" / "mild" / "new.json"
+    first = peer.scores({"a": image}, {"a": image}, cache)
+    assert peer.scores({"a": image}, {"a": image}, cache) == first and len(calls) == 1
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the image was made again
+    assert peer.scores({"a": image}, {"a": image}, cache)["psnr"] == 2.0 and len(calls) == 2

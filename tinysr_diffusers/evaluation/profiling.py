@@ -1,4 +1,5 @@
-"""Counting parameters, MACs and FLOPs the way the paper does, on any device including `meta`.
+"""Counting parameters, MACs and FLOPs the way the paper does, on any device including `meta`, and naming the CPU
+that a latency was measured on.
 
 The paper counts multiply-accumulates of Linear and Conv modules only (attention score/value matmuls excluded);
 `module_macs` reproduces that. `total_flops` counts every operation, attention included, through torch's
@@ -6,12 +7,17 @@ The paper counts multiply-accumulates of Linear and Conv modules only (attention
 Both work on meta tensors, so full-size models are counted without weights or memory.
 """
 
+import platform
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+
+# The CPU flags (/proc/cpuinfo's names) of the matrix instructions that CPU latencies depend on, best first.
+MATRIX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx2")
 
 
 def count_parameters(modules: "nn.Module | Iterable[nn.Module]") -> int:
@@ -57,3 +63,20 @@ def total_flops(fn: Callable[[], object], backend: Optional[SDPBackend] = SDPBac
     with torch.no_grad(), sdpa_kernel(backend), counter:
         fn()
     return counter.get_total_flops()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its matrix extensions, e.g. "AMD EPYC (avx2)"; every CPU latency figure names it (the
+    extensions decide which dtype and runtime are fastest)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    extensions = [flag for flag in MATRIX_FLAGS if flag in flags]
+    return f"{name} ({', '.join(extensions)})" if extensions else name

@@ -49,9 +49,9 @@ def reconstruct(vae, hr: torch.Tensor) -> torch.Tensor:
 def evaluate_mini(out: Path, folder: Path, color_fix: str) -> dict:
     """Score the run in `out` into `folder`; teacher and TinySR both with `color_fix` (the recipe's), so that the
     two differ only by what the recipe trained."""
-    from benchmarks.quality import load_image, save_image, score
-    from benchmarks.reporting import cpu_model
     from tinysr_diffusers import TinySRAutoencoder, TinySRPipeline, TSDSRPipeline
+    from tinysr_diffusers.evaluation.profiling import cpu_model
+    from tinysr_diffusers.evaluation.scoring import load_image, save_image, score
     from tinysr_diffusers.image_processing import bicubic_upscale
     from tinysr_diffusers.utils import atomic_write_text, write_json
 

@@ -296,20 +296,34 @@ def stage_prune(recipe: dict, folder: Path, out: Path) -> None:
 
 def stage_pruning_table(recipe: dict, folder: Path, out: Path) -> None:
     """Every pruning method on the trained teacher at the prune stage's keep count, each followed by the same short
-    recovery, scored on crops of the held-out photos: `benchmarks/pruning_methods.py --recipe-run` with the settings
-    of `pruning_table` in `recipe.yaml` and the prune stage's search settings. It runs in `<out>/pruning_table-run`,
-    which keeps finished methods, so an interrupted stage resumes after them."""
-    from benchmarks.pruning_methods import main as compare_methods
+    recovery, scored on crops of the held-out photos: `pruning.comparison` (as `benchmarks/pruning_methods.py
+    --recipe-run` runs it) with the settings of `pruning_table` in `recipe.yaml` and the prune stage's search
+    settings. It runs in `<out>/pruning_table-run`, which keeps finished methods, so an interrupted stage resumes
+    after them."""
+    from pruning.comparison import (
+        ComparisonSettings,
+        compare_methods,
+        learner_settings,
+        recipe_setup,
+        reproducing_command,
+    )
+    from pruning.search_space import SearchSpace
+    from training.config import load_config
 
     run_dir = out / "pruning_table-run"
     run_dir.mkdir(exist_ok=True)
     settings = dict(recipe["pruning_table"])
-    argv = ["--recipe-run", str(out), "--learner-config", str(CONFIG_DIR / "prune.yaml"),
-            "--keep", str(recipe["keep_layers"]), "--batch-size", str(stage_config("prune")["batch_size"]),
-            "--seed", str(recipe["seed"]), "--methods", ",".join(settings.pop("methods")),
-            "--output", str(run_dir / "pruning_table.md")]
-    argv += [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
-    compare_methods(argv)
+    keep, seed, prune_yaml = recipe["keep_layers"], recipe["seed"], CONFIG_DIR / "prune.yaml"
+    search = load_config(["--config", str(prune_yaml), "teacher=unused", "latent_cache=unused",
+                          f"prune.keep={keep}"]).mask_learner_config()
+    setup = recipe_setup(out, batch_size=stage_config("prune")["batch_size"],
+                         **{name: settings.pop(name) for name in ("train_batches", "eval_crops", "crop_size")})
+    command = reproducing_command("training.recipes.mini", ["--output-dir", str(out), "--only", "pruning_table"])
+    space = SearchSpace.from_keep(setup.teacher.config.num_layers, keep, search.block_size)
+    learned = learner_settings(search, block_size=search.block_size, seed=seed)
+    compare_methods(setup, space, methods=settings.pop("methods"), learned=learned, learned_from=str(prune_yaml),
+                    settings=ComparisonSettings(seed=seed, **settings), output=run_dir / "pruning_table.md",
+                    command=command)
     for name in ("pruning_table.md", "pruning_table.json"):
         shutil.copy(run_dir / name, folder / name)
 
