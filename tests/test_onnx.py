@@ -19,7 +19,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from tests.tiny_pipelines import photo, tiny_autoencoder_tiny, tiny_student, tiny_teacher
-from tinysr_diffusers.onnx_export import add_export_parser, export_onnx
+from tinysr_diffusers.cli import add_export_parser
+from tinysr_diffusers.onnx_export import export_onnx
 from tinysr_diffusers.pipelines import OnnxTinySRPipeline
 from tinysr_diffusers.pipelines.onnx_folder import COMPONENTS, CONFIG_NAME, MODEL_FILE, SETTINGS
 

@@ -5,11 +5,14 @@ pipeline class is used, so the command line starts at once.
 """
 
 import os
-import sys
 from typing import TYPE_CHECKING
 
-from .import_utils import _LazyModule
+from .import_utils import install_lazy_module
 
+
+if TYPE_CHECKING:
+    from .models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
+    from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline
 
 __version__ = "0.1.0"
 
@@ -21,16 +24,6 @@ _import_structure = {
     "models": ["PromptEmbeddings", "TinySRAutoencoder", "TinySRTransformer2DModel"],
     "pipelines": ["OneStepSRPipeline", "TSDSRPipeline", "TinySRPipeline"],
 }
-
-if TYPE_CHECKING:
-    from .models import PromptEmbeddings, TinySRAutoencoder, TinySRTransformer2DModel
-    from .pipelines import OneStepSRPipeline, TinySRPipeline, TSDSRPipeline
-else:
-    sys.modules[__name__] = _LazyModule(
-        __name__,
-        globals()["__file__"],
-        _import_structure,
-        module_spec=__spec__,
-        extra_objects={"__version__": __version__, "DEFAULT_MODEL": DEFAULT_MODEL},
-        doc=__doc__,
-    )
+install_lazy_module(
+    __name__, _import_structure, extra_objects={"__version__": __version__, "DEFAULT_MODEL": DEFAULT_MODEL}
+)

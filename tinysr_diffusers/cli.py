@@ -27,7 +27,6 @@ import PIL.Image
 from .demo import add_demo_parser  # standard library only: gradio and torch load when `tinysr demo` runs
 from .image_io import DEEP_FORMATS, OUTPUT_FORMATS, read_image, write_image  # numpy and PIL only at import
 from .loading import ModelLoadError, add_model_arguments, check_model_arguments, load_pipeline_from_args, one_line
-from .onnx_export import add_export_parser  # standard library only: onnx loads when `tinysr export` runs
 from .tiling import MIN_TILE_SIZE, TileSettings  # torch loads when tiles are made
 
 
@@ -407,6 +406,59 @@ def add_convert_parser(subparsers) -> None:
         )
         release.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
         release.set_defaults(func=convert)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run `tinysr export onnx`: load the pipeline, export into a temporary folder beside DIR, rename it."""
+    import torch
+
+    from .onnx_export import export_onnx
+    from .pipelines import OneStepSRPipeline
+    from .utils import atomic_directory
+
+    try:
+        pipe = OneStepSRPipeline.from_pretrained(
+            args.pipeline, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        )
+        with atomic_directory(args.output_dir, overwrite=args.overwrite) as folder:
+            export_onnx(pipe, folder, int8=args.int8)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    print(
+        f"Exported {type(pipe).__name__} to {args.output_dir}; run it with `tinysr upscale --model "
+        f"{args.output_dir}` or OnnxTinySRPipeline.from_pretrained."
+    )
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="Export a pipeline for other runtimes (ONNX).",
+        description="Export a TinySR pipeline folder or Hub repo for deployment without PyTorch.",
+    )
+    formats = parser.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser(
+        "onnx",
+        help="The tiny VAE's encoder and decoder and the transformer as ONNX graphs (dynamic height and width).",
+        description="Write DIR/vae_encoder, DIR/vae_decoder and DIR/transformer (model.onnx each, float32, dynamic "
+        "batch, height and width) and DIR/onnx_pipeline.json; `tinysr upscale --model DIR` and "
+        "OnnxTinySRPipeline.from_pretrained(DIR) run them with onnxruntime or OpenVINO. Needs the onnx extra (pip "
+        "install 'tinysr-diffusers[onnx]'; OpenVINO: the openvino extra).",
+    )
+    onnx.add_argument("pipeline", metavar="PIPELINE", help="TinySR pipeline folder or Hub repo id.")
+    onnx.add_argument("-o", "--output-dir", required=True, help="Folder to create (written atomically).")
+    onnx.add_argument(
+        "--int8", action="store_true", help="Quantise the transformer's linear layers to int8 (dynamic; opt-in)."
+    )
+    onnx.add_argument("--overwrite", action="store_true", help="Replace DIR if it exists.")
+    onnx.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow a pipeline folder whose code is not TinySR's own shims (only for code you have read).",
+    )
+    onnx.set_defaults(func=export)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

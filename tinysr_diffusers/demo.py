@@ -436,6 +436,14 @@ def _port(text: str) -> int:
     return value
 
 
+# The help of `tinysr demo` and of `python -m tinysr_diffusers.demo`, the same command.
+DESCRIPTION = (
+    "Serve a Gradio app that super-resolves uploaded images with the default model or --model: a before/after slider "
+    "(bicubic vs TinySR), the full-resolution PNG, sizes and run time. Needs the demo extra "
+    f"({INSTALL_HINT})."
+)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `tinysr demo` to `parser`."""
     add_model_arguments(parser, compile_option=False)  # as `tinysr upscale`: pipeline folders, Hub repos, ONNX
@@ -472,18 +480,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def add_demo_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo",
-        help="Try a pipeline in the browser: a Gradio app with a before/after slider.",
-        description="Serve a Gradio app that super-resolves uploaded images with the default model or --model: "
-        "a before/after slider (bicubic vs TinySR), the full-resolution PNG, sizes and run time. Needs the demo "
-        f"extra ({INSTALL_HINT}).",
+        "demo", help="Try a pipeline in the browser: a Gradio app with a before/after slider.", description=DESCRIPTION
     )
     configure_parser(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m tinysr_diffusers.demo [options]` (and the Space's app.py): `tinysr demo` without the subcommand."""
-    parser = argparse.ArgumentParser(prog="tinysr demo", description="Serve the TinySR Gradio demo.")
+    parser = argparse.ArgumentParser(prog="tinysr demo", description=DESCRIPTION)
     args = configure_parser(parser).parse_args(argv)
     check_model_arguments(parser, args)
     return args.func(args)

@@ -1,7 +1,11 @@
 """Lazy package namespaces in the style of diffusers' `_import_structure`, without importing torch.
 
 diffusers' own `diffusers.utils._LazyModule` cannot be used: importing `diffusers.utils` imports torch (seconds), which
-is what the lazy namespaces avoid.
+is what the lazy namespaces avoid. A lazy package's `__init__` names its exports for type checkers under
+`if TYPE_CHECKING:`, then ends with
+
+    _import_structure = {"submodule": ["Name"]}
+    install_lazy_module(__name__, _import_structure)
 """
 
 import importlib
@@ -52,3 +56,19 @@ class _LazyModule(ModuleType):
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         setattr(self, name, value)  # cached: later lookups skip __getattr__
         return value
+
+
+def install_lazy_module(
+    name: str, import_structure: dict[str, list[str]], extra_objects: Optional[dict[str, Any]] = None
+) -> None:
+    """Replace the package `name`, whose `__init__` is running, by its lazy namespace (same file, spec and docstring):
+    Python's import then returns the namespace."""
+    package = sys.modules[name]
+    sys.modules[name] = _LazyModule(
+        name,
+        package.__file__,
+        import_structure,
+        module_spec=package.__spec__,
+        extra_objects=extra_objects,
+        doc=package.__doc__,
+    )

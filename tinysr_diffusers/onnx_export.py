@@ -4,20 +4,18 @@ The folder (its layout: `pipelines/onnx_folder.py`) holds the tiny VAE's encoder
 each with dynamic batch, height and width (the dynamo exporter of `torch.onnx`; with --int8 the transformer's linear
 layers are int8), plus `onnx_pipeline.json` with what the recipe needs besides the graphs. [`OnnxTinySRPipeline`]
 runs it with onnxruntime or OpenVINO, with the same `__call__` and tiling as the torch pipeline; `tinysr upscale
---model DIR` takes it too.
+--model DIR` takes it too. The command (its options and messages) is in `cli.py`.
 
-Only the standard library is imported here until an export runs, so that the command line starts at once.
+Only the standard library is imported here: torch, diffusers and onnx load when an export runs.
 """
 
-import argparse
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from typing import TYPE_CHECKING, Iterator
 
-from .pipelines.onnx_folder import CONFIG_NAME, MODEL_FILE, RUNTIMES  # noqa: F401 - RUNTIMES: cli.py, loading.py
+from .pipelines.onnx_folder import CONFIG_NAME, MODEL_FILE
 
 
 if TYPE_CHECKING:
@@ -162,55 +160,3 @@ def _quantize_linears(source: str, target: str) -> None:
         weight_type=QuantType.QInt8,
         use_external_data_format=True,
     )
-
-
-def export(args: argparse.Namespace) -> int:
-    """Run `tinysr export onnx`: load the pipeline, export into a temporary folder beside DIR, rename it."""
-    import torch
-
-    from .pipelines import OneStepSRPipeline
-    from .utils import atomic_directory
-
-    try:
-        pipe = OneStepSRPipeline.from_pretrained(
-            args.pipeline, dtype=torch.float32, trust_remote_code=args.trust_remote_code
-        )
-        with atomic_directory(args.output_dir, overwrite=args.overwrite) as folder:
-            export_onnx(pipe, folder, int8=args.int8)
-    except (OSError, TypeError, ValueError) as error:
-        print(f"error: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    print(
-        f"Exported {type(pipe).__name__} to {args.output_dir}; run it with `tinysr upscale --model "
-        f"{args.output_dir}` or OnnxTinySRPipeline.from_pretrained."
-    )
-    return 0
-
-
-def add_export_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="Export a pipeline for other runtimes (ONNX).",
-        description="Export a TinySR pipeline folder or Hub repo for deployment without PyTorch.",
-    )
-    formats = parser.add_subparsers(dest="format", required=True)
-    onnx = formats.add_parser(
-        "onnx",
-        help="The tiny VAE's encoder and decoder and the transformer as ONNX graphs (dynamic height and width).",
-        description="Write DIR/vae_encoder, DIR/vae_decoder and DIR/transformer (model.onnx each, float32, dynamic "
-        "batch, height and width) and DIR/onnx_pipeline.json; `tinysr upscale --model DIR` and "
-        "OnnxTinySRPipeline.from_pretrained(DIR) run them with onnxruntime or OpenVINO. Needs the onnx extra (pip "
-        "install 'tinysr-diffusers[onnx]'; OpenVINO: the openvino extra).",
-    )
-    onnx.add_argument("pipeline", metavar="PIPELINE", help="TinySR pipeline folder or Hub repo id.")
-    onnx.add_argument("-o", "--output-dir", required=True, help="Folder to create (written atomically).")
-    onnx.add_argument(
-        "--int8", action="store_true", help="Quantise the transformer's linear layers to int8 (dynamic; opt-in)."
-    )
-    onnx.add_argument("--overwrite", action="store_true", help="Replace DIR if it exists.")
-    onnx.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Allow a pipeline folder whose code is not TinySR's own shims (only for code you have read).",
-    )
-    onnx.set_defaults(func=export)

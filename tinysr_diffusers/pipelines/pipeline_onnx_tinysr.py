@@ -96,6 +96,11 @@ class OnnxAutoencoder:
         return f"{type(self).__name__}(encoder={self.encoder!r}, decoder={self.decoder!r})"
 
 
+def _setting(name: str) -> property:
+    """A read-only property of the pipeline that returns the setting `name` of its config (`onnx_folder.SETTINGS`)."""
+    return property(lambda pipe: pipe.config[name])
+
+
 class OnnxTinySRPipeline(OneStepSRPipeline):
     r"""
     TinySR exported to ONNX (`tinysr export onnx`), run with onnxruntime or OpenVINO: the same `__call__` as
@@ -144,25 +149,12 @@ class OnnxTinySRPipeline(OneStepSRPipeline):
             color_fix=color_fix,
         )
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.config.vae_scale_factor
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def max_latent_size(self) -> int:
-        return self.config.max_latent_size
-
-    @property
-    def latent_scale(self) -> float:
-        return self.config.scaling_factor
-
-    @property
-    def latent_shift(self) -> float:
-        return self.config.latent_shift
+    # What the base class reads from the torch models' configs, an export reads from its settings.
+    vae_scale_factor = _setting("vae_scale_factor")
+    patch_size = _setting("patch_size")
+    max_latent_size = _setting("max_latent_size")
+    latent_scale = _setting("scaling_factor")
+    latent_shift = _setting("latent_shift")
 
     def predict_velocity(self, latents: torch.Tensor, transformer: Optional[ExportedModel] = None) -> torch.Tensor:
         """The exported transformer on `z_L`; latents larger than its position-embedding grid need tiling."""

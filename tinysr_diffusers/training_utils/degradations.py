@@ -77,12 +77,13 @@ class DegradationConfig:
     betag_range: tuple = (0.5, 4.0)
     betap_range: tuple = (1.0, 2.0)
 
-    kernel_list2: tuple = KERNEL_TYPES
-    kernel_prob2: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    sinc_prob2: float = 0.1
+    # The second round's kernels: the first round's defaults (as in Real-ESRGAN) but for a narrower blur_sigma2.
+    kernel_list2: tuple = kernel_list
+    kernel_prob2: tuple = kernel_prob
+    sinc_prob2: float = sinc_prob
     blur_sigma2: tuple = (0.2, 1.5)
-    betag_range2: tuple = (0.5, 4.0)
-    betap_range2: tuple = (1.0, 2.0)
+    betag_range2: tuple = betag_range
+    betap_range2: tuple = betap_range
 
     final_sinc_prob: float = 0.8
 
@@ -95,15 +96,15 @@ class DegradationConfig:
     gray_noise_prob: float = 0.4
     jpeg_range: tuple = (30.0, 95.0)
 
-    # Second degradation round.
+    # Second degradation round: milder resizing and noise; the noise kinds and JPEG qualities of the first.
     second_blur_prob: float = 0.8
     resize_prob2: tuple = (0.3, 0.4, 0.3)
     resize_range2: tuple = (0.3, 1.2)
-    gaussian_noise_prob2: float = 0.5
+    gaussian_noise_prob2: float = gaussian_noise_prob
     noise_range2: tuple = (1.0, 25.0)
     poisson_scale_range2: tuple = (0.05, 2.5)
-    gray_noise_prob2: float = 0.4
-    jpeg_range2: tuple = (30.0, 95.0)
+    gray_noise_prob2: float = gray_noise_prob
+    jpeg_range2: tuple = jpeg_range
 
     resize_modes: tuple = RESIZE_MODES
     # Probability that the last JPEG comes before [resize to 1/scale + sinc] rather than after (Real-ESRGAN: 0.5).
