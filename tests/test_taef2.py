@@ -65,3 +65,31 @@ def test_separable_split_is_exact_for_rank_one_kernels_and_keeps_the_rest(taef2)
     assert torch.equal(taef2.encoder.state_dict()[pool], separable.encoder.state_dict()[pool])
     assert sum(p.numel() for p in separable.encoder.parameters()) < 0.25 * sum(
         p.numel() for p in taef2.encoder.parameters())
+
+
+def test_narrowed_copy_keeps_leading_channels_and_the_unchanged_stages(taef2):
+    narrow = TinySRAutoencoder.from_autoencoder(taef2, encoder_conv="separable",
+                                                decoder_block_out_channels=[64, 64, 32, 32])
+    assert list(narrow.config.decoder_block_out_channels) == [64, 64, 32, 32]
+    assert narrow.config.encoder_conv == "separable"
+    source = taef2.decoder.state_dict()
+    for name, tensor in narrow.decoder.state_dict().items():
+        assert torch.equal(tensor, source[name][tuple(slice(0, size) for size in tensor.shape)]), name
+    # The first two stages are TAEF2's own: their output at 16x the latent resolution is unchanged, computed by
+    # running TAEF2's layers up to the first narrowed convolution.
+    latents = torch.randn(1, 32, 4, 4)
+    first_narrowed = next(i for i, layer in enumerate(narrow.decoder.layers)
+                          if isinstance(layer, torch.nn.Conv2d) and layer.out_channels == 32)
+    with torch.no_grad():
+        x = torch.tanh(latents / 3) * 3
+        ours, theirs = x, x
+        for layer in narrow.decoder.layers[:first_narrowed]:
+            ours = layer(ours)
+        for layer in taef2.decoder.layers[:first_narrowed]:
+            theirs = layer(theirs)
+        assert torch.equal(ours, theirs)
+        assert narrow.decode(latents).sample.shape == taef2.decode(latents).sample.shape
+    with pytest.raises(ValueError, match="must narrow"):
+        TinySRAutoencoder.from_autoencoder(taef2, decoder_block_out_channels=[64, 64, 128, 32])
+    with pytest.raises(ValueError, match="must narrow"):
+        TinySRAutoencoder.from_autoencoder(taef2, encoder_block_out_channels=[32, 32])

@@ -306,12 +306,23 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     @classmethod
     def from_autoencoder(
-        cls, vae: "TinySRAutoencoder", encoder_conv: Optional[str] = None, decoder_conv: Optional[str] = None
+        cls,
+        vae: "TinySRAutoencoder",
+        encoder_conv: Optional[str] = None,
+        decoder_conv: Optional[str] = None,
+        *,
+        encoder_block_out_channels: Optional[Sequence[int]] = None,
+        decoder_block_out_channels: Optional[Sequence[int]] = None,
     ) -> "TinySRAutoencoder":
-        """A copy of `vae` with other convolution types: standard convolutions become separable ones through
-        [`SeparableConv2d.from_conv`] (the paper's separable encoder, initialised from a standard teacher encoder
-        before its distillation); sides that keep their type are copied exactly."""
-        config = dict(vae.config)
+        """A copy of `vae` with other convolution types and/or narrower stages, as the start of a distillation.
+
+        Standard convolutions become separable ones through [`SeparableConv2d.from_conv`] (the paper's separable
+        encoder, initialised from a standard teacher encoder); sides that keep their type are copied exactly. A
+        narrower stage (fewer `*_block_out_channels`, same number of blocks) keeps the leading channels of each of
+        its tensors: a crude start, but one that already decodes (random weights do not), so that a short CPU
+        distillation of the cheap decoder has somewhere to begin.
+        """
+        config = {key: value for key, value in vae.config.items() if not key.startswith("_")}  # none "defaulted"
         config.update(
             encoder_conv=encoder_conv or config["encoder_conv"], decoder_conv=decoder_conv or config["decoder_conv"]
         )
@@ -330,7 +341,28 @@ class TinySRAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                     target.get_submodule(parent).register_module(child, SeparableConv2d.from_conv(module))
                 elif isinstance(module, (nn.Conv2d, nn.GroupNorm)):
                     target.get_submodule(name).load_state_dict(module.state_dict())
+        widths = {"encoder_block_out_channels": encoder_block_out_channels,
+                  "decoder_block_out_channels": decoder_block_out_channels}
+        widths = {key: list(value) for key, value in widths.items() if value is not None}
+        if widths:
+            new = new._narrowed(widths)
         return new.to(device=vae.device, dtype=vae.dtype) if vae.dtype != new.dtype else new.to(vae.device)
+
+    def _narrowed(self, widths: dict) -> "TinySRAutoencoder":
+        """This autoencoder with the `*_block_out_channels` of `widths`, each tensor cut to its leading slice."""
+        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
+        for key, value in widths.items():
+            if len(value) != len(config[key]) or any(new > old for new, old in zip(value, config[key])):
+                raise ValueError(f"{key}={value} must narrow {list(config[key])} stage by stage (same length, "
+                                 "no stage wider).")
+        config.update(widths)
+        narrow = type(self).from_config(config)
+        source = self.state_dict()
+        narrow.load_state_dict({
+            name: source[name][tuple(slice(0, size) for size in tensor.shape)]
+            for name, tensor in narrow.state_dict().items()
+        })
+        return narrow
 
     @staticmethod
     def taef2_config() -> dict:
