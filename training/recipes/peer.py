@@ -249,28 +249,39 @@ def read_shard(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- latents
 def stage_latents(recipe: dict, folder: Path, out: Path) -> None:
-    """TAEF2 latents of every target shard: `lr_latents` of the bicubic-upscaled LR, `hr_latents` of the target
-    mixed with `hr_mix` of the HR (pixel space). Written as the latent cache `training/latents.py` defines."""
+    """TAEF2 latents of the first `shards` target shards (all by default): `lr_latents` of the bicubic-upscaled LR,
+    `hr_latents` of the target mixed with `hr_mix` of the HR (pixel space), in the latent-cache layout
+    `training/latents.py` defines. One file per shard in `<folder>.partial`, renamed when all are done: an
+    interrupted stage resumes at the next shard."""
     import torch
     from safetensors.torch import save_file
 
     from tinysr_diffusers import TSDSRPipeline
+    from tinysr_diffusers.devices import optimize_for_cpu
     from tinysr_diffusers.image_processing import bicubic_upscale
+    from tqdm.auto import tqdm
+
     from tinysr_diffusers.utils import atomic_path, write_json
     from training.latents import CACHE_INFO, training_latents
 
     settings = stage_config("latents")
-    pipe = TSDSRPipeline.from_pretrained(out / "teacher_init")
+    pipe = optimize_for_cpu(TSDSRPipeline.from_pretrained(out / "teacher_init"))  # channels_last: ~2x the encodes
     mix = settings["hr_mix"]
-    shards = sorted((out / "targets").glob("shard-*.npz"))
+    shards = sorted((out / "targets").glob("shard-*.npz"))[:settings.get("shards")]
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(exist_ok=True)
     samples = 0
 
     def images(array):
         return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
 
     with torch.no_grad():
-        for number, path in enumerate(shards):
+        for number, path in enumerate(tqdm(shards, desc="TAEF2 latents")):
             arrays = read_shard(path)
+            samples += len(arrays["lr"])
+            file = partial / f"shard-000-{number:06d}.safetensors"
+            if file.exists():  # done before an interruption
+                continue
             lr_up = bicubic_upscale(images(arrays["lr"]), 4).clamp(0, 1)
             target = (1 - mix) * images(arrays["target"]) + mix * images(arrays["hr"])
             batch = settings["batch_size"]
@@ -279,18 +290,19 @@ def stage_latents(recipe: dict, folder: Path, out: Path) -> None:
                 tensors["lr_latents"].append(training_latents(pipe, lr_up[start:start + batch] * 2 - 1))
                 tensors["hr_latents"].append(training_latents(pipe, target[start:start + batch] * 2 - 1))
             tensors = {key: torch.cat(value).float().contiguous() for key, value in tensors.items()}
-            with atomic_path(folder / f"shard-000-{number:06d}.safetensors") as temporary:
+            with atomic_path(file) as temporary:
                 save_file(tensors, temporary)
-            samples += len(lr_up)
-    write_json(folder / CACHE_INFO, {"teacher": str(out / "teacher_init"), "teacher_latents": False,
-                                     "samples": samples, "hr_size": recipe["targets"]["hr_size"], "hr_mix": mix})
+    write_json(partial / CACHE_INFO, {"teacher": str(out / "teacher_init"), "teacher_latents": False,
+                                      "samples": samples, "hr_size": recipe["targets"]["hr_size"], "hr_mix": mix})
+    os.replace(partial, folder)
 
 
 # ---------------------------------------------------------------------------------------------------------- teacher
 def distill_argv(recipe: dict, out: Path, name: str, **overrides) -> list[str]:
     """The command line of a `training/distill.py` stage: its YAML, the recipe's shared settings, `overrides`."""
-    values = {"seed": recipe["seed"], "report_to": "tensorboard", "resume_from_checkpoint": "latest",
-              "hr_size": recipe["targets"]["hr_size"], **overrides}
+    values = {"seed": recipe["seed"], "report_to": "tensorboard", "resume_from_checkpoint": "latest", **overrides}
+    if "hr_size" not in stage_config(name):  # the latent stages match the shards' crops; image stages crop smaller
+        values["hr_size"] = recipe["targets"]["hr_size"]
     if recipe.get("max_steps"):
         values.update(max_steps=recipe["max_steps"], checkpointing_steps=recipe["max_steps"])
     argv = ["--config", str(CONFIG_DIR / f"{name}.yaml")]
@@ -304,6 +316,52 @@ def stage_teacher(recipe: dict, folder: Path, out: Path) -> None:
     shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
 
+# ------------------------------------------------------------------------------------------------- student VAE
+def stage_student_vae_init(recipe: dict, folder: Path, out: Path) -> None:
+    """TAEF2 with the recipe's `student_vae` convolutions and widths, as the start of the VAE stages."""
+    from tinysr_diffusers import TinySRAutoencoder
+
+    taef2 = TinySRAutoencoder.from_pretrained(out / "taef2")
+    TinySRAutoencoder.from_autoencoder(taef2, **recipe["student_vae"]).save_pretrained(folder)
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+def stage_vae_encoder(recipe: dict, folder: Path, out: Path) -> None:
+    mini.run_distill(recipe, out, "vae_encoder", folder, argv=distill_argv, teacher=str(out / "teacher_init"),
+                     student_vae=str(out / "student_vae_init"), pair_data=str(out / "targets"))
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+def stage_vae_decoder(recipe: dict, folder: Path, out: Path) -> None:
+    """The decoder stage on the trained encoder: its export is the student's whole VAE."""
+    mini.run_distill(recipe, out, "vae_decoder", folder, argv=distill_argv, teacher=str(out / "teacher_init"),
+                     student_vae=str(out / "vae_encoder"), pair_data=str(out / "targets"),
+                     pair_hr_mix=stage_config("latents")["hr_mix"])
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+# ----------------------------------------------------------------------------------------------- pruned student
+def stage_prune(recipe: dict, folder: Path, out: Path) -> None:
+    """The TinySR search on the trained teacher over the target latent cache; the student keeps TAEF2 until the
+    pixel stage puts its own VAE in."""
+    mini.run_distill(recipe, out, "prune", folder, argv=distill_argv, teacher=str(out / "teacher"),
+                     latent_cache=str(out / "latents"), **{"prune.keep": recipe["keep_layers"]})
+    for name in ("pruning.json", "keep_probabilities.png"):
+        shutil.copy(out / "prune-run" / name, out / f"prune.{name}")
+
+
+def stage_latent(recipe: dict, folder: Path, out: Path) -> None:
+    mini.run_distill(recipe, out, "latent", folder, argv=distill_argv, teacher=str(out / "teacher"),
+                     student=str(out / "prune"), latent_cache=str(out / "latents"))
+
+
+def stage_pixel(recipe: dict, folder: Path, out: Path) -> None:
+    mini.run_distill(recipe, out, "pixel", folder, argv=distill_argv, teacher=str(out / "teacher"),
+                     student=str(out / "latent"), student_vae=str(out / "vae_decoder"),
+                     pair_data=str(out / "targets"))
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
 STAGES = {
     "data": lambda recipe, folder, out: stage_data(recipe, folder),
     "taef2": mini.STAGES["taef2"],
@@ -311,8 +369,15 @@ STAGES = {
     "teacher_init": stage_teacher_init,
     "latents": stage_latents,
     "teacher": stage_teacher,
+    "student_vae_init": stage_student_vae_init,
+    "vae_encoder": stage_vae_encoder,
+    "vae_decoder": stage_vae_decoder,
+    "prune": stage_prune,
+    "latent": stage_latent,
+    "pixel": stage_pixel,
 }
-SELF_WRITING = ("targets", "teacher")  # they write their folder themselves (resumable inside); the rest atomically
+# They write their folder themselves (resumable inside); the rest atomically.
+SELF_WRITING = ("targets", "latents", "teacher", "vae_encoder", "vae_decoder", "prune", "latent", "pixel")
 
 
 def main(argv=None) -> None:
