@@ -25,6 +25,9 @@ def test_aims_follow_the_figures():
     results["aims"] = aims(results, "new", "teacher")
     assert dict((name, met) for name, _, _, met in results["aims"])["speed vs Real-ESRGAN (ncnn)"] is False
     text = to_markdown(results)
+    subset = {**results, "quality": {scope: {name: {"psnr": m["psnr"], "lpips": m["lpips"]} for name, m in rows.items()}
+                                     for scope, rows in quality.items()}}
+    assert "| Method | PSNR-Y ↑ | LPIPS ↓ |" in to_markdown(subset)
     assert "| speed vs Real-ESRGAN (ncnn) | >= 5x | 4.0x | **missed** |" in text and "### mild" in text
 
 
@@ -36,15 +39,17 @@ def test_scores_are_kept_while_their_images_are_unchanged(tmp_path, monkeypatch)
     calls = []
 
     def fake_score(sr_files, hr_files, metrics, device, **kwargs):
-        calls.append(sorted(sr_files))
+        calls.append(list(metrics))
         return {name: {"value": float(len(calls))} for name in metrics}, None
 
     monkeypatch.setattr(peer, "score", fake_score)
     image = tmp_path / "a.png"
     image.write_bytes(b"x")
     cache = tmp_path / "scores" / "mild" / "new.json"
-    first = peer.scores({"a": image}, {"a": image}, cache)
-    assert peer.scores({"a": image}, {"a": image}, cache) == first and len(calls) == 1
+    first = peer.scores({"a": image}, {"a": image}, cache, ["psnr", "lpips"])
+    assert peer.scores({"a": image}, {"a": image}, cache, ["lpips", "psnr"]) == first and len(calls) == 1
+    assert peer.scores({"a": image}, {"a": image}, cache, ["psnr", "niqe"])["psnr"] == first["psnr"]
+    assert calls == [["psnr", "lpips"], ["niqe"]]  # only NIQE was scored the second time
     stat = image.stat()
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the image was made again
-    assert peer.scores({"a": image}, {"a": image}, cache)["psnr"] == 2.0 and len(calls) == 2
+    assert peer.scores({"a": image}, {"a": image}, cache, ["psnr"])["psnr"] == 3.0 and len(calls) == 3

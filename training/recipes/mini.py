@@ -376,25 +376,30 @@ SHIPPED_PRECISIONS = (("float16", "float16", "float16"), ("float16 transformer, 
 
 
 def stage_export(recipe: dict, folder: Path, out: Path) -> None:
-    """The trained student as the shipped default model: the smallest precision whose float32 outputs stay within
-    1e-3 of the float32 weights' on a held-out photo (and that fits 20 MiB), with the recipe's colour fix as the
-    pipeline's own (`color_fix` in `recipe.yaml`), plus the TAEF2 licence."""
+    """The trained student as the shipped default model (`export_student`), checked on a held-out LR photo."""
+    lr = load_rgb(sorted((out / "data" / "heldout" / "lr").glob("*.png"))[0])
+    export_student(out / "pixel", folder, lr=lr, color_fix=recipe["color_fix"])
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
+def export_student(source: Path, folder: Path, *, lr, color_fix: Optional[str]) -> None:
+    """`source` (a student pipeline) saved into `folder` at the smallest precision whose float32 outputs on `lr`
+    stay within 1e-3 of the float32 weights' (and that fits 20 MiB), with `color_fix` as the pipeline's own; the
+    precisions tried go to `<folder>/../export_check.json`."""
     import numpy as np
     import torch
 
     from tinysr_diffusers import TinySRPipeline
     from tinysr_diffusers.utils import write_json
 
-    full = TinySRPipeline.from_pretrained(out / "pixel")
+    full = TinySRPipeline.from_pretrained(source)
     full.set_progress_bar_config(disable=True)
-    lr = load_rgb(sorted((out / "data" / "heldout" / "lr").glob("*.png"))[0])
-    color_fix = recipe["color_fix"]
     reference = full(lr, output_type="np", color_fix=color_fix).images[0]
     checks = []
     for name, transformer_dtype, vae_dtype in SHIPPED_PRECISIONS:
         candidate = folder.parent / f".{folder.name}-{transformer_dtype}-{vae_dtype}"
         shutil.rmtree(candidate, ignore_errors=True)
-        pipe = TinySRPipeline.from_pretrained(out / "pixel")
+        pipe = TinySRPipeline.from_pretrained(source)
         pipe.transformer.to(getattr(torch, transformer_dtype))
         pipe.vae.to(getattr(torch, vae_dtype))
         pipe.register_to_config(color_fix=color_fix)  # what `pipe(image)` uses unless a call names another
@@ -406,6 +411,7 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
         checks.append({"precision": name, "max_abs_difference": difference, "bytes": size})
         logger.info("export: %s weights: max |difference| %.2e, %.1f MiB", name, difference, size / 2**20)
         if difference <= 1e-3 and size <= SHIPPED_LIMIT:
+            folder.mkdir(exist_ok=True)
             for item in candidate.iterdir():
                 os.replace(item, folder / item.name)
             shutil.rmtree(candidate)
@@ -414,7 +420,6 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
     else:
         raise ValueError(f"No precision keeps the outputs within 1e-3 under 20 MiB: {checks}")
     write_json(folder.parent / "export_check.json", {"chosen": checks[-1]["precision"], "tried": checks})
-    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
 
 def load_rgb(path: Path):

@@ -362,6 +362,46 @@ def stage_pixel(recipe: dict, folder: Path, out: Path) -> None:
     shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
 
+# ------------------------------------------------------------------------------------------------ export, ship
+COLOUR_FIXES = (None, "wavelet", "adain")
+
+
+def choose_colour_fix(pipe, shard: dict, count: int = 32) -> dict:
+    """Mean PSNR-Y against the HR of `count` training crops (a target shard: all three degradation levels) with each
+    colour fix; the shipped pipeline's own fix is the best. Training data only: the held-out photos are for the
+    benchmark."""
+    import numpy as np
+    import torch
+
+    from tinysr_diffusers.evaluation.metrics import create_metric
+
+    psnr = create_metric("psnr", allow_download=False)
+    lr = torch.from_numpy(shard["lr"][:count]).permute(0, 3, 1, 2).float() / 255
+    hr = torch.from_numpy(shard["hr"][:count]).permute(0, 3, 1, 2).float() / 255
+    pipe.set_progress_bar_config(disable=True)
+    scores = {}
+    with torch.no_grad():
+        for fix in COLOUR_FIXES:
+            outputs = pipe(lr, output_type="pt", color_fix=fix).images.clamp(0, 1)
+            scores[str(fix).lower()] = float(np.mean([float(psnr(o[None], h[None])) for o, h in zip(outputs, hr)]))
+    return {"psnr_y": scores, "chosen": max(scores, key=scores.get)}
+
+
+def stage_export(recipe: dict, folder: Path, out: Path) -> None:
+    """The pixel stage's student as the shipped default model: its colour fix chosen on the last target shard,
+    weights at the smallest precision that keeps its outputs (`mini.export_student`)."""
+    from tinysr_diffusers import TinySRPipeline
+    from tinysr_diffusers.utils import write_json
+
+    shard = read_shard(sorted((out / "targets").glob("shard-*.npz"))[-1])
+    choice = choose_colour_fix(TinySRPipeline.from_pretrained(out / "pixel"), shard)
+    write_json(out / "colour_fix.json", choice)
+    fix = None if choice["chosen"] == "none" else choice["chosen"]
+    lr = mini.load_rgb(sorted((out / "data" / "train").glob("*.png"))[0]).crop((0, 0, 128, 96))
+    mini.export_student(out / "pixel", folder, lr=lr, color_fix=fix)
+    shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
+
+
 STAGES = {
     "data": lambda recipe, folder, out: stage_data(recipe, folder),
     "taef2": mini.STAGES["taef2"],
@@ -375,6 +415,7 @@ STAGES = {
     "prune": stage_prune,
     "latent": stage_latent,
     "pixel": stage_pixel,
+    "export": stage_export,
 }
 # They write their folder themselves (resumable inside); the rest atomically.
 SELF_WRITING = ("targets", "latents", "teacher", "vae_encoder", "vae_decoder", "prune", "latent", "pixel")
