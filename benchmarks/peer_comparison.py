@@ -214,6 +214,44 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def detailed_crop(hr: torch.Tensor, size: int) -> tuple[int, int]:
+    """Top-left of the `size` square (on a 4-pixel grid) with the most gradient energy: where upscalers differ."""
+    grey = hr[0].mean(0)
+    energy = (grey[1:, :-1] - grey[:-1, :-1]).abs() + (grey[:-1, 1:] - grey[:-1, :-1]).abs()
+    pooled = torch.nn.functional.avg_pool2d(energy[None, None], size, stride=4)[0, 0]
+    row, column = divmod(int(pooled.argmax()), pooled.shape[1])
+    return 4 * row, 4 * column
+
+
+def figure(files: dict, lr_files: dict, hr_files: dict, level: str, new: str, photos: list[str], path: Path,
+           size: int = 128) -> None:
+    """Rows of crops per photo at `level`: LR (nearest) | bicubic | Real-ESRGAN x4plus | `new` | HR (a JPEG)."""
+    import PIL.Image
+    import PIL.ImageDraw
+
+    columns = [("LR (nearest)", None), ("bicubic", "bicubic"), ("Real-ESRGAN x4plus", "realesrgan"),
+               (f"TinySR ({new})", new), ("HR", None)]
+    canvas = PIL.Image.new("RGB", (size * len(columns), 20 + size * len(photos)), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    for index, (label, _) in enumerate(columns):
+        draw.text((index * size + 4, 4), label, fill="black")
+    for row, name in enumerate(photos):
+        hr = crop_to_multiple(load_image(hr_files[name]), 4)
+        top, left = detailed_crop(hr, size)
+        lr = load_image(lr_files[level][name])
+        lr_up = torch.nn.functional.interpolate(lr, scale_factor=4, mode="nearest")
+        for index, (_, method) in enumerate(columns):
+            image = hr if index == len(columns) - 1 else lr_up if method is None else load_image(
+                files[level][method][name])
+            pixels = image[0, :, top:top + size, left:left + size].permute(1, 2, 0).numpy()
+            canvas.paste(PIL.Image.fromarray((pixels * 255).round().astype(np.uint8)), (index * size, 20 + row * size))
+    from tinysr_diffusers.utils import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="JPEG", quality=90)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from tinysr_diffusers.utils import atomic_write_text, write_json
 
@@ -226,6 +264,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/peer_comparison"))
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--repeats", type=int, default=5, help="Latency repeats (0: no latency).")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="Also write crops (LR | bicubic | Real-ESRGAN | the new model | HR) at the mild level.")
+    parser.add_argument("--figure-photos", type=lambda text: text.split(","), default=None,
+                        help="Comma-separated photo names for --figure (default: the first three).")
     parser.add_argument("--metrics", type=lambda text: text.split(","), default=METRICS,
                         help=f"Comma-separated subset of {','.join(METRICS)} (default: all; DISTS and NIQE take most "
                         "of the CPU time).")
@@ -254,6 +296,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["latency_s"] = latency(next(iter(models.values())), lr, args.repeats)
     if models:
         results["aims"] = aims(results, args.new or next(iter(models)), args.teacher)
+    if args.figure and models:
+        figure(files, lr_files, hr_files, "mild", args.new or next(iter(models)),
+               args.figure_photos or list(hr_files)[:3], args.figure)
     write_json(folder / "results.json", results)
     atomic_write_text(folder / "results.md", to_markdown(results))
     print(to_markdown(results))
