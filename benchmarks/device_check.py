@@ -157,8 +157,8 @@ def _free(device: "torch.device") -> None:
 
 def time_calls(calls: Sequence[Callable[[], object]], device: "torch.device", warmup: int, repeats: int) -> list:
     """Latencies in ms of every call, interleaved: each round runs all of them once, in an order rotated per round,
-    so that drift slows all alike. Nothing runs between timed calls: `efficiency.time_interleaved` probes memory
-    around each one, which on CUDA empties the allocator's cache, and a millisecond model then pays for cudaMalloc."""
+    so that drift slows all alike. Nothing runs between timed calls (no memory probe: on CUDA it empties the
+    allocator's cache, and a millisecond model then pays for cudaMalloc)."""
     import torch
 
     with torch.no_grad():

@@ -296,9 +296,12 @@ def _synchronize(device: torch.device) -> None:
 def time_interleaved(
     group: Sequence[Case], device: torch.device, warmup: int, repeats: int
 ) -> dict[int, tuple[list[float], Optional[float]]]:
-    """Run every case once per round, `warmup` rounds then `repeats` timed rounds, rotating the order each round.
+    """Run every case once per round, `warmup` rounds then `repeats` timed rounds, rotating the order each round, then
+    one more call per case under the memory probe.
 
-    Returns, per case index, the latencies in ms and the largest peak extra memory in MiB over the timed rounds.
+    The probe stays out of the timed rounds: it empties the CUDA cache / trims the heap before its call, so a call it
+    wraps pays for fresh allocations that a warm pipeline does not. Returns, per case index, the latencies in ms and
+    the peak extra memory in MiB of the probed call.
     """
     memory = PeakMemory(device)
     with torch.no_grad():
@@ -306,20 +309,21 @@ def time_interleaved(
             for case in group:
                 case.fn()
         latencies = {index: [] for index in range(len(group))}
-        peaks = {index: None for index in range(len(group))}
         for round_index in range(repeats):
             shift = round_index % len(group)
             order = list(range(len(group)))[shift:] + list(range(len(group)))[:shift]
             for index in order:
-                memory.start()
                 _synchronize(device)
                 start = time.perf_counter()
                 group[index].fn()
                 _synchronize(device)
                 latencies[index].append((time.perf_counter() - start) * 1e3)
-                peak = memory.stop()
-                if peak is not None:
-                    peaks[index] = max(peaks[index] or 0.0, peak)
+        peaks = {}
+        for index, case in enumerate(group):
+            memory.start()
+            case.fn()
+            _synchronize(device)
+            peaks[index] = memory.stop()
     return {index: (latencies[index], peaks[index]) for index in latencies}
 
 
