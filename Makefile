@@ -21,9 +21,15 @@ test: $(VENV)/.installed
 
 .PHONY: default-model
 
-# Train the default model from scratch on the CPU with the mini recipe (hours; resumable, finished stages skipped).
+# Train the default model on the CPU with the peer recipe (distilled from Real-ESRGAN x4plus; hours, resumable, finished
+# stages skipped), benchmark it on the held-out photos, then ship it into the package with its card.
 default-model: $(VENV)/.installed
-	$(PYTHON) -m training.recipes.mini
+	$(PYTHON) -m training.recipes.peer --only data taef2 targets teacher_init latents teacher student_vae_init \
+		vae_encoder vae_decoder prune latent pixel export
+	$(PYTHON) -m benchmarks.peer_comparison --hr runs/peer/data/heldout --output-dir runs/peer/benchmark \
+		--model tinysr=runs/peer/export --model teacher=runs/peer/teacher --teacher teacher \
+		--model previous=default --figure docs/images/default_model_peer.jpg
+	$(PYTHON) -m training.recipes.peer --only ship
 
 .PHONY: device-wheels
 

@@ -478,7 +478,7 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
         "sources_table": "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
             f"| {row['photo']} | {row['size'][0]}x{row['size'][1]} | {row['licence']} |" for row in train]),
     }
-    card = string.Template((ROOT / "model_cards" / "default_model.md").read_text()).substitute(fields)
+    card = string.Template((ROOT / "model_cards" / "default_model_mini.md").read_text()).substitute(fields)
     from tinysr_diffusers.utils import atomic_directory
 
     with atomic_directory(PACKAGE_MODEL, overwrite=True) as tmp:

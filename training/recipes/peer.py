@@ -402,6 +402,76 @@ def stage_export(recipe: dict, folder: Path, out: Path) -> None:
     shutil.copy(out / "taef2" / "LICENSE.taef2", folder / "LICENSE.taef2")
 
 
+RESULTS = ROOT / "benchmarks" / "results" / "peer"
+BENCHMARK = ("python -m benchmarks.peer_comparison --hr runs/peer/data/heldout --output-dir runs/peer/benchmark "
+             "--model tinysr=runs/peer/export --model teacher=runs/peer/teacher --teacher teacher "
+             "--model previous=default --figure docs/images/default_model_peer.jpg")
+
+
+def results_sections(markdown: str) -> dict[str, str]:
+    """The benchmark's results.md (`to_markdown`: per-level tables, a latency line, the aims table) cut into the
+    card's fields."""
+    lines = markdown.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("### "))
+    aims = next((i for i, line in enumerate(lines) if line.startswith("| Aim |")), len(lines))
+    latency = [line for line in lines[first:aims] if line.startswith("Seconds per")]
+    quality = [line for line in lines[first:aims] if not line.startswith("Seconds per")]
+    return {"quality_table": "\n".join(quality).strip(), "latency": "\n".join(latency) or "Latency: not measured.",
+            "aims_table": "\n".join(lines[aims:]).strip() or "Not measured."}
+
+
+def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
+    """The export, with its model card filled from the measurements, becomes the package's default model; the
+    recipe's small outputs (benchmark results, loss curves, the pruning decision, timings, sources, the colour-fix and
+    export checks) go to `benchmarks/results/peer/`, to be committed. Needs the benchmark's results in
+    `<out>/benchmark` (`BENCHMARK`, run after the export stage)."""
+    import string
+
+    from tinysr_diffusers import TinySRPipeline, TSDSRPipeline
+    from tinysr_diffusers.utils import atomic_directory
+
+    benchmark = out / "benchmark"
+    if not (benchmark / "results.json").exists():
+        raise SystemExit(f"error: {benchmark / 'results.json'} is missing: run `{BENCHMARK}` first.")
+    results = json.loads((benchmark / "results.json").read_text())
+    sources = json.loads((out / "data" / "sources.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
+    export = json.loads((out / "export_check.json").read_text())
+    colour = json.loads((out / "colour_fix.json").read_text())
+    pruning = json.loads((out / "prune.pruning.json").read_text())
+    teacher = TSDSRPipeline.from_pretrained(out / "teacher").transformer
+    student = TinySRPipeline.from_pretrained(out / "export")
+    millions = lambda module: f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}"  # noqa: E731
+    train = [row for row in sources if row["split"] == "train"]
+    fields = {
+        "cpu": results["cpu"], "threads": results["threads"], "command": results["command"],
+        "total_hours": f"{sum(timings.values()) / 3600:.1f}",
+        "num_photos": len(train), "num_crops": recipe["targets"]["shards"] * recipe["targets"]["shard_size"],
+        "teacher_params": millions(teacher), "teacher_layers": teacher.config.num_layers,
+        "kept_layers": ", ".join(map(str, pruning["keep_layers"])),
+        "student_params": f"{float(millions(student.transformer)) + float(millions(student.vae)):.2f}",
+        "transformer_params": millions(student.transformer), "vae_params": millions(student.vae),
+        "colour_fix": colour["chosen"],
+        "colour_fix_scores": ", ".join(f"{name} {value:.2f} dB" for name, value in colour["psnr_y"].items()),
+        "num_heldout": len(results["photos"]), "heldout": ", ".join(results["photos"]),
+        "precision": export["chosen"], "export_difference": f"{export['tried'][-1]['max_abs_difference']:.1e}",
+        "sources_table": "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
+            f"| {row['photo']} | {row['size'][0]}x{row['size'][1]} | {row['licence']} |" for row in train]),
+        **results_sections((benchmark / "results.md").read_text()),
+    }
+    card = string.Template((ROOT / "model_cards" / "default_model.md").read_text()).substitute(fields)
+    with atomic_directory(mini.PACKAGE_MODEL, overwrite=True) as tmp:
+        for item in (out / "export").iterdir():
+            shutil.copy(item, tmp) if item.is_file() else shutil.copytree(item, Path(tmp) / item.name)
+        (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for source in (benchmark / "results.json", benchmark / "results.md", out / "timings.json",
+                   out / "export_check.json", out / "colour_fix.json", out / "data" / "sources.json",
+                   out / "prune.pruning.json", out / "prune.keep_probabilities.png", *out.glob("*.loss.png")):
+        shutil.copy(source, RESULTS / source.name)
+    (folder / "shipped.json").write_text(json.dumps({"to": str(mini.PACKAGE_MODEL)}) + "\n")
+
+
 STAGES = {
     "data": lambda recipe, folder, out: stage_data(recipe, folder),
     "taef2": mini.STAGES["taef2"],
@@ -416,6 +486,7 @@ STAGES = {
     "latent": stage_latent,
     "pixel": stage_pixel,
     "export": stage_export,
+    "ship": stage_ship,
 }
 # They write their folder themselves (resumable inside); the rest atomically.
 SELF_WRITING = ("targets", "latents", "teacher", "vae_encoder", "vae_decoder", "prune", "latent", "pixel")
