@@ -51,13 +51,18 @@ def make_assets(root: Path) -> dict:
 
 
 def config_for(assets, stage, output_dir, *extra):
+    return load_config(argv_for(assets, stage, output_dir, *extra))
+
+
+def argv_for(assets, stage, output_dir, *extra):
+    """The command line of a tiny training run on the test assets."""
     args = [
         f"stage={stage}", f"teacher={assets['teacher']}", f"train_data=[{assets['images']}]",
         f"output_dir={output_dir}", "hr_size=128", "batch_size=2", "report_to=none", "lpips_net=alex",
         "sample_steps=0", "learning_rate=1e-3", "disc_learning_rate=1e-3", "lora_rank=4", "seed=3",
         f"vae_config={TINY_VAE}", "keep_layers=[0,2]", f"student_vae={assets['student_vae']}",
     ]
-    return load_config(args + list(extra))
+    return args + list(extra)
 
 
 def test_config_yaml_overrides_and_errors(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.payloads import Payload
-from tests.test_training import PRUNE, _transformer_state, config_for, make_assets
+from tests.test_training import PRUNE, _transformer_state, argv_for, config_for, make_assets
 from training.config import load_config
 from training.distill import NonFiniteLossError, main, train
 
@@ -202,6 +202,18 @@ def test_non_finite_loss_keeps_the_last_checkpoint_with_a_finite_loss(assets, tm
     resumed = train(config_for(assets, "latent", out, *common, "resume_from_checkpoint=latest"))
     assert resumed["step"] == 6 and len(resumed["losses"]) == 4
     assert sorted(os.listdir(out)) == ["checkpoint-4.nonfinite", "checkpoint-6", "final", "run.json"]
+
+
+def test_the_command_reports_a_non_finite_loss_in_one_line(assets, tmp_path, monkeypatch):
+    import training.distill as distill
+
+    real = distill.generator_loss
+    monkeypatch.setattr(distill, "generator_loss", lambda *a, **k: (lambda loss, terms, outputs: (
+        loss * float("nan"), terms, outputs))(*real(*a, **k)))
+    argv = argv_for(assets, "latent", tmp_path / "out", "hr_size=64", "max_steps=2")
+    with pytest.raises(SystemExit, match=r"^error: .*'loss': nan") as stop:
+        main(argv)
+    assert "\n" not in str(stop.value)
 
 
 def test_resume_applies_the_configured_learning_rate_and_schedule(assets, tmp_path, caplog):

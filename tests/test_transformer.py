@@ -196,6 +196,8 @@ def test_bad_from_sd3_arguments_are_named():
         TinySRTransformer2DModel.from_sd3(teacher, [1, 1], pooled_projections=pooled)
     with pytest.raises(ValueError, match="empty"):
         TinySRTransformer2DModel.from_sd3(teacher, [], pooled_projections=pooled)
+    with pytest.raises(ValueError, match=r"must be layer indices \(integers\), got \[0\.5, 1\]"):
+        TinySRTransformer2DModel.from_sd3(teacher, [0.5, 1], pooled_projections=pooled)  # not silently layer 0
     with pytest.raises(ValueError, match="pooled_projections"):
         TinySRTransformer2DModel.from_sd3(teacher, [0], pooled_projections=torch.zeros(5))
     with pytest.raises(TypeError, match="SD3Transformer2DModel"):

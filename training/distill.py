@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from pruning.data import epoch_batches
 from pruning.learner import (
-    NonFiniteLossError,  # noqa: F401 (the error a run of this script stops with)
+    NonFiniteLossError,
     limit_checkpoints,
     load_checkpoint,
     non_finite_loss_error,
@@ -268,10 +268,11 @@ def log_samples(accelerator: Accelerator, lr_up, fake, hr, step: int) -> None:
 
 
 def main(argv=None) -> None:
-    """Train, reporting a refused configuration, output_dir, teacher or checkpoint in one line (exit status 1)."""
+    """Train, reporting a refused configuration, output_dir, teacher or checkpoint, or a loss that stopped being
+    finite (with the checkpoint to resume from), in one line (exit status 1)."""
     try:
         train(load_config(argv))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, NonFiniteLossError) as error:
         raise SystemExit(f"error: {error}")
 
 

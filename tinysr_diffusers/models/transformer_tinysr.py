@@ -390,6 +390,8 @@ class TinySRTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 def _check_keep_layers(keep_layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
     if keep_layers is None:
         return list(range(num_layers))
+    if any(isinstance(layer, bool) or int(layer) != layer for layer in keep_layers):
+        raise ValueError(f"`keep_layers` must be layer indices (integers), got {list(keep_layers)}.")
     keep = [int(layer) for layer in keep_layers]
     if not keep:
         raise ValueError("`keep_layers` is empty: keep at least one block.")
