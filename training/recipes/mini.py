@@ -265,7 +265,7 @@ def run_distill(
     run_dir = out / f"{name}-run"
     config = load_config(argv(recipe, out, name, output_dir=str(run_dir), **overrides))
     result = train(config)
-    plot_losses(run_dir / "logs", folder.with_suffix(".loss.png"), title=name)
+    plot_losses(run_dir / "logs", folder.with_suffix(".loss.png"), title=f"{out.name} recipe: {name}")
     os.replace(result["export"], folder)
 
 
@@ -361,7 +361,7 @@ def plot_losses(log_dir: Path, png: Path, title: str) -> None:
         axis.plot(steps, [points[s] for s in steps], label=tag, linewidth=1)
     axis.set_yscale("log")
     axis.set_xlabel("step")
-    axis.set_title(f"mini recipe: {title}")
+    axis.set_title(title)
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(png, dpi=110)
