@@ -23,7 +23,7 @@ def test_reconstruction_and_speed_of_a_narrowed_vae(tmp_path):
         tmp_path / "narrow")
     output = tmp_path / "result.md"
     assert main(["--hr", str(photos), "--vae", f"narrow={tmp_path / 'narrow'}", "--output", str(output),
-                 "--repeats", "1"]) == 0
+                 "--repeats", "1", "--side", "64"]) == 0
     results = json.loads(output.with_suffix(".json").read_text())
     quality = results["quality"]
     assert set(quality) == {"taef2", "narrow", "narrow decoder on TAEF2 latents"}
