@@ -475,16 +475,10 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
         "aims_table": aims_markdown(results),
         "precision": export["chosen"],
         "export_difference": f"{export['tried'][-1]['max_abs_difference']:.1e}",
-        "sources_table": "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
-            f"| {row['photo']} | {row['size'][0]}x{row['size'][1]} | {row['licence']} |" for row in train]),
+        "sources_table": sources_table(train),
     }
     card = string.Template((ROOT / "model_cards" / "default_model_mini.md").read_text()).substitute(fields)
-    from tinysr_diffusers.utils import atomic_directory
-
-    with atomic_directory(PACKAGE_MODEL, overwrite=True) as tmp:
-        for item in (out / "export").iterdir():
-            shutil.copy(item, tmp) if item.is_file() else shutil.copytree(item, Path(tmp) / item.name)
-        (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+    install_default_model(out / "export", card)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source in (out / "evaluate" / "results.json", out / "evaluate" / "results.md", out / "timings.json",
                    out / "export_check.json", out / "data" / "sources.json", out / "prune.pruning.json",
@@ -492,6 +486,22 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
                    out / "prune.keep_probabilities.png", *out.glob("*.loss.png")):
         shutil.copy(source, RESULTS / source.name)
     (folder / "shipped.json").write_text(json.dumps({"to": str(PACKAGE_MODEL)}) + "\n")
+
+
+def sources_table(train: list[dict]) -> str:
+    """The training photos of `sources.json` as the model card's markdown table."""
+    return "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
+        f"| {row['photo']} | {row['size'][0]}x{row['size'][1]} | {row['licence']} |" for row in train])
+
+
+def install_default_model(export: Path, card: str) -> None:
+    """The exported pipeline folder, with `card` as its README, replaces the package's default model atomically."""
+    from tinysr_diffusers.utils import atomic_directory
+
+    with atomic_directory(PACKAGE_MODEL, overwrite=True) as tmp:
+        for item in export.iterdir():
+            shutil.copy(item, tmp) if item.is_file() else shutil.copytree(item, Path(tmp) / item.name)
+        (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------------------ driver

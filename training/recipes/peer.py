@@ -428,7 +428,6 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
     import string
 
     from tinysr_diffusers import TinySRPipeline, TSDSRPipeline
-    from tinysr_diffusers.utils import atomic_directory
 
     benchmark = out / "benchmark"
     if not (benchmark / "results.json").exists():
@@ -441,29 +440,27 @@ def stage_ship(recipe: dict, folder: Path, out: Path) -> None:
     pruning = json.loads((out / "prune.pruning.json").read_text())
     teacher = TSDSRPipeline.from_pretrained(out / "teacher").transformer
     student = TinySRPipeline.from_pretrained(out / "export")
-    millions = lambda module: f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}"  # noqa: E731
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in
+              (("teacher", teacher), ("transformer", student.transformer), ("vae", student.vae))}
+    millions = {name: f"{count / 1e6:.2f}" for name, count in counts.items()}
     train = [row for row in sources if row["split"] == "train"]
     fields = {
         "cpu": results["cpu"], "threads": results["threads"], "command": results["command"],
         "total_hours": f"{sum(timings.values()) / 3600:.1f}",
         "num_photos": len(train), "num_crops": recipe["targets"]["shards"] * recipe["targets"]["shard_size"],
-        "teacher_params": millions(teacher), "teacher_layers": teacher.config.num_layers,
+        "teacher_params": millions["teacher"], "teacher_layers": teacher.config.num_layers,
         "kept_layers": ", ".join(map(str, pruning["keep_layers"])),
-        "student_params": f"{float(millions(student.transformer)) + float(millions(student.vae)):.2f}",
-        "transformer_params": millions(student.transformer), "vae_params": millions(student.vae),
+        "student_params": f"{(counts['transformer'] + counts['vae']) / 1e6:.2f}",
+        "transformer_params": millions["transformer"], "vae_params": millions["vae"],
         "colour_fix": colour["chosen"],
         "colour_fix_scores": ", ".join(f"{name} {value:.2f} dB" for name, value in colour["psnr_y"].items()),
         "num_heldout": len(results["photos"]), "heldout": ", ".join(results["photos"]),
         "precision": export["chosen"], "export_difference": f"{export['tried'][-1]['max_abs_difference']:.1e}",
-        "sources_table": "\n".join(["| photo | size | licence |", "|---|---|---|"] + [
-            f"| {row['photo']} | {row['size'][0]}x{row['size'][1]} | {row['licence']} |" for row in train]),
+        "sources_table": mini.sources_table(train),
         **results_sections((benchmark / "results.md").read_text()),
     }
     card = string.Template((ROOT / "model_cards" / "default_model.md").read_text()).substitute(fields)
-    with atomic_directory(mini.PACKAGE_MODEL, overwrite=True) as tmp:
-        for item in (out / "export").iterdir():
-            shutil.copy(item, tmp) if item.is_file() else shutil.copytree(item, Path(tmp) / item.name)
-        (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+    mini.install_default_model(out / "export", card)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source in (benchmark / "results.json", benchmark / "results.md", out / "timings.json",
                    out / "export_check.json", out / "colour_fix.json", out / "data" / "sources.json",
